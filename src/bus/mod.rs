@@ -1,0 +1,121 @@
+//! The message bus between front ends and workers, behind one trait with two implementations: the
+//! in-process bus ([`memory::MemoryBus`], the embedded default of `serve`) and NATS with JetStream
+//! (`nats::NatsBus`). Front-end and worker code only see [`Bus`].
+//!
+//! Flow: the front end subscribes to a job's frame subject, then publishes the job ([`Bus::submit`]);
+//! a worker pulls jobs for the models it serves, as many as it has free slots ([`JobSource::next`]),
+//! publishes frames ([`Bus::publish_frame`]) and acknowledges the job after its last frame.
+
+pub mod memory;
+pub mod nats;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::protocol::{CancelRequest, Frame, Job, WorkerHeartbeat};
+
+/// Frames of one job as they arrive; ends when the subscription ends.
+pub type FrameStream = BoxStream<'static, Frame>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("message bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("the job queue is full: {0}")]
+    Overloaded(String),
+    #[error("nobody is subscribed to {0}")]
+    NoSubscriber(String),
+    #[error("message too large for the bus: {0}")]
+    TooLarge(String),
+    #[error("bus protocol error: {0}")]
+    Protocol(String),
+}
+
+impl BusError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Unavailable(_) => ErrorClass::Unavailable,
+            Self::Overloaded(_) => ErrorClass::Overloaded,
+            Self::NoSubscriber(_) => ErrorClass::Cancelled,
+            Self::TooLarge(_) => ErrorClass::PayloadTooLarge,
+            Self::Protocol(_) => ErrorClass::Internal,
+        }
+    }
+}
+
+impl From<BusError> for ClassifiedError {
+    fn from(e: BusError) -> Self {
+        ClassifiedError::new(e.class(), e.to_string())
+    }
+}
+
+/// Both sides of the bus.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// Short name for logs and `/ready` (`memory`, `nats`).
+    fn kind(&self) -> &'static str;
+
+    /// Whether the bus is connected now (the in-process bus always is).
+    fn is_connected(&self) -> bool;
+
+    // --- front end ---
+
+    /// Subscribes to `job.reply_to`, then publishes the job. The stream yields the job's frames.
+    async fn submit(&self, job: &Job) -> Result<FrameStream, BusError>;
+
+    /// Asks whichever worker runs a job to stop it.
+    async fn cancel(&self, req: &CancelRequest) -> Result<(), BusError>;
+
+    /// Worker heartbeats, starting with the latest known one of each live worker where the bus keeps them.
+    async fn heartbeats(&self) -> Result<BoxStream<'static, WorkerHeartbeat>, BusError>;
+
+    // --- worker ---
+
+    /// A source of jobs for the given served model names.
+    async fn job_source(
+        &self,
+        models: &[String],
+        worker_id: &str,
+    ) -> Result<Box<dyn JobSource>, BusError>;
+
+    /// Publishes one frame to a job's reply subject.
+    async fn publish_frame(&self, reply_to: &str, frame: &Frame) -> Result<(), BusError>;
+
+    /// Cancellation requests for any job.
+    async fn cancellations(&self) -> Result<BoxStream<'static, CancelRequest>, BusError>;
+
+    /// Announces a worker.
+    async fn announce(&self, hb: &WorkerHeartbeat) -> Result<(), BusError>;
+}
+
+/// Where a worker gets jobs from.
+#[async_trait]
+pub trait JobSource: Send {
+    /// Waits until at least one job is available, then returns up to `max` of them. `Ok(vec![])` after
+    /// `wait` has passed with none, so callers can check for shutdown.
+    async fn next(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError>;
+}
+
+/// One delivered job and the handle to acknowledge it.
+pub struct Delivery {
+    pub job: Job,
+    /// 1 for the first delivery, more after redeliveries.
+    pub attempt: u32,
+    pub ack: Box<dyn Acker>,
+}
+
+/// Acknowledgement of one delivery.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// The job is finished (its last frame is published).
+    async fn ack(&self);
+    /// The job is still running: extend its lease.
+    async fn in_progress(&self);
+    /// Give the job back for redelivery (e.g. on shutdown), after `delay`.
+    async fn nak(&self, delay: Option<Duration>);
+    /// The job can never succeed: do not redeliver it.
+    async fn term(&self);
+}

@@ -1,0 +1,467 @@
+//! The NATS bus: jobs on a JetStream work-queue stream, everything else on core NATS.
+//!
+//! - Jobs: stream `ONNXCHAT_JOBS` (file storage, work-queue retention) on `onnxchat.v1.jobs.>`; one
+//!   durable pull consumer per model (`onnxchat-<model>`), shared by every worker serving the model.
+//!   A worker fetches only as many jobs as it has free slots, so load follows capacity and nothing is
+//!   pushed to a busy worker. Running jobs send in-progress acks; a job is acked after its last frame.
+//!   Unacked jobs (a worker died) are redelivered after `ack_wait`, at most `max_deliver` times.
+//! - Frames: core NATS on the job's `reply_to` subject, which the front end subscribes to before it
+//!   publishes the job. Cancellations and worker heartbeats are core NATS too.
+//! - Large media: images and audio above [`NatsSettings::inline_limit`] go to the JetStream object
+//!   store bucket `onnxchat-media` (with a TTL) and travel as references; NATS' default max payload is
+//!   1 MB. Workers fetch them back before preprocessing and delete them when the job is done.
+//!
+//! Stream, consumers and bucket are created idempotently at start-up (settings in [`NatsSettings`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, object_store, stream};
+use async_trait::async_trait;
+use futures::stream::{BoxStream, StreamExt};
+use tokio::io::AsyncReadExt;
+
+use super::{Acker, Bus, BusError, Delivery, FrameStream, JobSource};
+use crate::protocol::{
+    subjects, CancelRequest, ContentPart, Frame, Job, MediaSource, WorkerHeartbeat,
+};
+
+/// Settings of the stream, consumers and bucket. All are applied when missing and updated when they
+/// differ (a changed setting takes effect on the next start).
+#[derive(Debug, Clone)]
+pub struct NatsSettings {
+    pub url: String,
+    pub stream: String,
+    /// Redelivery after this long without an ack or in-progress ack.
+    pub ack_wait: Duration,
+    /// Deliveries per job before it is given up.
+    pub max_deliver: i64,
+    /// Jobs older than this are dropped from the stream.
+    pub max_age: Duration,
+    /// Jobs waiting at most; beyond it publishing fails (discard policy `new`) → 429.
+    pub max_jobs: i64,
+    pub media_bucket: String,
+    pub media_ttl: Duration,
+    /// Base64 media longer than this (characters) go to the object store.
+    pub inline_limit: usize,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            url: "nats://127.0.0.1:4222".into(),
+            stream: "ONNXCHAT_JOBS".into(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 3,
+            max_age: Duration::from_secs(3600),
+            max_jobs: 10_000,
+            media_bucket: "onnxchat-media".into(),
+            media_ttl: Duration::from_secs(3600),
+            inline_limit: 64 * 1024,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct NatsBus {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    settings: Arc<NatsSettings>,
+    media: object_store::ObjectStore,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+impl NatsBus {
+    /// Connects (retrying in the background after a first failure would hide a wrong URL, so the first
+    /// connection must succeed within 10 s) and makes sure the stream and bucket exist.
+    pub async fn connect(settings: NatsSettings, client_name: &str) -> Result<Self, BusError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(client_name)
+            .connection_timeout(Duration::from_secs(10))
+            .max_reconnects(None)
+            .event_callback(|ev| async move {
+                match ev {
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS disconnected; reconnecting")
+                    }
+                    async_nats::Event::Connected => tracing::info!("NATS connected"),
+                    other => tracing::debug!(event = %other, "NATS event"),
+                }
+            })
+            .connect(settings.url.as_str())
+            .await
+            .map_err(|e| {
+                BusError::Unavailable(format!("cannot connect to NATS at {}: {e}", settings.url))
+            })?;
+        let js = jetstream::new(client.clone());
+        let stream_cfg = stream::Config {
+            name: settings.stream.clone(),
+            subjects: vec![subjects::all_jobs()],
+            retention: stream::RetentionPolicy::WorkQueue,
+            storage: stream::StorageType::File,
+            max_age: settings.max_age,
+            max_messages: settings.max_jobs,
+            discard: stream::DiscardPolicy::New,
+            duplicate_window: Duration::from_secs(120),
+            description: Some("onnx-chat jobs (work queue)".into()),
+            ..Default::default()
+        };
+        js.create_or_update_stream(stream_cfg).await.map_err(|e| {
+            BusError::Unavailable(format!("cannot create stream {}: {e}", settings.stream))
+        })?;
+        let media = match js.get_object_store(&settings.media_bucket).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_object_store(object_store::Config {
+                    bucket: settings.media_bucket.clone(),
+                    max_age: settings.media_ttl,
+                    storage: stream::StorageType::File,
+                    description: Some("onnx-chat request media".into()),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    BusError::Unavailable(format!(
+                        "cannot create object store {}: {e}",
+                        settings.media_bucket
+                    ))
+                })?,
+        };
+        Ok(Self {
+            client,
+            js,
+            settings: Arc::new(settings),
+            media,
+        })
+    }
+
+    fn consumer_name(model: &str) -> String {
+        // Consumer names allow no '.', '*', '>' or spaces; the subject token encoding has none.
+        format!("onnxchat-{}", subjects::token(model).replace('~', "_"))
+    }
+
+    async fn consumer(
+        &self,
+        model: &str,
+    ) -> Result<consumer::Consumer<consumer::pull::Config>, BusError> {
+        let name = Self::consumer_name(model);
+        let cfg = consumer::pull::Config {
+            durable_name: Some(name.clone()),
+            filter_subject: subjects::jobs(model),
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.settings.ack_wait,
+            max_deliver: self.settings.max_deliver,
+            max_ack_pending: 10_000,
+            description: Some(format!("onnx-chat workers serving {model}")),
+            ..Default::default()
+        };
+        let stream = self
+            .js
+            .get_stream(&self.settings.stream)
+            .await
+            .map_err(unavailable)?;
+        match stream.create_consumer(cfg.clone()).await {
+            Ok(c) => Ok(c),
+            // Exists with other settings: update it.
+            Err(_) => self
+                .js
+                .update_consumer_on_stream(cfg, &self.settings.stream)
+                .await
+                .map_err(|e| BusError::Unavailable(format!("cannot create consumer {name}: {e}"))),
+        }
+    }
+
+    /// Moves large inline media of a job into the object store (front end, before publishing).
+    pub async fn offload_media(&self, job: &mut Job) -> Result<(), BusError> {
+        let mut n = 0usize;
+        for part in job.messages.iter_mut().flat_map(|m| m.content.iter_mut()) {
+            let source = match part {
+                ContentPart::Image { source } | ContentPart::Audio { source, .. } => source,
+                ContentPart::Text { .. } => continue,
+            };
+            let MediaSource::Inline { data } = source else {
+                continue;
+            };
+            if data.len() <= self.settings.inline_limit {
+                continue;
+            }
+            let key = format!("{}/{n}", job.job_id);
+            n += 1;
+            let mut bytes = data.as_bytes();
+            self.media
+                .put(key.as_str(), &mut bytes)
+                .await
+                .map_err(|e| {
+                    BusError::Unavailable(format!(
+                        "cannot store media in {}: {e}",
+                        self.settings.media_bucket
+                    ))
+                })?;
+            *source = MediaSource::ObjectStore {
+                bucket: self.settings.media_bucket.clone(),
+                key,
+                size: data.len() as u64,
+            };
+        }
+        Ok(())
+    }
+
+    /// Fetches object-store media back into the job (worker, before preprocessing).
+    pub async fn fetch_media(&self, job: &mut Job) -> Result<Vec<String>, BusError> {
+        let mut keys = Vec::new();
+        for part in job.messages.iter_mut().flat_map(|m| m.content.iter_mut()) {
+            let source = match part {
+                ContentPart::Image { source } | ContentPart::Audio { source, .. } => source,
+                ContentPart::Text { .. } => continue,
+            };
+            let MediaSource::ObjectStore { key, .. } = source else {
+                continue;
+            };
+            let mut obj = self.media.get(key.as_str()).await.map_err(|e| {
+                BusError::Unavailable(format!("media {key} is not in the object store: {e}"))
+            })?;
+            let mut data = String::new();
+            obj.read_to_string(&mut data)
+                .await
+                .map_err(|e| BusError::Protocol(format!("media {key} could not be read: {e}")))?;
+            keys.push(key.clone());
+            *source = MediaSource::Inline { data };
+        }
+        Ok(keys)
+    }
+
+    pub async fn delete_media(&self, keys: &[String]) {
+        for k in keys {
+            if let Err(e) = self.media.delete(k.as_str()).await {
+                tracing::debug!(key = %k, error = %e, "media delete failed");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    async fn submit(&self, job: &Job) -> Result<FrameStream, BusError> {
+        let mut job = job.clone();
+        self.offload_media(&mut job).await?;
+        let payload = serde_json::to_vec(&job).map_err(|e| BusError::Protocol(e.to_string()))?;
+        if payload.len() > self.client.server_info().max_payload {
+            return Err(BusError::TooLarge(format!(
+                "the job is {} bytes after moving media out; the NATS limit is {}",
+                payload.len(),
+                self.client.server_info().max_payload
+            )));
+        }
+        // Subscribe first, so no frame can be missed.
+        let sub = self
+            .client
+            .subscribe(job.reply_to.clone())
+            .await
+            .map_err(unavailable)?;
+        self.client.flush().await.map_err(unavailable)?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", job.job_id.as_str());
+        let ack = self
+            .js
+            .publish_with_headers(subjects::jobs(&job.model), headers, payload.into())
+            .await
+            .map_err(unavailable)?;
+        ack.await.map_err(|e| {
+            let msg = e.to_string();
+            if msg.contains("maximum messages") || msg.contains("resource limits") {
+                BusError::Overloaded(msg)
+            } else {
+                unavailable(msg)
+            }
+        })?;
+        Ok(sub
+            .filter_map(|m| async move {
+                match serde_json::from_slice::<Frame>(&m.payload) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring a malformed frame");
+                        None
+                    }
+                }
+            })
+            .boxed())
+    }
+
+    async fn cancel(&self, req: &CancelRequest) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(req).map_err(|e| BusError::Protocol(e.to_string()))?;
+        self.client
+            .publish(subjects::cancel(), payload.into())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn heartbeats(&self) -> Result<BoxStream<'static, WorkerHeartbeat>, BusError> {
+        let sub = self
+            .client
+            .subscribe(subjects::heartbeat())
+            .await
+            .map_err(unavailable)?;
+        Ok(sub
+            .filter_map(
+                |m| async move { serde_json::from_slice::<WorkerHeartbeat>(&m.payload).ok() },
+            )
+            .boxed())
+    }
+
+    async fn job_source(
+        &self,
+        models: &[String],
+        worker_id: &str,
+    ) -> Result<Box<dyn JobSource>, BusError> {
+        let mut consumers = Vec::new();
+        for m in models {
+            consumers.push(self.consumer(m).await?);
+        }
+        tracing::info!(
+            worker = worker_id,
+            consumers = consumers.len(),
+            "pulling jobs from JetStream"
+        );
+        Ok(Box::new(NatsSource {
+            bus: self.clone(),
+            consumers,
+            next_index: 0,
+        }))
+    }
+
+    async fn publish_frame(&self, reply_to: &str, frame: &Frame) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(frame).map_err(|e| BusError::Protocol(e.to_string()))?;
+        self.client
+            .publish(reply_to.to_string(), payload.into())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn cancellations(&self) -> Result<BoxStream<'static, CancelRequest>, BusError> {
+        let sub = self
+            .client
+            .subscribe(subjects::cancel())
+            .await
+            .map_err(unavailable)?;
+        Ok(sub
+            .filter_map(|m| async move { serde_json::from_slice::<CancelRequest>(&m.payload).ok() })
+            .boxed())
+    }
+
+    async fn announce(&self, hb: &WorkerHeartbeat) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(hb).map_err(|e| BusError::Protocol(e.to_string()))?;
+        self.client
+            .publish(subjects::heartbeat(), payload.into())
+            .await
+            .map_err(unavailable)
+    }
+}
+
+struct NatsSource {
+    bus: NatsBus,
+    consumers: Vec<consumer::Consumer<consumer::pull::Config>>,
+    next_index: usize,
+}
+
+#[async_trait]
+impl JobSource for NatsSource {
+    async fn next(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>, BusError> {
+        if self.consumers.is_empty() {
+            tokio::time::sleep(wait).await;
+            return Ok(vec![]);
+        }
+        let per = (wait / self.consumers.len() as u32).max(Duration::from_millis(100));
+        let mut out = Vec::new();
+        for k in 0..self.consumers.len() {
+            if out.len() >= max {
+                break;
+            }
+            let c = &self.consumers[(self.next_index + k) % self.consumers.len()];
+            let mut batch = c
+                .fetch()
+                .max_messages(max - out.len())
+                .expires(per)
+                .messages()
+                .await
+                .map_err(unavailable)?;
+            while let Some(m) = batch.next().await {
+                let m = match m {
+                    Ok(m) => m,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fetch ended");
+                        break;
+                    }
+                };
+                let attempt = m.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+                let job: Job = match serde_json::from_slice(&m.payload) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        // Not a job: it can never succeed.
+                        tracing::warn!(error = %e, subject = %m.subject, "dropping a malformed job");
+                        let _ = m.ack_with(jetstream::AckKind::Term).await;
+                        continue;
+                    }
+                };
+                let mut job = job;
+                let media_keys = match self.bus.fetch_media(&mut job).await {
+                    Ok(k) => k,
+                    Err(e) => {
+                        tracing::warn!(job_id = %job.job_id, error = %e, "media unavailable; retrying later");
+                        let _ = m
+                            .ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await;
+                        continue;
+                    }
+                };
+                out.push(Delivery {
+                    job,
+                    attempt,
+                    ack: Box::new(NatsAck {
+                        msg: m,
+                        bus: self.bus.clone(),
+                        media_keys,
+                    }),
+                });
+            }
+        }
+        self.next_index = self.next_index.wrapping_add(1);
+        Ok(out)
+    }
+}
+
+struct NatsAck {
+    msg: jetstream::Message,
+    bus: NatsBus,
+    media_keys: Vec<String>,
+}
+
+#[async_trait]
+impl Acker for NatsAck {
+    async fn ack(&self) {
+        if let Err(e) = self.msg.double_ack().await {
+            tracing::warn!(error = %e, "job ack failed");
+        }
+        self.bus.delete_media(&self.media_keys).await;
+    }
+    async fn in_progress(&self) {
+        let _ = self.msg.ack_with(jetstream::AckKind::Progress).await;
+    }
+    async fn nak(&self, delay: Option<Duration>) {
+        let _ = self.msg.ack_with(jetstream::AckKind::Nak(delay)).await;
+    }
+    async fn term(&self) {
+        let _ = self.msg.ack_with(jetstream::AckKind::Term).await;
+        self.bus.delete_media(&self.media_keys).await;
+    }
+}

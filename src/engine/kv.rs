@@ -1,0 +1,129 @@
+//! The decoder's KV cache, discovered from the graph and kept in ORT values between steps.
+//!
+//! Inputs named `past_key_values.*` are the cache; each output `present<rest>` feeds input
+//! `past_key_values<rest>` on the next step (the transformers.js rule). Nothing is hard-coded about how
+//! many layers there are: a graph that declares KV for every layer and one that declares it only for
+//! cache-owning layers both work. The values returned by one run are moved into the next run's
+//! inputs; the cache is never copied through host memory.
+
+use ort::value::DynValue;
+
+use super::session::{ElemType, GraphSession};
+use super::tensor;
+use super::EngineError;
+
+pub const PAST_PREFIX: &str = "past_key_values";
+pub const PRESENT_PREFIX: &str = "present";
+
+/// One cache tensor: input name, output name, element type and the shape of an empty cache.
+#[derive(Debug, Clone)]
+pub struct KvSlot {
+    pub past: String,
+    pub present: String,
+    pub dtype: ElemType,
+    pub empty_shape: Vec<i64>,
+}
+
+/// The cache layout a decoder graph declares.
+#[derive(Debug, Clone)]
+pub struct KvLayout {
+    pub slots: Vec<KvSlot>,
+}
+
+impl KvLayout {
+    /// Reads the layout from the decoder session; fails when an input has no matching output.
+    pub fn from_decoder(dec: &GraphSession) -> Result<Self, EngineError> {
+        let mut slots = Vec::new();
+        let mut unmatched = Vec::new();
+        for input in dec
+            .inputs
+            .iter()
+            .filter(|i| i.name.starts_with(PAST_PREFIX))
+        {
+            let rest = &input.name[PAST_PREFIX.len()..];
+            let present = format!("{PRESENT_PREFIX}{rest}");
+            if dec.output(&present).is_none() {
+                unmatched.push(input.name.clone());
+                continue;
+            }
+            if !input.dtype.is_float() {
+                return Err(EngineError::Interface {
+                    component: dec.component.clone(),
+                    path: dec.path.clone(),
+                    message: format!(
+                        "cache input {} has element type {}",
+                        input.name, input.dtype
+                    ),
+                });
+            }
+            // transformers.js' rule: the batch dimension is 1, any other symbolic dimension is the
+            // (empty) sequence dimension.
+            let empty_shape = input
+                .dims
+                .iter()
+                .enumerate()
+                .map(|(i, d)| match d {
+                    Some(v) => *v,
+                    None if i == 0 => 1,
+                    None => 0,
+                })
+                .collect();
+            slots.push(KvSlot {
+                past: input.name.clone(),
+                present,
+                dtype: input.dtype,
+                empty_shape,
+            });
+        }
+        if !unmatched.is_empty() {
+            return Err(EngineError::Interface {
+                component: dec.component.clone(),
+                path: dec.path.clone(),
+                message: format!(
+                    "cache inputs {unmatched:?} have no matching `present*` output; outputs are {:?}",
+                    dec.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>()
+                ),
+            });
+        }
+        Ok(Self { slots })
+    }
+
+    /// A cache holding no positions.
+    pub fn empty(&self) -> Result<KvCache, EngineError> {
+        let values = self
+            .slots
+            .iter()
+            .map(|s| tensor::zeros(s.dtype, &s.empty_shape))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(KvCache { values, len: 0 })
+    }
+
+    pub fn dtype(&self) -> Option<ElemType> {
+        self.slots.first().map(|s| s.dtype)
+    }
+}
+
+/// The cache of one sequence: one value per [`KvSlot`], in layout order.
+pub struct KvCache {
+    pub values: Vec<DynValue>,
+    /// Number of positions the cache holds.
+    pub len: usize,
+}
+
+impl KvCache {
+    /// Replaces the cache with the `present*` values taken out of a run's outputs.
+    pub fn update(
+        &mut self,
+        layout: &KvLayout,
+        outputs: &mut ort::session::SessionOutputs<'_>,
+        new_positions: usize,
+    ) -> Result<(), EngineError> {
+        for (slot, value) in layout.slots.iter().zip(self.values.iter_mut()) {
+            *value = outputs.remove(&slot.present).ok_or_else(|| {
+                EngineError::Tensor(format!("the decoder returned no {}", slot.present))
+            })?;
+        }
+        self.len += new_positions;
+        Ok(())
+    }
+}

@@ -1,0 +1,55 @@
+//! ONNX Runtime mechanics, independent of any model family: loading the library and environment
+//! ([`runtime`]), sessions described by their I/O names ([`session`]), host tensors and casts between
+//! sessions ([`tensor`]), the decoder KV cache kept in ORT values ([`kv`]), and the owner thread that
+//! is the only place `Session::run` is called from ([`thread`]).
+
+pub mod kv;
+pub mod runtime;
+pub mod session;
+pub mod tensor;
+pub mod thread;
+
+use std::path::PathBuf;
+
+use crate::error::ErrorClass;
+
+/// Errors of the ONNX Runtime layer.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0}")]
+    Runtime(String),
+    #[error("failed to load {component} from {}: {message}", path.display())]
+    Load {
+        component: String,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("{component} ({}) does not have the expected interface: {message}", path.display())]
+    Interface {
+        component: String,
+        path: PathBuf,
+        message: String,
+    },
+    #[error("inference failed in {component}: {message}")]
+    Run { component: String, message: String },
+    #[error("tensor error: {0}")]
+    Tensor(String),
+    #[error("the engine thread has stopped")]
+    Stopped,
+}
+
+impl EngineError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Self::Stopped => ErrorClass::Unavailable,
+            _ => ErrorClass::Internal,
+        }
+    }
+
+    pub fn run(component: &str, e: impl std::fmt::Display) -> Self {
+        Self::Run {
+            component: component.to_string(),
+            message: e.to_string(),
+        }
+    }
+}

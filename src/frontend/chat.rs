@@ -1,0 +1,295 @@
+//! `POST /v1/chat/completions`: validate, publish the job, then answer from its frames — as one JSON
+//! body, or as OpenAI SSE chunks (role first, content deltas, a final chunk with `finish_reason`, an
+//! optional usage chunk, `data: [DONE]`).
+//!
+//! A streaming request still gets a plain HTTP error when its first frame is an error (bad template,
+//! context too long…): the stream is only opened once the first frame is good.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::Reply;
+
+use super::frames::{Event, FrameReader};
+use super::{error_response, json_response, AppState};
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::openai::response::{
+    AssistantMessage, ChatCompletion, Choice, ChunkChoice, Delta, ResponseMeta,
+};
+use crate::openai::{self, ValidChatRequest};
+use crate::protocol::{now_ms, DoneBody};
+
+/// In-flight gauge that cannot be left incremented.
+struct InFlight(Arc<AppState>);
+
+impl InFlight {
+    fn new(s: Arc<AppState>) -> Self {
+        s.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(s)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub async fn handle(state: Arc<AppState>, body: Bytes) -> Response {
+    let t0 = Instant::now();
+    let resp = match start(&state, body, t0).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    };
+    state.metrics.response(resp.status().as_u16());
+    resp
+}
+
+async fn start(
+    state: &Arc<AppState>,
+    body: Bytes,
+    t0: Instant,
+) -> Result<Response, ClassifiedError> {
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
+        ClassifiedError::invalid("body", format!("the request body is not valid JSON: {e}"))
+    })?;
+    let req = openai::validate(&value, &state.cfg.limits)?;
+    let model = state.registry.lookup(&req.model).ok_or_else(|| {
+        let available: Vec<String> = state
+            .registry
+            .models()
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        ClassifiedError::new(
+            ErrorClass::ModelNotFound,
+            format!(
+                "The model `{}` does not exist or is not served here. Available: {}",
+                req.model,
+                if available.is_empty() {
+                    "none (no worker is ready)".to_string()
+                } else {
+                    available.join(", ")
+                }
+            ),
+        )
+        .with_param("model")
+    })?;
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let created_ms = now_ms();
+    let meta = ResponseMeta {
+        id: format!("chatcmpl-{}", job_id.replace('-', "")),
+        created: created_ms / 1000,
+        model: req.model.clone(),
+        fingerprint: format!(
+            "onnx-chat-{}-{}",
+            env!("CARGO_PKG_VERSION"),
+            model.quant.clone().unwrap_or_default().to_lowercase()
+        ),
+    };
+    let flags = (req.stream, req.include_usage, req.return_token_ids);
+    let deadline = created_ms + state.cfg.request_timeout.as_millis() as u64;
+    let job = ValidChatRequest::into_job(req, &job_id, &model.name, created_ms, Some(deadline));
+    let in_flight = InFlight::new(state.clone());
+    let stream = state.bus.submit(&job).await?;
+    let mut reader = FrameReader::new(
+        stream,
+        state.bus.clone(),
+        &job_id,
+        state.cfg.request_timeout,
+        state.cfg.idle_timeout,
+    );
+    // The first event decides between an HTTP error and a successful answer.
+    let first = reader.next().await?;
+    if let Event::Delta { text, .. } = &first {
+        if !text.is_empty() {
+            state
+                .metrics
+                .first_token_seconds
+                .observe(t0.elapsed().as_secs_f64());
+        }
+    }
+    let (stream, include_usage, return_ids) = flags;
+    if stream {
+        Ok(sse(
+            state.clone(),
+            reader,
+            first,
+            meta,
+            include_usage,
+            return_ids,
+            t0,
+            in_flight,
+        ))
+    } else {
+        collect(state, reader, first, meta, return_ids, t0).await
+    }
+}
+
+async fn collect(
+    state: &Arc<AppState>,
+    mut reader: FrameReader,
+    first: Event,
+    meta: ResponseMeta,
+    return_ids: bool,
+    t0: Instant,
+) -> Result<Response, ClassifiedError> {
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    let mut ev = first;
+    let done: DoneBody = loop {
+        match ev {
+            Event::Delta { text: t, token_ids } => {
+                text.push_str(&t);
+                ids.extend(token_ids);
+            }
+            Event::Done(d) => break d,
+        }
+        ev = reader.next().await?;
+    };
+    state
+        .metrics
+        .tokens(done.usage.prompt_tokens, done.usage.completion_tokens);
+    state
+        .metrics
+        .request_seconds
+        .observe(t0.elapsed().as_secs_f64());
+    let body = ChatCompletion {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.model,
+        system_fingerprint: meta.fingerprint,
+        choices: vec![Choice {
+            index: 0,
+            message: AssistantMessage {
+                role: "assistant",
+                content: text,
+            },
+            logprobs: None,
+            finish_reason: done.finish_reason.as_str(),
+            token_ids: return_ids.then_some(ids),
+        }],
+        usage: done.usage,
+        timings: done.timings,
+    };
+    Ok(json_response(StatusCode::OK, &body))
+}
+
+fn data_event<T: serde::Serialize>(v: &T) -> warp::sse::Event {
+    warp::sse::Event::default().data(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
+}
+
+/// The SSE response. A task reads the frames and feeds the response through a channel; when the
+/// client goes away the channel closes, the task ends, and dropping the reader cancels the job.
+#[allow(clippy::too_many_arguments)]
+fn sse(
+    state: Arc<AppState>,
+    mut reader: FrameReader,
+    first: Event,
+    meta: ResponseMeta,
+    include_usage: bool,
+    return_ids: bool,
+    t0: Instant,
+    in_flight: InFlight,
+) -> Response {
+    let (tx, rx) = tokio::sync::mpsc::channel::<warp::sse::Event>(32);
+    let usage_field = include_usage.then_some(None);
+    tokio::spawn(async move {
+        let _in_flight = in_flight;
+        let role = meta.chunk(
+            vec![ChunkChoice {
+                index: 0,
+                delta: Delta {
+                    role: Some("assistant"),
+                    content: Some(String::new()),
+                    token_ids: None,
+                },
+                logprobs: None,
+                finish_reason: None,
+            }],
+            usage_field,
+        );
+        if tx.send(data_event(&role)).await.is_err() {
+            return;
+        }
+        let mut ev: Result<Event, ClassifiedError> = Ok(first);
+        loop {
+            let mut end = true;
+            let out = match ev {
+                Ok(Event::Delta { text, token_ids }) => {
+                    end = false;
+                    if text.is_empty() && (!return_ids || token_ids.is_empty()) {
+                        vec![]
+                    } else {
+                        let chunk = meta.chunk(
+                            vec![ChunkChoice {
+                                index: 0,
+                                delta: Delta {
+                                    role: None,
+                                    content: Some(text),
+                                    token_ids: return_ids.then_some(token_ids),
+                                },
+                                logprobs: None,
+                                finish_reason: None,
+                            }],
+                            usage_field,
+                        );
+                        vec![data_event(&chunk)]
+                    }
+                }
+                Ok(Event::Done(done)) => {
+                    state
+                        .metrics
+                        .tokens(done.usage.prompt_tokens, done.usage.completion_tokens);
+                    let last = meta.chunk(
+                        vec![ChunkChoice {
+                            index: 0,
+                            delta: Delta::default(),
+                            logprobs: None,
+                            finish_reason: Some(done.finish_reason.as_str()),
+                        }],
+                        usage_field,
+                    );
+                    let mut v = vec![data_event(&last)];
+                    if include_usage {
+                        v.push(data_event(&meta.chunk(vec![], Some(Some(done.usage)))));
+                    }
+                    v.push(warp::sse::Event::default().data("[DONE]"));
+                    v
+                }
+                Err(e) => {
+                    tracing::info!(class = ?e.class, error = %e.message, "stream ended with an error");
+                    vec![
+                        data_event(&crate::openai::response::ErrorBody::from(&e)),
+                        warp::sse::Event::default().data("[DONE]"),
+                    ]
+                }
+            };
+            for e in out {
+                if tx.send(e).await.is_err() {
+                    return; // client gone: dropping `reader` cancels the job
+                }
+            }
+            if end {
+                state
+                    .metrics
+                    .request_seconds
+                    .observe(t0.elapsed().as_secs_f64());
+                return;
+            }
+            ev = tokio::select! {
+                e = reader.next() => e,
+                _ = tx.closed() => return,
+            };
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, Infallible>);
+    warp::sse::reply(warp::sse::keep_alive().stream(stream)).into_response()
+}

@@ -1,0 +1,150 @@
+//! Reading one job's frames: order checks, timeouts, and cancellation when the reader goes away.
+//!
+//! Frames must arrive with `seq` 0, 1, 2, … A repeated `seq` (a redelivered frame) is dropped; a gap
+//! is an error. A stream that goes silent, or ends without `done`/`error`, becomes a typed timeout or
+//! internal error instead of a hang.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::bus::{Bus, FrameStream};
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::protocol::{CancelRequest, DoneBody, FrameBody};
+
+/// What the reader yields.
+#[derive(Debug)]
+pub enum Event {
+    Delta { text: String, token_ids: Vec<u32> },
+    Done(DoneBody),
+}
+
+pub struct FrameReader {
+    stream: FrameStream,
+    next_seq: u64,
+    first_timeout: Duration,
+    idle_timeout: Duration,
+    finished: bool,
+    cancel: Option<CancelOnDrop>,
+}
+
+/// Sends a cancellation for the job unless disarmed: dropping an unfinished reader (client gone) stops
+/// the worker's generation.
+struct CancelOnDrop {
+    bus: Arc<dyn Bus>,
+    job_id: String,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let bus = self.bus.clone();
+        let req = CancelRequest {
+            job_id: self.job_id.clone(),
+            reason: Some("client disconnected".into()),
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let _ = bus.cancel(&req).await;
+            });
+        }
+    }
+}
+
+impl FrameReader {
+    pub fn new(
+        stream: FrameStream,
+        bus: Arc<dyn Bus>,
+        job_id: &str,
+        first_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Self {
+        Self {
+            stream,
+            next_seq: 0,
+            first_timeout,
+            idle_timeout,
+            finished: false,
+            cancel: Some(CancelOnDrop {
+                bus,
+                job_id: job_id.to_string(),
+            }),
+        }
+    }
+
+    fn end(&mut self) {
+        self.finished = true;
+        if let Some(c) = self.cancel.take() {
+            std::mem::forget(c);
+        }
+    }
+
+    /// The next event; after `Done` or an error, the reader is finished.
+    pub async fn next(&mut self) -> Result<Event, ClassifiedError> {
+        if self.finished {
+            return Err(ClassifiedError::new(
+                ErrorClass::Internal,
+                "the job's stream already ended",
+            ));
+        }
+        loop {
+            let timeout = if self.next_seq == 0 {
+                self.first_timeout
+            } else {
+                self.idle_timeout
+            };
+            let frame = match tokio::time::timeout(timeout, self.stream.next()).await {
+                Err(_) => {
+                    let msg = if self.next_seq == 0 {
+                        format!("no worker answered within {} s", timeout.as_secs())
+                    } else {
+                        format!(
+                            "the worker stopped sending after {} frames (nothing for {} s)",
+                            self.next_seq,
+                            timeout.as_secs()
+                        )
+                    };
+                    // Still armed: the drop of `cancel` tells the worker to stop.
+                    self.finished = true;
+                    return Err(ClassifiedError::new(ErrorClass::Timeout, msg));
+                }
+                Ok(None) => {
+                    self.finished = true;
+                    return Err(ClassifiedError::new(
+                        ErrorClass::Unavailable,
+                        format!(
+                            "the job's frame stream closed after {} frames without an end",
+                            self.next_seq
+                        ),
+                    ));
+                }
+                Ok(Some(f)) => f,
+            };
+            if frame.seq < self.next_seq {
+                continue; // a redelivered copy
+            }
+            if frame.seq > self.next_seq {
+                self.finished = true;
+                return Err(ClassifiedError::new(
+                    ErrorClass::Internal,
+                    format!(
+                        "frames {}..{} of the job were lost",
+                        self.next_seq, frame.seq
+                    ),
+                ));
+            }
+            self.next_seq += 1;
+            return match frame.body {
+                FrameBody::Delta { text, token_ids } => Ok(Event::Delta { text, token_ids }),
+                FrameBody::Done(d) => {
+                    self.end();
+                    Ok(Event::Done(d))
+                }
+                FrameBody::Error { error } => {
+                    self.end();
+                    Err(error.into())
+                }
+            };
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! The HTTP front end (warp): `/v1/chat/completions` (JSON and SSE), `/v1/models`, `/health`,
+//! `/ready`, `/metrics`. It validates and normalises requests, publishes them as jobs on the bus, and
+//! answers from the frames workers send back. It never runs a model itself.
+//!
+//! Every error leaves through [`error_response`]: the one place where an [`ErrorClass`] becomes an HTTP
+//! status and OpenAI's error body.
+
+mod chat;
+mod frames;
+pub mod metrics;
+pub mod registry;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::bus::Bus;
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::openai::response::{ErrorBody, ModelCard, ModelList};
+use crate::openai::RequestLimits;
+use metrics::Metrics;
+use registry::Registry;
+
+/// Front-end settings.
+#[derive(Clone)]
+pub struct FrontendConfig {
+    /// Required `Authorization: Bearer` key for `/v1/*`; `None` = open.
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
+    /// Longest a request may wait for its first frame (queueing included), and its overall deadline.
+    pub request_timeout: Duration,
+    /// Longest silence between two frames of a running job.
+    pub idle_timeout: Duration,
+    pub limits: RequestLimits,
+}
+
+impl std::fmt::Debug for FrontendConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FrontendConfig")
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("request_timeout", &self.request_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+impl Default for FrontendConfig {
+    fn default() -> Self {
+        Self {
+            api_key: None,
+            max_body_bytes: 64 * 1024 * 1024,
+            request_timeout: Duration::from_secs(600),
+            idle_timeout: Duration::from_secs(120),
+            limits: RequestLimits::default(),
+        }
+    }
+}
+
+pub struct AppState {
+    pub bus: Arc<dyn Bus>,
+    pub registry: Arc<Registry>,
+    pub metrics: Metrics,
+    pub cfg: FrontendConfig,
+}
+
+pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
+    warp::reply::with_status(warp::reply::json(body), status).into_response()
+}
+
+/// The one mapping from an error class to an HTTP response.
+pub fn error_response(e: &ClassifiedError) -> Response {
+    let status =
+        StatusCode::from_u16(e.class.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    json_response(status, &ErrorBody::from(e))
+}
+
+#[derive(Debug)]
+struct ApiReject(ClassifiedError);
+impl warp::reject::Reject for ApiReject {}
+
+fn reject(e: ClassifiedError) -> Rejection {
+    warp::reject::custom(ApiReject(e))
+}
+
+/// Reads the body up to `limit` bytes, whatever the transfer encoding; larger bodies are a 413.
+fn body_limited(limit: usize) -> impl Filter<Extract = (Bytes,), Error = Rejection> + Clone {
+    warp::header::optional::<u64>("content-length")
+        .and(warp::body::stream())
+        .and_then(move |len: Option<u64>, body| async move {
+            let too_large = || {
+                reject(ClassifiedError::new(
+                    ErrorClass::PayloadTooLarge,
+                    format!("the request body is larger than the limit of {limit} bytes"),
+                ))
+            };
+            if len.is_some_and(|l| l > limit as u64) {
+                return Err(too_large());
+            }
+            read_all(body, limit).await.map_err(|e| match e {
+                None => too_large(),
+                Some(msg) => reject(ClassifiedError::invalid("body", msg)),
+            })
+        })
+}
+
+async fn read_all<S, B>(body: S, limit: usize) -> Result<Bytes, Option<String>>
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let mut body = std::pin::pin!(body);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| Some(format!("reading the request body failed: {e}")))?;
+        if buf.len() + chunk.remaining() > limit {
+            return Err(None);
+        }
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            buf.extend_from_slice(c);
+            let n = c.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn with_auth(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::optional::<String>("authorization")
+        .and_then(move |auth: Option<String>| {
+            let state = state.clone();
+            async move {
+                let Some(key) = &state.cfg.api_key else {
+                    return Ok(());
+                };
+                let given = auth
+                    .as_deref()
+                    .and_then(|a| a.strip_prefix("Bearer "))
+                    .map(str::trim);
+                if given == Some(key.as_str()) {
+                    Ok(())
+                } else {
+                    Err(reject(ClassifiedError::new(
+                        ErrorClass::Unauthorized,
+                        "Missing or invalid API key: send `Authorization: Bearer <key>`.",
+                    )))
+                }
+            }
+        })
+        .untuple_one()
+}
+
+fn model_cards(state: &AppState) -> Vec<ModelCard> {
+    state
+        .registry
+        .models()
+        .into_iter()
+        .map(|m| ModelCard {
+            id: m.name,
+            object: "model",
+            created: m.created,
+            owned_by: "onnx-chat",
+        })
+        .collect()
+}
+
+/// All routes, with the rejection handler.
+pub fn routes(
+    state: Arc<AppState>,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let st = warp::any().map({
+        let s = state.clone();
+        move || s.clone()
+    });
+    let chat = warp::path!("v1" / "chat" / "completions")
+        .and(warp::post())
+        .and(with_auth(state.clone()))
+        .and(st.clone())
+        .and(body_limited(state.cfg.max_body_bytes))
+        .then(chat::handle);
+    let models = warp::path!("v1" / "models")
+        .and(warp::get())
+        .and(with_auth(state.clone()))
+        .and(st.clone())
+        .map(|s: Arc<AppState>| {
+            json_response(
+                StatusCode::OK,
+                &ModelList {
+                    object: "list",
+                    data: model_cards(&s),
+                },
+            )
+        });
+    let model = warp::path!("v1" / "models" / String)
+        .and(warp::get())
+        .and(with_auth(state.clone()))
+        .and(st.clone())
+        .map(|id: String, s: Arc<AppState>| {
+            let id = percent_decode(&id);
+            match model_cards(&s).into_iter().find(|c| c.id == id) {
+                Some(c) => json_response(StatusCode::OK, &c),
+                None => error_response(
+                    &ClassifiedError::new(
+                        ErrorClass::ModelNotFound,
+                        format!("The model `{id}` does not exist or is not served here."),
+                    )
+                    .with_param("model"),
+                ),
+            }
+        });
+    let health = warp::path!("health")
+        .and(warp::get())
+        .map(|| json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})));
+    let ready = warp::path!("ready")
+        .and(warp::get())
+        .and(st.clone())
+        .map(|s: Arc<AppState>| {
+            let models: Vec<String> = s.registry.models().into_iter().map(|m| m.name).collect();
+            let (workers, free_slots) = s.registry.workers();
+            let connected = s.bus.is_connected();
+            let ok = connected && !models.is_empty();
+            let body = serde_json::json!({
+                "status": if ok { "ready" } else { "not_ready" },
+                "bus": s.bus.kind(),
+                "bus_connected": connected,
+                "workers": workers,
+                "free_slots": free_slots,
+                "models": models,
+            });
+            json_response(
+                if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                },
+                &body,
+            )
+        });
+    let metrics = warp::path!("metrics")
+        .and(warp::get())
+        .and(st)
+        .map(|s: Arc<AppState>| {
+            let (workers, _) = s.registry.workers();
+            let text = s.metrics.render(workers, s.registry.models().len());
+            warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
+                .into_response()
+        });
+    chat.or(models)
+        .unify()
+        .or(model)
+        .unify()
+        .or(health)
+        .unify()
+        .or(ready)
+        .unify()
+        .or(metrics)
+        .unify()
+        .recover(handle_rejection)
+        .unify()
+}
+
+use std::convert::Infallible;
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            if let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn handle_rejection(r: Rejection) -> Result<Response, Infallible> {
+    let e = if let Some(ApiReject(e)) = r.find::<ApiReject>() {
+        e.clone()
+    } else if r.is_not_found() {
+        ClassifiedError::new(ErrorClass::InvalidRequest, "Not found: unknown path")
+            .with_param("path")
+    } else if r.find::<warp::reject::MethodNotAllowed>().is_some() {
+        let resp = json_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            &ErrorBody::from(&ClassifiedError::new(
+                ErrorClass::InvalidRequest,
+                "Method not allowed for this path",
+            )),
+        );
+        return Ok(resp);
+    } else if r.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ClassifiedError::new(ErrorClass::PayloadTooLarge, "the request body is too large")
+    } else if let Some(h) = r.find::<warp::reject::InvalidHeader>() {
+        ClassifiedError::invalid("headers", h.to_string())
+    } else {
+        ClassifiedError::new(ErrorClass::InvalidRequest, format!("bad request: {r:?}"))
+    };
+    let mut resp = error_response(&e);
+    if r.is_not_found() {
+        *resp.status_mut() = StatusCode::NOT_FOUND;
+    }
+    Ok(resp)
+}
+
+/// Serves until `shutdown` is cancelled; open responses finish first.
+pub async fn run(
+    cfg: FrontendConfig,
+    listener: tokio::net::TcpListener,
+    bus: Arc<dyn Bus>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let registry = Arc::new(Registry::default());
+    let follower = registry.spawn_follower(bus.clone());
+    let state = Arc::new(AppState {
+        bus,
+        registry,
+        metrics: Metrics::default(),
+        cfg,
+    });
+    let addr: SocketAddr = listener.local_addr()?;
+    tracing::info!(%addr, "front end listening");
+    warp::serve(routes(state))
+        .incoming(listener)
+        .graceful(async move { shutdown.cancelled().await })
+        .run()
+        .await;
+    follower.abort();
+    Ok(())
+}

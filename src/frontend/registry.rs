@@ -1,0 +1,129 @@
+//! Which models are served right now, learnt from worker heartbeats. A worker counts while its last
+//! heartbeat is younger than its `ttl_ms` and it is not draining.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use crate::bus::Bus;
+use crate::protocol::{WorkerHeartbeat, WorkerModel};
+
+#[derive(Default)]
+pub struct Registry {
+    workers: RwLock<HashMap<String, (WorkerHeartbeat, Instant)>>,
+}
+
+impl Registry {
+    pub fn update(&self, hb: WorkerHeartbeat) {
+        self.workers
+            .write()
+            .expect("registry lock")
+            .insert(hb.worker_id.clone(), (hb, Instant::now()));
+    }
+
+    fn live(&self) -> Vec<WorkerHeartbeat> {
+        let now = Instant::now();
+        let mut w = self.workers.write().expect("registry lock");
+        // Forget workers silent for much longer than their TTL.
+        w.retain(|_, (hb, seen)| {
+            now.duration_since(*seen)
+                < Duration::from_millis(hb.ttl_ms.saturating_mul(10).max(60_000))
+        });
+        w.values()
+            .filter(|(hb, seen)| {
+                !hb.draining && now.duration_since(*seen) <= Duration::from_millis(hb.ttl_ms)
+            })
+            .map(|(hb, _)| hb.clone())
+            .collect()
+    }
+
+    /// Served models, one entry per name, sorted by name.
+    pub fn models(&self) -> Vec<WorkerModel> {
+        let mut by_name: HashMap<String, WorkerModel> = HashMap::new();
+        for hb in self.live() {
+            for m in hb.models {
+                by_name.entry(m.name.clone()).or_insert(m);
+            }
+        }
+        let mut v: Vec<WorkerModel> = by_name.into_values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// The model a request's `model` names (its served name or an alias).
+    pub fn lookup(&self, name: &str) -> Option<WorkerModel> {
+        let models = self.models();
+        models
+            .iter()
+            .find(|m| m.name == name)
+            .or_else(|| models.iter().find(|m| m.aliases.iter().any(|a| a == name)))
+            .cloned()
+    }
+
+    /// Live workers and their free slots.
+    pub fn workers(&self) -> (usize, u32) {
+        let live = self.live();
+        let free = live
+            .iter()
+            .map(|h| h.max_concurrent.saturating_sub(h.active))
+            .sum();
+        (live.len(), free)
+    }
+
+    /// Follows the bus's heartbeats until the stream ends; resubscribes after bus errors.
+    pub fn spawn_follower(self: &Arc<Self>, bus: Arc<dyn Bus>) -> tokio::task::JoinHandle<()> {
+        let reg = self.clone();
+        tokio::spawn(async move {
+            loop {
+                match bus.heartbeats().await {
+                    Ok(mut s) => {
+                        while let Some(hb) = s.next().await {
+                            reg.update(hb);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot follow worker heartbeats"),
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hb(id: &str, model: &str, draining: bool) -> WorkerHeartbeat {
+        WorkerHeartbeat {
+            worker_id: id.into(),
+            models: vec![WorkerModel {
+                name: model.into(),
+                aliases: vec![format!("{model}/Q4")],
+                context_length: 10,
+                quant: None,
+                vision: false,
+                audio: false,
+                created: 0,
+            }],
+            max_concurrent: 2,
+            active: 1,
+            ttl_ms: 60_000,
+            draining,
+        }
+    }
+
+    #[test]
+    fn lookup_by_name_and_alias() {
+        let r = Registry::default();
+        r.update(hb("w1", "a", false));
+        r.update(hb("w2", "a", false));
+        r.update(hb("w3", "b", true));
+        assert_eq!(r.models().len(), 1);
+        assert!(r.lookup("a").is_some());
+        assert!(r.lookup("a/Q4").is_some());
+        assert!(r.lookup("b").is_none());
+        assert_eq!(r.workers(), (2, 2));
+    }
+}

@@ -1,0 +1,214 @@
+//! Gemma-3n media preprocessing: the wiring of the generic image and audio stages with the values of
+//! the model's `preprocessor_config.json` (model_interface.md §1.6–1.7). Errors name the media item by
+//! its index in the request (images and clips counted separately, in message order).
+
+use std::path::Path;
+
+use base64::Engine as _;
+use serde_json::Value;
+
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::models::gemma3n::config::read_json_opt;
+use crate::models::{AudioInput, ImageInput, ModelError};
+use crate::pipeline::audio::{self, AudioError, MelConfig, MelExtractor};
+use crate::pipeline::image::{self, Filter, ImageError, ImageLimits};
+use crate::protocol::MediaSource;
+
+/// Limits on media in one request.
+#[derive(Debug, Clone)]
+pub struct MediaLimits {
+    pub image: ImageLimits,
+    pub max_audio_bytes: usize,
+    /// Longer clips are rejected (the encoder takes 30 s per clip).
+    pub max_audio_seconds: f64,
+}
+
+impl Default for MediaLimits {
+    fn default() -> Self {
+        Self {
+            image: ImageLimits::default(),
+            max_audio_bytes: 25 * 1024 * 1024,
+            max_audio_seconds: 30.0,
+        }
+    }
+}
+
+/// Image settings of a SigLIP-style processor.
+#[derive(Debug, Clone)]
+struct ImageProcessing {
+    width: u32,
+    height: u32,
+    filter: Filter,
+    rescale: Option<f64>,
+    normalize: Option<([f32; 3], [f32; 3])>,
+}
+
+impl ImageProcessing {
+    fn from_config(v: &Value) -> Result<Self, ModelError> {
+        let size = v.get("size");
+        let dim = |k: &str| {
+            size.and_then(|s| s.get(k))
+                .and_then(Value::as_u64)
+                .unwrap_or(768) as u32
+        };
+        let resample = v.get("resample").and_then(Value::as_u64).unwrap_or(2);
+        let filter = Filter::from_pil(resample).ok_or_else(|| {
+            ModelError::Config(format!(
+                "preprocessor_config.json: unsupported resample {resample}"
+            ))
+        })?;
+        let flag = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
+        let triple = |k: &str| -> Option<[f32; 3]> {
+            let a = v.get(k)?.as_array()?;
+            let f = |i: usize| {
+                a.get(i)
+                    .or(a.first())
+                    .and_then(Value::as_f64)
+                    .map(|x| x as f32)
+            };
+            Some([f(0)?, f(1)?, f(2)?])
+        };
+        let normalize = if flag("do_normalize", false) {
+            Some((
+                triple("image_mean").unwrap_or([0.5; 3]),
+                triple("image_std").unwrap_or([0.5; 3]),
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            width: dim("width"),
+            height: dim("height"),
+            filter,
+            rescale: flag("do_rescale", true).then(|| {
+                v.get("rescale_factor")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(1.0 / 255.0)
+            }),
+            normalize,
+        })
+    }
+}
+
+/// Turns job media into encoder inputs.
+pub struct MediaDecoder {
+    image: ImageProcessing,
+    mel: MelExtractor,
+    limits: MediaLimits,
+}
+
+impl MediaDecoder {
+    pub fn new(dir: &Path, limits: MediaLimits) -> Result<Self, ModelError> {
+        let cfg = read_json_opt(&dir.join("preprocessor_config.json"))?.unwrap_or(Value::Null);
+        // Processors saved by transformers nest the parts; older ones flatten them into one object.
+        let image_cfg = cfg.get("image_processor").unwrap_or(&cfg);
+        let audio_cfg = cfg.get("feature_extractor").unwrap_or(&cfg);
+        let mel = if audio_cfg.is_null() {
+            MelConfig::gemma3n_default()
+        } else {
+            MelConfig::from_preprocessor_config(audio_cfg)
+        };
+        Ok(Self {
+            image: ImageProcessing::from_config(image_cfg)?,
+            mel: MelExtractor::new(&mel),
+            limits,
+        })
+    }
+
+    fn bytes(
+        &self,
+        what: &str,
+        index: usize,
+        source: &MediaSource,
+        max: usize,
+    ) -> Result<Vec<u8>, ClassifiedError> {
+        match source {
+            MediaSource::Inline { data } => {
+                // 4 base64 chars carry 3 bytes: reject oversized data before decoding it.
+                if data.len() / 4 * 3 > max + 3 {
+                    return Err(ClassifiedError::new(
+                        ErrorClass::PayloadTooLarge,
+                        format!("{what} {index} is larger than the limit of {max} bytes"),
+                    )
+                    .with_param("messages"));
+                }
+                let cleaned: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+                base64::engine::general_purpose::STANDARD
+                    .decode(cleaned.as_bytes())
+                    .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.as_bytes()))
+                    .map_err(|e| ClassifiedError::invalid("messages", format!("{what} {index} is not valid base64: {e}")))
+            }
+            MediaSource::ObjectStore { bucket, key, .. } => Err(ClassifiedError::new(
+                ErrorClass::Internal,
+                format!("{what} {index} is in object store {bucket}/{key}, which must be fetched before preprocessing"),
+            )),
+        }
+    }
+
+    /// Decodes and preprocesses image number `index` of the request.
+    pub fn image(&self, index: usize, source: &MediaSource) -> Result<ImageInput, ClassifiedError> {
+        let bytes = self.bytes("image", index, source, self.limits.image.max_bytes)?;
+        self.image_bytes(index, &bytes)
+    }
+
+    pub fn image_bytes(&self, index: usize, bytes: &[u8]) -> Result<ImageInput, ClassifiedError> {
+        let rgb = image::decode_rgb(bytes, &self.limits.image).map_err(|e| {
+            let class = match e {
+                ImageError::TooLarge { .. } | ImageError::TooManyPixels { .. } => {
+                    ErrorClass::PayloadTooLarge
+                }
+                ImageError::Unsupported(_) | ImageError::Corrupt(_) => ErrorClass::InvalidRequest,
+            };
+            ClassifiedError::new(class, format!("image {index}: {e}")).with_param("messages")
+        })?;
+        let p = &self.image;
+        let resized = image::resize(&rgb, p.width, p.height, p.filter);
+        let pixel_values = image::to_chw(&resized, p.rescale.unwrap_or(1.0), p.normalize);
+        Ok(ImageInput {
+            pixel_values,
+            shape: [3, p.height as usize, p.width as usize],
+        })
+    }
+
+    /// Decodes, resamples and featurises audio clip number `index` of the request.
+    pub fn audio(
+        &self,
+        index: usize,
+        source: &MediaSource,
+        format: Option<&str>,
+    ) -> Result<AudioInput, ClassifiedError> {
+        let bytes = self.bytes("audio clip", index, source, self.limits.max_audio_bytes)?;
+        self.audio_bytes(index, &bytes, format)
+    }
+
+    pub fn audio_bytes(
+        &self,
+        index: usize,
+        bytes: &[u8],
+        format: Option<&str>,
+    ) -> Result<AudioInput, ClassifiedError> {
+        let err = |e: AudioError| {
+            let class = match e {
+                AudioError::TooLarge { .. } => ErrorClass::PayloadTooLarge,
+                _ => ErrorClass::InvalidRequest,
+            };
+            ClassifiedError::new(class, format!("audio clip {index}: {e}")).with_param("messages")
+        };
+        if bytes.len() > self.limits.max_audio_bytes {
+            return Err(err(AudioError::TooLarge {
+                bytes: bytes.len(),
+                max: self.limits.max_audio_bytes,
+            }));
+        }
+        let decoded = audio::decode(bytes, format, self.limits.max_audio_seconds).map_err(err)?;
+        let rate = self.mel.config().sampling_rate;
+        let samples = audio::resample(&decoded.samples, decoded.sample_rate, rate).map_err(err)?;
+        let mel = self.mel.extract(&samples);
+        Ok(AudioInput {
+            features: mel.features,
+            frames: mel.frames,
+            mel_bins: self.mel.config().feature_size,
+            mask: mel.mask,
+        })
+    }
+}

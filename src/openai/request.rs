@@ -1,0 +1,667 @@
+//! Validation of `POST /v1/chat/completions` bodies into a [`ValidChatRequest`].
+//!
+//! The body is parsed as JSON first and then checked field by field, so every rejection names the
+//! field (`param`) and says what was expected — serde's own messages ("invalid type at line 1 column
+//! 40") would not. Unknown fields are ignored, as OpenAI's API does.
+
+use serde_json::{Map, Value};
+
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::protocol::{ChatMessage, ContentPart, MediaSource, Role, SamplingOverrides};
+
+/// Request-shape limits the front end enforces before anything is queued.
+#[derive(Debug, Clone)]
+pub struct RequestLimits {
+    pub max_messages: usize,
+    pub max_images: usize,
+    pub max_audio_clips: usize,
+    /// Largest `max_tokens` accepted at all (the worker also checks the model's context).
+    pub max_tokens: u32,
+}
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_messages: 1024,
+            max_images: 8,
+            max_audio_clips: 4,
+            max_tokens: 1 << 20,
+        }
+    }
+}
+
+/// A request that passed validation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidChatRequest {
+    pub model: String,
+    pub messages: Vec<ChatMessage>,
+    pub sampling: SamplingOverrides,
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+    /// Extension (as vLLM): return the generated token ids.
+    pub return_token_ids: bool,
+}
+
+fn invalid(param: &str, msg: impl Into<String>) -> ClassifiedError {
+    ClassifiedError::invalid(param, msg)
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A field that is absent or `null` is `None`.
+fn field<'a>(o: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+    o.get(k).filter(|v| !v.is_null())
+}
+
+fn number(
+    o: &Map<String, Value>,
+    k: &str,
+    lo: f64,
+    hi: f64,
+    lo_open: bool,
+) -> Result<Option<f32>, ClassifiedError> {
+    let Some(v) = field(o, k) else {
+        return Ok(None);
+    };
+    let x = v
+        .as_f64()
+        .ok_or_else(|| invalid(k, format!("{k} must be a number, got {}", type_name(v))))?;
+    let below = if lo_open { x <= lo } else { x < lo };
+    if !x.is_finite() || below || x > hi {
+        let range = if lo_open {
+            format!("({lo}, {hi}]")
+        } else {
+            format!("[{lo}, {hi}]")
+        };
+        return Err(invalid(k, format!("{k} must be in {range}, got {x}")));
+    }
+    Ok(Some(x as f32))
+}
+
+fn integer(o: &Map<String, Value>, k: &str) -> Result<Option<i64>, ClassifiedError> {
+    let Some(v) = field(o, k) else {
+        return Ok(None);
+    };
+    if let Some(i) = v.as_i64() {
+        return Ok(Some(i));
+    }
+    if let Some(u) = v.as_u64() {
+        return Ok(Some(u as i64));
+    }
+    match v.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => Ok(Some(f as i64)),
+        _ => Err(invalid(
+            k,
+            format!("{k} must be an integer, got {}", type_name(v)),
+        )),
+    }
+}
+
+fn boolean(o: &Map<String, Value>, k: &str) -> Result<bool, ClassifiedError> {
+    match field(o, k) {
+        None => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err(invalid(
+            k,
+            format!("{k} must be a boolean, got {}", type_name(v)),
+        )),
+    }
+}
+
+/// Validates a parsed body.
+pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest, ClassifiedError> {
+    let o = body.as_object().ok_or_else(|| {
+        invalid(
+            "body",
+            format!(
+                "the request body must be a JSON object, got {}",
+                type_name(body)
+            ),
+        )
+    })?;
+    let model = match o.get("model") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::String(_)) => return Err(invalid("model", "model must not be empty")),
+        Some(v) => {
+            return Err(invalid(
+                "model",
+                format!("model must be a string, got {}", type_name(v)),
+            ))
+        }
+        None => return Err(invalid("model", "model is required")),
+    };
+    let mut messages = parse_messages(o, limits)?;
+    attach_images(o, &mut messages)?;
+    count_media(&messages, limits)?;
+
+    if let Some(n) = integer(o, "n")? {
+        if n != 1 {
+            return Err(invalid("n", format!("only n = 1 is supported, got {n}")));
+        }
+    }
+    if boolean(o, "logprobs")? {
+        return Err(invalid(
+            "logprobs",
+            "logprobs are not supported by this server",
+        ));
+    }
+    if let Some(Value::Array(tools)) = field(o, "tools") {
+        if !tools.is_empty() {
+            return Err(invalid(
+                "tools",
+                "tool calling is not supported by this server",
+            ));
+        }
+    }
+    if let Some(rf) = field(o, "response_format") {
+        let t = rf.get("type").and_then(Value::as_str).unwrap_or("");
+        if t != "text" {
+            return Err(invalid(
+                "response_format",
+                format!("response_format type {t:?} is not supported; only \"text\""),
+            ));
+        }
+    }
+
+    let top_k = match integer(o, "top_k")? {
+        None => None,
+        Some(k) if k == -1 || k == 0 => Some(0),
+        Some(k) if k > 0 => Some(k.min(u32::MAX as i64) as u32),
+        Some(k) => {
+            return Err(invalid(
+                "top_k",
+                format!("top_k must be a positive integer (or -1 or 0 for none), got {k}"),
+            ))
+        }
+    };
+    let sampling = SamplingOverrides {
+        temperature: number(o, "temperature", 0.0, 2.0, false)?,
+        top_p: number(o, "top_p", 0.0, 1.0, true)?,
+        top_k,
+        min_p: number(o, "min_p", 0.0, 1.0, false)?,
+        presence_penalty: number(o, "presence_penalty", -2.0, 2.0, false)?,
+        frequency_penalty: number(o, "frequency_penalty", -2.0, 2.0, false)?,
+        repetition_penalty: number(o, "repetition_penalty", 0.0, 10.0, true)?,
+        seed: integer(o, "seed")?.map(|s| s as u64),
+    };
+    let max_tokens = match (
+        integer(o, "max_completion_tokens")?,
+        integer(o, "max_tokens")?,
+    ) {
+        (Some(m), _) => Some(("max_completion_tokens", m)),
+        (None, Some(m)) => Some(("max_tokens", m)),
+        (None, None) => None,
+    };
+    let max_tokens = match max_tokens {
+        None => None,
+        Some((k, m)) if m < 1 => {
+            return Err(invalid(k, format!("{k} must be at least 1, got {m}")))
+        }
+        Some((k, m)) if m > limits.max_tokens as i64 => {
+            return Err(invalid(
+                k,
+                format!("{k} must be at most {}, got {m}", limits.max_tokens),
+            ))
+        }
+        Some((_, m)) => Some(m as u32),
+    };
+    let stop = match field(o, "stop") {
+        None => vec![],
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => {
+            if a.len() > 4 {
+                return Err(invalid(
+                    "stop",
+                    format!("stop takes at most 4 strings, got {}", a.len()),
+                ));
+            }
+            a.iter()
+                .map(|s| {
+                    s.as_str().map(str::to_string).ok_or_else(|| {
+                        invalid(
+                            "stop",
+                            format!("stop must hold strings, got {}", type_name(s)),
+                        )
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        Some(v) => {
+            return Err(invalid(
+                "stop",
+                format!(
+                    "stop must be a string or an array of strings, got {}",
+                    type_name(v)
+                ),
+            ))
+        }
+    };
+    let stop = stop.into_iter().filter(|s| !s.is_empty()).collect();
+    let stream = boolean(o, "stream")?;
+    let include_usage = match field(o, "stream_options") {
+        None => false,
+        Some(Value::Object(so)) => boolean(so, "include_usage")
+            .map_err(|e| e.with_param("stream_options.include_usage"))?,
+        Some(v) => {
+            return Err(invalid(
+                "stream_options",
+                format!("stream_options must be an object, got {}", type_name(v)),
+            ))
+        }
+    };
+    Ok(ValidChatRequest {
+        model,
+        messages,
+        sampling,
+        max_tokens,
+        stop,
+        stream,
+        include_usage,
+        return_token_ids: boolean(o, "return_token_ids")?,
+    })
+}
+
+fn parse_messages(
+    o: &Map<String, Value>,
+    limits: &RequestLimits,
+) -> Result<Vec<ChatMessage>, ClassifiedError> {
+    let msgs = match o.get("messages") {
+        Some(Value::Array(a)) => a,
+        Some(v) => {
+            return Err(invalid(
+                "messages",
+                format!("messages must be an array, got {}", type_name(v)),
+            ))
+        }
+        None => return Err(invalid("messages", "messages is required")),
+    };
+    if msgs.is_empty() {
+        return Err(invalid(
+            "messages",
+            "messages must contain at least one message",
+        ));
+    }
+    if msgs.len() > limits.max_messages {
+        return Err(ClassifiedError::new(
+            ErrorClass::PayloadTooLarge,
+            format!(
+                "at most {} messages are accepted, got {}",
+                limits.max_messages,
+                msgs.len()
+            ),
+        )
+        .with_param("messages"));
+    }
+    msgs.iter()
+        .enumerate()
+        .map(|(i, m)| parse_message(i, m))
+        .collect()
+}
+
+fn parse_message(i: usize, m: &Value) -> Result<ChatMessage, ClassifiedError> {
+    let p = format!("messages[{i}]");
+    let m = m
+        .as_object()
+        .ok_or_else(|| invalid(&p, format!("{p} must be an object, got {}", type_name(m))))?;
+    let role = match m.get("role").and_then(Value::as_str) {
+        Some("system") | Some("developer") => Role::System,
+        Some("user") => Role::User,
+        Some("assistant") => Role::Assistant,
+        Some(other) => {
+            return Err(invalid(
+                &format!("{p}.role"),
+                format!("{p}.role {other:?} is not supported; use system, user or assistant"),
+            ))
+        }
+        None => {
+            return Err(invalid(
+                &format!("{p}.role"),
+                format!("{p}.role is required"),
+            ))
+        }
+    };
+    let pc = format!("{p}.content");
+    let content = match m.get("content") {
+        Some(Value::String(s)) => vec![ContentPart::Text { text: s.clone() }],
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .enumerate()
+            .map(|(j, part)| parse_part(&format!("{pc}[{j}]"), role, part))
+            .collect::<Result<Vec<_>, _>>()?,
+        Some(Value::Null) | None if role == Role::Assistant => vec![],
+        Some(v) => {
+            return Err(invalid(
+                &pc,
+                format!(
+                    "{pc} must be a string or an array of content parts, got {}",
+                    type_name(v)
+                ),
+            ))
+        }
+        None => return Err(invalid(&pc, format!("{pc} is required"))),
+    };
+    Ok(ChatMessage { role, content })
+}
+
+fn parse_part(p: &str, role: Role, part: &Value) -> Result<ContentPart, ClassifiedError> {
+    let o = part
+        .as_object()
+        .ok_or_else(|| invalid(p, format!("{p} must be an object, got {}", type_name(part))))?;
+    let media_ok = role == Role::User;
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => match o.get("text") {
+            Some(Value::String(t)) => Ok(ContentPart::Text { text: t.clone() }),
+            _ => Err(invalid(
+                &format!("{p}.text"),
+                format!("{p}.text must be a string"),
+            )),
+        },
+        Some("image_url") if media_ok => {
+            let url = match o.get("image_url") {
+                Some(Value::Object(iu)) => iu.get("url").and_then(Value::as_str),
+                Some(Value::String(s)) => Some(s.as_str()),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                invalid(
+                    &format!("{p}.image_url.url"),
+                    format!("{p}.image_url.url must be a string"),
+                )
+            })?;
+            Ok(ContentPart::Image {
+                source: image_source(&format!("{p}.image_url.url"), url)?,
+            })
+        }
+        Some("input_audio") if media_ok => {
+            let ia = o
+                .get("input_audio")
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    invalid(
+                        &format!("{p}.input_audio"),
+                        format!("{p}.input_audio must be an object"),
+                    )
+                })?;
+            let data = ia.get("data").and_then(Value::as_str).ok_or_else(|| {
+                invalid(
+                    &format!("{p}.input_audio.data"),
+                    format!("{p}.input_audio.data must be a base64 string"),
+                )
+            })?;
+            let format = match ia.get("format") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(f)) => Some(f.to_ascii_lowercase()),
+                Some(_) => {
+                    return Err(invalid(
+                        &format!("{p}.input_audio.format"),
+                        format!("{p}.input_audio.format must be a string"),
+                    ))
+                }
+            };
+            Ok(ContentPart::Audio {
+                source: MediaSource::Inline {
+                    data: data.to_string(),
+                },
+                format,
+            })
+        }
+        Some("image_url") | Some("input_audio") => Err(invalid(
+            p,
+            format!("{p}: images and audio are accepted in user messages only"),
+        )),
+        Some(other) => Err(invalid(
+            &format!("{p}.type"),
+            format!("{p}.type {other:?} is not supported; use text, image_url or input_audio"),
+        )),
+        None => Err(invalid(
+            &format!("{p}.type"),
+            format!("{p}.type is required"),
+        )),
+    }
+}
+
+/// `data:image/...;base64,XXXX`, or bare base64. Remote URLs are refused unless the front end fetched
+/// them already (see `frontend::media`).
+pub fn image_source(param: &str, url: &str) -> Result<MediaSource, ClassifiedError> {
+    let url = url.trim();
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest.split_once(',').ok_or_else(|| {
+            invalid(
+                param,
+                format!("{param}: a data URL needs a comma before its data"),
+            )
+        })?;
+        if !meta.ends_with(";base64") {
+            return Err(invalid(
+                param,
+                format!("{param}: only base64 data URLs are supported"),
+            ));
+        }
+        return Ok(MediaSource::Inline {
+            data: data.to_string(),
+        });
+    }
+    if url.starts_with("http://") || url.starts_with("https://") {
+        return Err(invalid(
+            param,
+            format!("{param}: remote image URLs are disabled on this server; send the image as a data: URL (start the server with --allow-remote-media to allow them)"),
+        ));
+    }
+    if url.is_empty() {
+        return Err(invalid(param, format!("{param} is empty")));
+    }
+    Ok(MediaSource::Inline {
+        data: url.to_string(),
+    })
+}
+
+/// The original server's top-level `images: [base64, …]`: attached, in order, to the last user
+/// message, before its text.
+fn attach_images(
+    o: &Map<String, Value>,
+    messages: &mut [ChatMessage],
+) -> Result<(), ClassifiedError> {
+    let Some(v) = field(o, "images") else {
+        return Ok(());
+    };
+    let arr = v.as_array().ok_or_else(|| {
+        invalid(
+            "images",
+            format!(
+                "images must be an array of base64 strings, got {}",
+                type_name(v)
+            ),
+        )
+    })?;
+    if arr.is_empty() {
+        return Ok(());
+    }
+    let mut parts = Vec::with_capacity(arr.len());
+    for (i, img) in arr.iter().enumerate() {
+        let s = img.as_str().ok_or_else(|| {
+            invalid(
+                &format!("images[{i}]"),
+                format!("images[{i}] must be a base64 string"),
+            )
+        })?;
+        parts.push(ContentPart::Image {
+            source: image_source(&format!("images[{i}]"), s)?,
+        });
+    }
+    let last_user = messages
+        .iter_mut()
+        .rev()
+        .find(|m| m.role == Role::User)
+        .ok_or_else(|| invalid("images", "images need a user message to attach to"))?;
+    parts.append(&mut last_user.content);
+    last_user.content = parts;
+    Ok(())
+}
+
+fn count_media(messages: &[ChatMessage], limits: &RequestLimits) -> Result<(), ClassifiedError> {
+    let parts = messages.iter().flat_map(|m| m.content.iter());
+    let images = parts
+        .clone()
+        .filter(|p| matches!(p, ContentPart::Image { .. }))
+        .count();
+    let audio = parts
+        .filter(|p| matches!(p, ContentPart::Audio { .. }))
+        .count();
+    if images > limits.max_images {
+        return Err(invalid(
+            "messages",
+            format!(
+                "at most {} images per request are accepted, got {images}",
+                limits.max_images
+            ),
+        ));
+    }
+    if audio > limits.max_audio_clips {
+        return Err(invalid(
+            "messages",
+            format!(
+                "at most {} audio clips per request are accepted, got {audio}",
+                limits.max_audio_clips
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ok(v: Value) -> ValidChatRequest {
+        validate(&v, &RequestLimits::default()).unwrap()
+    }
+
+    fn err(v: Value) -> ClassifiedError {
+        validate(&v, &RequestLimits::default()).unwrap_err()
+    }
+
+    #[test]
+    fn minimal_and_full() {
+        let r = ok(json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]}));
+        assert_eq!(
+            r.messages[0].content,
+            vec![ContentPart::Text { text: "hi".into() }]
+        );
+        assert!(!r.stream);
+        let r = ok(
+            json!({"model": "m", "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "x"}]}],
+            "temperature": 0, "top_p": 1, "top_k": -1, "seed": 7, "max_tokens": 5, "stop": "\n", "stream": true,
+            "stream_options": {"include_usage": true}, "unknown": 1}),
+        );
+        assert_eq!(r.messages[0].role, Role::System);
+        assert_eq!(r.sampling.top_k, Some(0));
+        assert_eq!(r.sampling.seed, Some(7));
+        assert_eq!(r.stop, vec!["\n"]);
+        assert!(r.include_usage);
+        assert_eq!(r.max_tokens, Some(5));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let base = |k: &str, v: Value| {
+            let mut b = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+            b[k] = v;
+            err(b)
+        };
+        assert_eq!(
+            base("temperature", json!(-1)).param.as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(
+            base("temperature", json!("hot")).param.as_deref(),
+            Some("temperature")
+        );
+        assert_eq!(base("top_p", json!(0)).param.as_deref(), Some("top_p"));
+        assert_eq!(base("top_p", json!(1.5)).param.as_deref(), Some("top_p"));
+        assert_eq!(
+            base("max_tokens", json!(0)).param.as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            base("max_completion_tokens", json!(-3)).param.as_deref(),
+            Some("max_completion_tokens")
+        );
+        assert_eq!(
+            base("max_tokens", json!(1.5)).param.as_deref(),
+            Some("max_tokens")
+        );
+        assert_eq!(
+            base("stop", json!(["a", "b", "c", "d", "e"]))
+                .param
+                .as_deref(),
+            Some("stop")
+        );
+        assert_eq!(base("n", json!(2)).param.as_deref(), Some("n"));
+        assert_eq!(
+            base("stream", json!("yes")).param.as_deref(),
+            Some("stream")
+        );
+        assert_eq!(
+            base("messages", json!([])).param.as_deref(),
+            Some("messages")
+        );
+        assert_eq!(base("model", json!(3)).param.as_deref(), Some("model"));
+        let e = base("messages", json!([{"role": "tool", "content": "x"}]));
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = base(
+            "messages",
+            json!([{"role": "user", "content": [{"type": "video"}]}]),
+        );
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
+        let e = base(
+            "messages",
+            json!([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}]),
+        );
+        assert!(e.message.contains("--allow-remote-media"));
+        assert!(err(json!([1])).message.contains("JSON object"));
+    }
+
+    #[test]
+    fn images_field_attaches_to_last_user_message_first() {
+        let r = ok(json!({"model": "m", "images": ["QUJD"], "messages": [
+            {"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "what is this?"}]}));
+        assert!(matches!(
+            r.messages[2].content[0],
+            ContentPart::Image { .. }
+        ));
+        assert_eq!(
+            r.messages[2].content[1],
+            ContentPart::Text {
+                text: "what is this?".into()
+            }
+        );
+        let many: Vec<Value> = (0..9).map(|_| json!("QUJD")).collect();
+        let e = err(
+            json!({"model": "m", "images": many, "messages": [{"role": "user", "content": "x"}]}),
+        );
+        assert!(e.message.contains("at most 8 images"));
+    }
+
+    #[test]
+    fn data_urls() {
+        assert_eq!(
+            image_source("p", "data:image/png;base64,QUJD").unwrap(),
+            MediaSource::Inline {
+                data: "QUJD".into()
+            }
+        );
+        assert!(image_source("p", "data:image/png,raw").is_err());
+    }
+}

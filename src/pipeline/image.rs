@@ -1,0 +1,477 @@
+//! Image decoding and the pixel transforms of Hugging Face image processors, bit-exact with Pillow.
+//!
+//! Media code knows nothing about models: callers pass sizes, filters and scales read from a model's
+//! `preprocessor_config.json`. Decoding checks the byte cap, then the pixel cap from the header before
+//! any pixel is decoded (decompression bombs), then converts to RGB the way PIL's `convert("RGB")`
+//! does: alpha is dropped, not composited, and grey is replicated.
+//!
+//! Resizing reimplements Pillow's 8-bit separable convolution (`Resample.c`): the same kernel support
+//! scaled by the downscale factor, coefficients normalised per output pixel and rounded to 22-bit fixed
+//! point, horizontal pass then vertical pass, round-half-up and clip to 8 bits. The tiny test models
+//! flip tokens on one-level pixel differences, so "close" is not enough.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
+
+#[derive(Debug, Clone)]
+pub struct ImageLimits {
+    /// Largest encoded image accepted, in bytes.
+    pub max_bytes: usize,
+    /// Largest decoded image accepted, in pixels (width × height), checked from the header.
+    pub max_pixels: u64,
+}
+
+impl Default for ImageLimits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 20 * 1024 * 1024,
+            max_pixels: 40_000_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("the image is {bytes} bytes; the limit is {max} bytes")]
+    TooLarge { bytes: usize, max: usize },
+    #[error("the image is {width}x{height} pixels; the limit is {max} pixels")]
+    TooManyPixels { width: u32, height: u32, max: u64 },
+    #[error("unsupported image format ({0}); supported: PNG, JPEG, WebP, GIF, BMP")]
+    Unsupported(String),
+    #[error("the image could not be decoded: {0}")]
+    Corrupt(String),
+}
+
+/// Resampling filters of Pillow (`PIL.Image.Resampling`), by the numbers HF configs store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Filter {
+    /// 2
+    Bilinear,
+    /// 3
+    Bicubic,
+    /// 1
+    Lanczos,
+}
+
+impl Filter {
+    pub fn from_pil(code: u64) -> Option<Self> {
+        match code {
+            1 => Some(Self::Lanczos),
+            2 => Some(Self::Bilinear),
+            3 => Some(Self::Bicubic),
+            _ => None,
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Self::Bilinear => 1.0,
+            Self::Bicubic => 2.0,
+            Self::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        let x = x.abs();
+        match self {
+            Self::Bilinear => {
+                if x < 1.0 {
+                    1.0 - x
+                } else {
+                    0.0
+                }
+            }
+            Self::Bicubic => {
+                const A: f64 = -0.5;
+                if x < 1.0 {
+                    ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+                } else if x < 2.0 {
+                    (((x - 5.0) * x + 8.0) * x - 4.0) * A
+                } else {
+                    0.0
+                }
+            }
+            Self::Lanczos => {
+                if x < 3.0 {
+                    sinc(x) * sinc(x / 3.0)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
+    }
+}
+
+/// Decodes PNG, JPEG, WebP, GIF (first frame) or BMP to 8-bit RGB.
+pub fn decode_rgb(bytes: &[u8], limits: &ImageLimits) -> Result<RgbImage, ImageError> {
+    if bytes.len() > limits.max_bytes {
+        return Err(ImageError::TooLarge {
+            bytes: bytes.len(),
+            max: limits.max_bytes,
+        });
+    }
+    let format = image::guess_format(bytes)
+        .map_err(|_| ImageError::Unsupported("unrecognised bytes".into()))?;
+    if !matches!(
+        format,
+        ImageFormat::Png
+            | ImageFormat::Jpeg
+            | ImageFormat::WebP
+            | ImageFormat::Gif
+            | ImageFormat::Bmp
+    ) {
+        return Err(ImageError::Unsupported(format!("{format:?}")));
+    }
+    let (width, height) = ImageReader::with_format(Cursor::new(bytes), format)
+        .into_dimensions()
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    if width == 0 || height == 0 {
+        return Err(ImageError::Corrupt("the image has no pixels".into()));
+    }
+    if width as u64 * height as u64 > limits.max_pixels {
+        return Err(ImageError::TooManyPixels {
+            width,
+            height,
+            max: limits.max_pixels,
+        });
+    }
+    if format == ImageFormat::Jpeg {
+        return decode_jpeg(bytes);
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(width);
+    l.max_image_height = Some(height);
+    // Room for the largest decode buffer (16-bit RGBA) of an image within the pixel cap.
+    l.max_alloc = Some(limits.max_pixels.saturating_mul(8).max(1 << 20));
+    reader.limits(l);
+    let img = reader
+        .decode()
+        .map_err(|e| ImageError::Corrupt(e.to_string()))?;
+    Ok(to_rgb_like_pil(img))
+}
+
+/// JPEG through libjpeg (the mozjpeg build of libjpeg-turbo, whose decoder Pillow also uses): the same
+/// integer IDCT, upsampling and colour conversion, so pixels are bit-identical to Pillow's. CMYK
+/// images are converted with Pillow's formula, Adobe-inverted ones first un-inverted as Pillow does.
+/// libjpeg reports corrupt data by unwinding; that is caught and returned as an error.
+fn decode_jpeg(bytes: &[u8]) -> Result<RgbImage, ImageError> {
+    let inverted = has_adobe_marker(bytes);
+    let result = std::panic::catch_unwind(|| -> std::io::Result<RgbImage> {
+        let d = mozjpeg::Decompress::new_mem(bytes)?;
+        let (w, h) = (d.width() as u32, d.height() as u32);
+        let rgb: Vec<u8> = match d.image()? {
+            mozjpeg::decompress::Format::RGB(mut img) => {
+                let px = img.read_scanlines::<u8>()?;
+                img.finish()?;
+                px
+            }
+            mozjpeg::decompress::Format::Gray(mut img) => {
+                let px = img.read_scanlines::<u8>()?;
+                img.finish()?;
+                px.iter().flat_map(|&g| [g, g, g]).collect()
+            }
+            mozjpeg::decompress::Format::CMYK(mut img) => {
+                let px = img.read_scanlines::<u8>()?;
+                img.finish()?;
+                px.chunks_exact(4)
+                    .flat_map(|c| {
+                        let c = if inverted {
+                            [255 - c[0], 255 - c[1], 255 - c[2], 255 - c[3]]
+                        } else {
+                            [c[0], c[1], c[2], c[3]]
+                        };
+                        cmyk_to_rgb(c)
+                    })
+                    .collect()
+            }
+        };
+        RgbImage::from_raw(w, h, rgb).ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "truncated pixel data")
+        })
+    });
+    match result {
+        Ok(Ok(img)) => Ok(img),
+        Ok(Err(e)) => Err(ImageError::Corrupt(e.to_string())),
+        Err(p) => Err(ImageError::Corrupt(
+            p.downcast_ref::<String>()
+                .cloned()
+                .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "invalid JPEG data".into()),
+        )),
+    }
+}
+
+/// Pillow's `cmyk2rgb`: `255 − k` scaled by each ink, with its rounding.
+fn cmyk_to_rgb(c: [u8; 4]) -> [u8; 3] {
+    let nk = 255 - c[3] as i32;
+    let muldiv255 = |a: i32, b: i32| {
+        let t = a * b + 128;
+        ((t >> 8) + t) >> 8
+    };
+    let ch = |x: u8| (nk - muldiv255(x as i32, nk)).clamp(0, 255) as u8;
+    [ch(c[0]), ch(c[1]), ch(c[2])]
+}
+
+/// Whether the JPEG has an Adobe APP14 segment (its CMYK data are stored inverted).
+fn has_adobe_marker(bytes: &[u8]) -> bool {
+    let mut i = 2;
+    while i + 4 <= bytes.len() && bytes[i] == 0xFF {
+        let marker = bytes[i + 1];
+        if marker == 0xDA || marker == 0xD9 {
+            break; // start of scan: no more header segments
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        if marker == 0xEE && bytes.get(i + 4..i + 9) == Some(b"Adobe".as_slice()) {
+            return true;
+        }
+        i += 2 + len;
+    }
+    false
+}
+
+/// PIL's `convert("RGB")`: alpha dropped, grey replicated, 16-bit scaled to 8-bit.
+fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
+    match img {
+        DynamicImage::ImageRgb8(i) => i,
+        other => other.to_rgb8(),
+    }
+}
+
+/// Per output pixel: first input index, and fixed-point weights.
+struct Coeffs {
+    bounds: Vec<(usize, usize)>,
+    weights: Vec<i64>,
+    ksize: usize,
+}
+
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// Pillow's `precompute_coeffs` + `normalize_coeffs_8bpc` for resizing `in_size` → `out_size`.
+fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = filter.support() * filterscale;
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut bounds = Vec::with_capacity(out_size);
+    let mut weights = vec![0i64; out_size * ksize];
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let ss = 1.0 / filterscale;
+        // C casts truncate toward zero; the operands here are >= -0.5 so that equals floor for xmin >= 0.
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let n = xmax.saturating_sub(xmin);
+        let mut ww = 0.0;
+        for (x, kx) in k.iter_mut().enumerate().take(n) {
+            let w = filter.weight((x as f64 + xmin as f64 - center + 0.5) * ss);
+            *kx = w;
+            ww += w;
+        }
+        for (x, kx) in k.iter().enumerate().take(n) {
+            let v = if ww != 0.0 { kx / ww } else { *kx };
+            let fixed = v * (1u64 << PRECISION_BITS) as f64 + if v < 0.0 { -0.5 } else { 0.5 };
+            weights[xx * ksize + x] = fixed as i64;
+        }
+        bounds.push((xmin, n));
+    }
+    Coeffs {
+        bounds,
+        weights,
+        ksize,
+    }
+}
+
+#[inline]
+fn clip8(v: i64) -> u8 {
+    (v >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// Resizes like Pillow's `Image.resize((width, height), resample=filter)` on an RGB image.
+pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbImage {
+    let (w0, h0) = (img.width() as usize, img.height() as usize);
+    let (w1, h1) = (width as usize, height as usize);
+    if w1 == 0 || h1 == 0 {
+        return RgbImage::new(width, height);
+    }
+    let src = img.as_raw();
+    let rounding = 1i64 << (PRECISION_BITS - 1);
+    // Horizontal pass (skipped when the width does not change, as Pillow does).
+    let (horiz, hw) = if w1 != w0 {
+        let c = coeffs(w0, w1, filter);
+        let mut out = vec![0u8; w1 * h0 * 3];
+        for y in 0..h0 {
+            let row = &src[y * w0 * 3..(y + 1) * w0 * 3];
+            for xx in 0..w1 {
+                let (xmin, n) = c.bounds[xx];
+                let k = &c.weights[xx * c.ksize..xx * c.ksize + n];
+                let mut acc = [rounding; 3];
+                for (i, &kw) in k.iter().enumerate() {
+                    let p = (xmin + i) * 3;
+                    acc[0] += row[p] as i64 * kw;
+                    acc[1] += row[p + 1] as i64 * kw;
+                    acc[2] += row[p + 2] as i64 * kw;
+                }
+                let o = (y * w1 + xx) * 3;
+                out[o] = clip8(acc[0]);
+                out[o + 1] = clip8(acc[1]);
+                out[o + 2] = clip8(acc[2]);
+            }
+        }
+        (out, w1)
+    } else {
+        (src.to_vec(), w0)
+    };
+    if h1 == h0 {
+        return RgbImage::from_raw(width, height, horiz).expect("buffer size matches");
+    }
+    let c = coeffs(h0, h1, filter);
+    let mut out = vec![0u8; hw * h1 * 3];
+    for yy in 0..h1 {
+        let (ymin, n) = c.bounds[yy];
+        let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
+        for x in 0..hw * 3 {
+            let mut acc = rounding;
+            for (i, &kw) in k.iter().enumerate() {
+                acc += horiz[(ymin + i) * hw * 3 + x] as i64 * kw;
+            }
+            out[yy * hw * 3 + x] = clip8(acc);
+        }
+    }
+    RgbImage::from_raw(width, height, out).expect("buffer size matches")
+}
+
+/// Channel-first float32 pixels: `x · rescale` computed in f64 as numpy does, then
+/// `(x − mean) / std` in f32 when normalisation is on.
+pub fn to_chw(img: &RgbImage, rescale: f64, normalize: Option<([f32; 3], [f32; 3])>) -> Vec<f32> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let raw = img.as_raw();
+    let mut out = vec![0f32; 3 * w * h];
+    for c in 0..3 {
+        let plane = &mut out[c * w * h..(c + 1) * w * h];
+        for (i, v) in plane.iter_mut().enumerate() {
+            let x = (raw[i * 3 + c] as f64 * rescale) as f32;
+            *v = match normalize {
+                Some((mean, std)) => (x - mean[c]) / std[c],
+                None => x,
+            };
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gradient(w: u32, h: u32) -> RgbImage {
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                (x * 255 / (w - 1)) as u8,
+                (y * 255 / (h - 1)) as u8,
+                ((x + y) % 256) as u8,
+            ])
+        })
+    }
+
+    #[test]
+    fn identity_and_constant() {
+        let img = gradient(17, 9);
+        assert_eq!(resize(&img, 17, 9, Filter::Bilinear), img);
+        let flat = RgbImage::from_pixel(13, 7, image::Rgb([200, 10, 77]));
+        for f in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos] {
+            let r = resize(&flat, 31, 5, f);
+            assert!(r.pixels().all(|p| p.0 == [200, 10, 77]), "{f:?}");
+        }
+    }
+
+    fn checksums(img: &RgbImage) -> (i64, i64) {
+        let raw = img.as_raw();
+        let sum = raw.iter().map(|&v| v as i64).sum();
+        let weighted = raw.iter().enumerate().fold(0i64, |acc, (i, &v)| {
+            (acc + (v as i64 * i as i64) % 1_000_000_007) % 1_000_000_007
+        });
+        (sum, weighted)
+    }
+
+    #[test]
+    fn pillow_reference_values() {
+        // Values from Pillow 13.0.0: Image.fromarray(gradient).resize(size, filter).
+        let small = gradient(8, 4);
+        for (f, first, last, sum) in [
+            (Filter::Bilinear, [40, 0, 1], [214, 255, 9], 3898),
+            (Filter::Bicubic, [32, 0, 1], [222, 255, 9], 3893),
+            (Filter::Lanczos, [29, 0, 1], [225, 255, 9], 3893),
+        ] {
+            let r = resize(&small, 3, 5, f);
+            assert_eq!(r.get_pixel(0, 0).0, first, "{f:?}");
+            assert_eq!(r.get_pixel(2, 4).0, last, "{f:?}");
+            assert_eq!(checksums(&r).0, sum, "{f:?}");
+        }
+        let big = gradient(640, 480);
+        for (f, up, down) in [
+            (
+                Filter::Bilinear,
+                (225394525, 467471110),
+                (1414240, 758495353),
+            ),
+            (
+                Filter::Bicubic,
+                (225394592, 546260961),
+                (1413584, 756811188),
+            ),
+            (
+                Filter::Lanczos,
+                (225394576, 667507670),
+                (1414253, 759517498),
+            ),
+        ] {
+            assert_eq!(checksums(&resize(&big, 768, 768, f)), up, "{f:?} up");
+            assert_eq!(checksums(&resize(&big, 100, 37, f)), down, "{f:?} down");
+        }
+    }
+
+    #[test]
+    fn limits_are_checked_before_decoding() {
+        let mut png = Vec::new();
+        gradient(64, 64)
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        let small = ImageLimits {
+            max_bytes: 10,
+            max_pixels: 1 << 30,
+        };
+        assert!(matches!(
+            decode_rgb(&png, &small),
+            Err(ImageError::TooLarge { .. })
+        ));
+        let few = ImageLimits {
+            max_bytes: 1 << 30,
+            max_pixels: 100,
+        };
+        assert!(matches!(
+            decode_rgb(&png, &few),
+            Err(ImageError::TooManyPixels { .. })
+        ));
+        assert_eq!(
+            decode_rgb(&png, &ImageLimits::default()).unwrap(),
+            gradient(64, 64)
+        );
+        assert!(matches!(
+            decode_rgb(b"hello", &ImageLimits::default()),
+            Err(ImageError::Unsupported(_))
+        ));
+        assert!(decode_rgb(&png[..png.len() / 2], &ImageLimits::default()).is_err());
+    }
+}

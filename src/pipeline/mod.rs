@@ -1,0 +1,17 @@
+//! The text stages around the model, independent of any model family and of ONNX Runtime:
+//! prompt rendering before tokenization, and after each forward pass the choice of the next id,
+//! its incremental detokenization and stop-string matching. Each stage is synchronous, owns no
+//! threads and never panics on request data, so the engine's owner thread can call it per token.
+//!
+//! - [`template`]: Hugging Face chat templates rendered with transformers' Jinja semantics.
+//! - [`sampling`]: penalties, greedy and seeded top-k / top-p / min-p sampling.
+//! - [`detok`]: streaming detokenization whose deltas concatenate to the full decode.
+//! - [`stop`]: stop strings matched on text across token boundaries.
+//! - [`image`]: image decoding and Pillow-exact resizing; [`audio`]: audio decoding and log-mel features.
+
+pub mod audio;
+pub mod detok;
+pub mod image;
+pub mod sampling;
+pub mod stop;
+pub mod template;

@@ -1,0 +1,420 @@
+//! Chat templates: finding a model's Hugging Face chat template in a snapshot directory and
+//! rendering it with minijinja configured the way transformers' `apply_chat_template` configures
+//! Jinja2 (trim/lstrip blocks, loop controls, lenient undefined, no auto-escaping, HF's `tojson`,
+//! `raise_exception`, `strftime_now`, Python string methods), so that the prompt text we tokenize
+//! is the one the model was trained on.
+
+use std::path::Path;
+
+use minijinja::value::{Serde, Value};
+use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior};
+
+mod clock;
+mod pyjson;
+
+/// Name under which the single compiled template lives in the environment.
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// Why a chat template could not be loaded or rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum TemplateError {
+    /// The template source does not parse (or its files cannot be read/parsed).
+    #[error("chat template does not compile: {0}")]
+    Compile(String),
+    /// Rendering failed; for `raise_exception(msg)` this is exactly `msg`.
+    #[error("{0}")]
+    Render(String),
+}
+
+/// The special-token strings transformers exposes to chat templates.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SpecialTokens {
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    pub pad_token: Option<String>,
+    pub unk_token: Option<String>,
+}
+
+impl SpecialTokens {
+    /// Reads the tokens from a parsed `tokenizer_config.json`. Each entry may be a plain string
+    /// or a serialized `AddedToken` (`{"content": "...", ...}`); anything else counts as absent.
+    pub fn from_tokenizer_config(v: &serde_json::Value) -> Self {
+        let token = |key: &str| match v.get(key) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Object(o)) => {
+                o.get("content").and_then(|c| c.as_str()).map(str::to_owned)
+            }
+            _ => None,
+        };
+        SpecialTokens {
+            bos_token: token("bos_token"),
+            eos_token: token("eos_token"),
+            pad_token: token("pad_token"),
+            unk_token: token("unk_token"),
+        }
+    }
+}
+
+/// A compiled chat template plus the special tokens it is rendered with.
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    tokens: SpecialTokens,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("tokens", &self.tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Carried as the source of the minijinja error raised by `raise_exception`, so that `render`
+/// can hand back the template author's message verbatim instead of minijinja's decorated text.
+#[derive(Debug)]
+struct RaisedByTemplate(String);
+
+impl std::fmt::Display for RaisedByTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for RaisedByTemplate {}
+
+fn raise_exception(message: Value) -> Result<Value, Error> {
+    // Jinja2 calls `str()` on whatever it is given; `to_string` is minijinja's equivalent.
+    let message = match message.as_str() {
+        Some(s) => s.to_owned(),
+        None => message.to_string(),
+    };
+    Err(Error::new(ErrorKind::InvalidOperation, message.clone())
+        .with_source(RaisedByTemplate(message)))
+}
+
+fn strftime_now(format: String) -> String {
+    clock::strftime_utc_now(&format)
+}
+
+impl ChatTemplate {
+    /// Compiles `source` once; rendering then only evaluates it.
+    pub fn new(source: &str, tokens: SpecialTokens) -> Result<Self, TemplateError> {
+        let mut env = Environment::new();
+        let syntax = minijinja::syntax::SyntaxConfig::builder()
+            .trim_blocks(true)
+            .lstrip_blocks(true)
+            .keep_trailing_newline(false)
+            .build()
+            .map_err(|e| TemplateError::Compile(e.to_string()))?;
+        env.set_syntax(syntax);
+        env.set_undefined_behavior(UndefinedBehavior::Lenient);
+        // Prompts are plain text: HTML-escaping `<start_of_turn>` would corrupt them.
+        env.set_auto_escape_callback(|_| AutoEscape::None);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        // minijinja's own `tojson` escapes `<>&'` for HTML and formats differently from Python.
+        env.add_filter("tojson", pyjson::tojson);
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+            .map_err(|e| TemplateError::Compile(e.to_string()))?;
+        Ok(ChatTemplate { env, tokens })
+    }
+
+    /// Finds the template of a snapshot dir: `chat_template.jinja`, else `chat_template.json`
+    /// (`{"chat_template": ...}`), else `chat_template` in `tokenizer_config.json` (a string, or
+    /// a list of `{"name","template"}` from which "default" or else the first is taken). Special
+    /// tokens always come from `tokenizer_config.json` when it exists. `Ok(None)`: no template.
+    pub fn load_from_dir(dir: &Path) -> Result<Option<(String, SpecialTokens)>, TemplateError> {
+        let config = read_json(&dir.join("tokenizer_config.json"))?;
+        let tokens = config
+            .as_ref()
+            .map(SpecialTokens::from_tokenizer_config)
+            .unwrap_or_default();
+
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let source = std::fs::read_to_string(&jinja)
+                .map_err(|e| TemplateError::Compile(format!("{}: {e}", jinja.display())))?;
+            return Ok(Some((source, tokens)));
+        }
+        if let Some(json) = read_json(&dir.join("chat_template.json"))? {
+            if let Some(source) = json.get("chat_template").and_then(pick_template) {
+                return Ok(Some((source, tokens)));
+            }
+        }
+        let source = config
+            .as_ref()
+            .and_then(|c| c.get("chat_template"))
+            .and_then(pick_template);
+        Ok(source.map(|s| (s, tokens)))
+    }
+
+    /// Renders `messages` (a JSON array of `{"role", "content"}`; content a string or a list of
+    /// `{"type": "text"|"image"|"audio", ...}` parts) into the prompt text. Object keys reach
+    /// the template in `serde_json::Map` order, which is sorted unless serde_json's
+    /// `preserve_order` feature is on; only `tojson` of request objects can tell.
+    pub fn render(
+        &self,
+        messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| TemplateError::Compile(e.to_string()))?;
+        // transformers passes `tools=None, documents=None` explicitly, so templates see them as
+        // defined-but-none (`tools is not none` is false), not as undefined.
+        let mut ctx: Vec<(&str, Value)> = vec![
+            ("messages", Value::from(Serde(messages))),
+            ("add_generation_prompt", Value::from(add_generation_prompt)),
+            ("tools", Value::from(())),
+            ("documents", Value::from(())),
+        ];
+        let tokens = [
+            ("bos_token", &self.tokens.bos_token),
+            ("eos_token", &self.tokens.eos_token),
+            ("pad_token", &self.tokens.pad_token),
+            ("unk_token", &self.tokens.unk_token),
+        ];
+        for (name, token) in tokens {
+            if let Some(token) = token {
+                ctx.push((name, Value::from(token.as_str())));
+            }
+        }
+        template
+            .render(Value::from_pairs(ctx))
+            .map_err(render_error)
+    }
+}
+
+fn render_error(err: Error) -> TemplateError {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+    while let Some(e) = cause {
+        if let Some(raised) = e.downcast_ref::<RaisedByTemplate>() {
+            return TemplateError::Render(raised.0.clone());
+        }
+        cause = e.source();
+    }
+    TemplateError::Render(err.to_string())
+}
+
+/// `Ok(None)` when the file does not exist; a present but broken file is an error, since
+/// silently falling back to another template would produce subtly wrong prompts.
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>, TemplateError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(TemplateError::Compile(format!("{}: {e}", path.display()))),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| TemplateError::Compile(format!("{}: {e}", path.display())))
+}
+
+fn pick_template(v: &serde_json::Value) -> Option<String> {
+    match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Array(named) => {
+            let template_of = |entry: &serde_json::Value| {
+                entry
+                    .get("template")
+                    .and_then(|t| t.as_str())
+                    .map(str::to_owned)
+            };
+            named
+                .iter()
+                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(template_of)
+                .or_else(|| named.first().and_then(template_of))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The Gemma-3n template, byte for byte as `make_tokenizer_processor.py` writes it.
+    const GEMMA3N: &str = include_str!("testdata/gemma3n_chat_template.jinja");
+
+    fn gemma() -> ChatTemplate {
+        let tokens = SpecialTokens {
+            bos_token: Some("<bos>".into()),
+            eos_token: Some("<eos>".into()),
+            ..SpecialTokens::default()
+        };
+        ChatTemplate::new(GEMMA3N, tokens).expect("template compiles")
+    }
+
+    #[test]
+    fn single_user_message_is_trimmed() {
+        let out = gemma()
+            .render(&json!([{"role": "user", "content": "  Hello \n"}]), true)
+            .unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nHello<end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn system_prefixes_first_user_turn_and_assistant_is_model() {
+        let messages = json!([
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Bye"},
+        ]);
+        let out = gemma().render(&messages, false).unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n\
+             <start_of_turn>model\nHello!<end_of_turn>\n\
+             <start_of_turn>user\nBye<end_of_turn>\n"
+        );
+    }
+
+    #[test]
+    fn list_content_keeps_media_order() {
+        let messages = json!([{"role": "user", "content": [
+            {"type": "image"},
+            {"type": "text", "text": " Describe this. "},
+            {"type": "audio"},
+        ]}]);
+        let out = gemma().render(&messages, true).unwrap();
+        assert_eq!(
+            out,
+            "<bos><start_of_turn>user\n<image_soft_token>Describe this.<audio_soft_token>\
+             <end_of_turn>\n<start_of_turn>model\n"
+        );
+    }
+
+    #[test]
+    fn raise_exception_message_is_verbatim() {
+        let messages = json!([
+            {"role": "user", "content": "a"},
+            {"role": "user", "content": "b"},
+        ]);
+        match gemma().render(&messages, true) {
+            Err(TemplateError::Render(msg)) => assert_eq!(
+                msg,
+                "Conversation roles must alternate user/assistant/user/assistant/..."
+            ),
+            other => panic!("expected a render error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn python_methods_and_hf_tojson() {
+        let t = ChatTemplate::new(
+            "{{ messages[0]['content'].strip() }}|{{ messages[0]['content'] | tojson }}\n",
+            SpecialTokens::default(),
+        )
+        .unwrap();
+        let out = t
+            .render(
+                &json!([{"role": "user", "content": " héllo <b> & 'x' ✓ "}]),
+                false,
+            )
+            .unwrap();
+        // Not ASCII-escaped, not HTML-escaped, and the template's trailing newline is dropped.
+        assert_eq!(out, "héllo <b> & 'x' ✓|\" héllo <b> & 'x' ✓ \"");
+        // Dict literals keep their order, as Python dicts do (minijinja's `preserve_order`).
+        let t = ChatTemplate::new(
+            "{{ {'b': 1, 'a': [2.0, none]} | tojson(separators=(',', ':')) }}",
+            SpecialTokens::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            t.render(&json!([]), false).unwrap(),
+            r#"{"b":1,"a":[2.0,null]}"#
+        );
+    }
+
+    #[test]
+    fn context_matches_transformers() {
+        let src = "{{ tools is none }} {{ documents is defined }} {{ pad_token is defined }} \
+                   {{ eos_token }} {{ messages | length }} {{ add_generation_prompt }}";
+        let tokens = SpecialTokens {
+            eos_token: Some("<eos>".into()),
+            ..SpecialTokens::default()
+        };
+        let out = ChatTemplate::new(src, tokens)
+            .unwrap()
+            .render(&json!([]), true)
+            .unwrap();
+        // Booleans print as Python spells them.
+        assert_eq!(out, "True True False <eos> 0 True");
+    }
+
+    #[test]
+    fn shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<ChatTemplate>();
+    }
+
+    #[test]
+    fn syntax_error_is_compile_error() {
+        let err = ChatTemplate::new("{% for m in messages %}", SpecialTokens::default());
+        assert!(matches!(err, Err(TemplateError::Compile(_))), "{err:?}");
+    }
+
+    #[test]
+    fn other_render_failures_do_not_panic() {
+        let t = ChatTemplate::new("{{ messages.x.y }}", SpecialTokens::default()).unwrap();
+        assert!(matches!(
+            t.render(&json!([]), true),
+            Err(TemplateError::Render(_))
+        ));
+        let t = ChatTemplate::new("{{ raise_exception(42) }}", SpecialTokens::default()).unwrap();
+        assert!(matches!(t.render(&json!(null), true), Err(TemplateError::Render(m)) if m == "42"));
+    }
+
+    #[test]
+    fn special_tokens_accept_added_token_objects() {
+        let cfg = json!({"bos_token": {"content": "<s>", "lstrip": false},
+                         "eos_token": "</s>", "pad_token": null});
+        let t = SpecialTokens::from_tokenizer_config(&cfg);
+        assert_eq!(t.bos_token.as_deref(), Some("<s>"));
+        assert_eq!(t.eos_token.as_deref(), Some("</s>"));
+        assert_eq!(t.pad_token, None);
+        assert_eq!(t.unk_token, None);
+    }
+
+    #[test]
+    fn load_from_dir_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
+        assert!(ChatTemplate::load_from_dir(dir.path()).unwrap().is_none());
+
+        write(
+            "tokenizer_config.json",
+            r#"{"bos_token": "<bos>", "chat_template": [
+                {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#,
+        );
+        let (src, tokens) = ChatTemplate::load_from_dir(dir.path()).unwrap().unwrap();
+        assert_eq!(
+            (src.as_str(), tokens.bos_token.as_deref()),
+            ("D", Some("<bos>"))
+        );
+
+        write("chat_template.json", r#"{"chat_template": "J"}"#);
+        let (src, _) = ChatTemplate::load_from_dir(dir.path()).unwrap().unwrap();
+        assert_eq!(src, "J");
+
+        write("chat_template.jinja", "F");
+        let (src, tokens) = ChatTemplate::load_from_dir(dir.path()).unwrap().unwrap();
+        assert_eq!(
+            (src.as_str(), tokens.bos_token.as_deref()),
+            ("F", Some("<bos>"))
+        );
+
+        write("tokenizer_config.json", "{not json");
+        assert!(matches!(
+            ChatTemplate::load_from_dir(dir.path()),
+            Err(TemplateError::Compile(_))
+        ));
+    }
+}

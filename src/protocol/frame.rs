@@ -1,0 +1,166 @@
+//! Frames: what a worker publishes back for a job, in order (`seq` 0, 1, 2, …), ending with exactly one
+//! `done` or `error`. A stream that stops without one of them is itself an error.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ClassifiedError, ErrorClass};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Frame {
+    pub job_id: String,
+    /// Position of this frame in the job's stream, from 0, without gaps.
+    pub seq: u64,
+    /// Delivery attempt of the job that produced the frame (1 = first).
+    #[serde(default = "one")]
+    pub attempt: u32,
+    #[serde(flatten)]
+    pub body: FrameBody,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum FrameBody {
+    /// Newly generated text and the ids that produced it. `text` may be empty when ids are held back
+    /// (an incomplete UTF-8 sequence, or a possible stop string).
+    Delta {
+        text: String,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        token_ids: Vec<u32>,
+    },
+    Done(DoneBody),
+    Error {
+        error: WireError,
+    },
+}
+
+impl FrameBody {
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, Self::Done(_) | Self::Error { .. })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DoneBody {
+    pub finish_reason: FinishReason,
+    pub usage: Usage,
+    #[serde(default)]
+    pub timings: Timings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-sequence id or a stop string.
+    Stop,
+    /// `max_tokens` or the context limit.
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stop => "stop",
+            Self::Length => "length",
+        }
+    }
+}
+
+/// Token counts as OpenAI reports them. `completion_tokens` counts every generated id, including the
+/// end-of-sequence id that ended generation (as transformers' `generate` returns it).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: u32,
+    pub completion_tokens: u32,
+    pub total_tokens: u32,
+}
+
+impl Usage {
+    pub fn new(prompt: u32, completion: u32) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+        }
+    }
+}
+
+/// Where the time went, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timings {
+    /// From the front end accepting the job to a worker starting it.
+    #[serde(default)]
+    pub queued_ms: f64,
+    /// Preprocessing (template, tokenizer, media decoding) on the worker.
+    #[serde(default)]
+    pub preprocess_ms: f64,
+    /// Encoders plus the prefill decoder run, until the first token.
+    #[serde(default)]
+    pub prefill_ms: f64,
+    /// All decode steps after the first token.
+    #[serde(default)]
+    pub decode_ms: f64,
+}
+
+/// An error as it travels: a closed class, a message for the client, and the request field concerned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WireError {
+    pub class: ErrorClass,
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub param: Option<String>,
+}
+
+impl From<ClassifiedError> for WireError {
+    fn from(e: ClassifiedError) -> Self {
+        Self {
+            class: e.class,
+            message: e.message,
+            param: e.param,
+        }
+    }
+}
+
+impl From<WireError> for ClassifiedError {
+    fn from(e: WireError) -> Self {
+        Self {
+            class: e.class,
+            message: e.message,
+            param: e.param,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_flat_and_tolerant() {
+        let f = Frame {
+            job_id: "j".into(),
+            seq: 2,
+            attempt: 1,
+            body: FrameBody::Delta {
+                text: "hi".into(),
+                token_ids: vec![5],
+            },
+        };
+        let v = serde_json::to_value(&f).unwrap();
+        assert_eq!(v["type"], "delta");
+        assert_eq!(v["text"], "hi");
+        let old: Frame = serde_json::from_str(
+            r#"{"job_id":"j","seq":0,"type":"delta","text":"x","future_field":1}"#,
+        )
+        .unwrap();
+        assert_eq!(old.attempt, 1);
+        let e: Frame = serde_json::from_str(
+            r#"{"job_id":"j","seq":3,"attempt":2,"type":"error","error":{"class":"context_length_exceeded","message":"m"}}"#,
+        )
+        .unwrap();
+        assert!(e.body.is_terminal());
+    }
+}

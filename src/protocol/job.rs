@@ -1,0 +1,161 @@
+//! A job: one normalised chat request, as a front end (or any other program) publishes it for workers.
+
+use serde::{Deserialize, Serialize};
+
+/// One chat completion to run. Published on `onnxchat.v1.jobs.<model>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// Unique id (UUID v4 text); frames and cancellations refer to it.
+    pub job_id: String,
+    /// Served model name the job is for.
+    pub model: String,
+    /// Subject the worker publishes [`super::Frame`]s to (the front end subscribes before publishing).
+    pub reply_to: String,
+    /// When the front end accepted the request (ms since epoch); used for queue timings and expiry.
+    #[serde(default)]
+    pub created_ms: u64,
+    /// The conversation, already validated.
+    pub messages: Vec<ChatMessage>,
+    /// Sampling settings the request gave; the rest come from the model's `generation_config.json`.
+    #[serde(default)]
+    pub sampling: SamplingOverrides,
+    /// Maximum number of tokens to generate; absent = up to the context limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// Stop strings (at most 4), matched on the generated text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+    /// Time after which the job is no longer worth running (ms since epoch); absent = no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
+/// Sampling parameters as the request gave them. `None` means "the model's default".
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SamplingOverrides {
+    /// 0 = greedy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// 0 = no top-k filtering.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_p: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frequency_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f32>,
+    /// Random seed; the front end assigns one when the client gives none, so every job is reproducible.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::System => "system",
+            Self::User => "user",
+            Self::Assistant => "assistant",
+        }
+    }
+}
+
+/// One message: a role and its parts in order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: Vec<ContentPart>,
+}
+
+/// A part of a message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ContentPart {
+    Text {
+        text: String,
+    },
+    Image {
+        source: MediaSource,
+    },
+    Audio {
+        source: MediaSource,
+        /// The format the client named (`wav`, `mp3`, `flac`, `ogg`); the bytes are sniffed anyway.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        format: Option<String>,
+    },
+}
+
+/// Where a media item's bytes are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MediaSource {
+    /// Base64 of the file's bytes, inside the job.
+    Inline { data: String },
+    /// An object in a JetStream object store bucket (large media).
+    ObjectStore {
+        bucket: String,
+        key: String,
+        #[serde(default)]
+        size: u64,
+    },
+}
+
+/// Asks workers to stop a job. Published on `onnxchat.v1.cancel`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CancelRequest {
+    pub job_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A worker's periodic announcement. Published on `onnxchat.v1.workers.heartbeat`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerHeartbeat {
+    pub worker_id: String,
+    pub models: Vec<WorkerModel>,
+    /// Jobs the worker can take at once, and how many it runs now.
+    pub max_concurrent: u32,
+    #[serde(default)]
+    pub active: u32,
+    /// How long to consider the worker alive without a newer heartbeat (ms).
+    pub ttl_ms: u64,
+    /// The worker is draining (shutting down): do not count it as serving.
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// A model a worker serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerModel {
+    /// The served name (requests' `model`).
+    pub name: String,
+    /// Other names accepted for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    /// Context length in tokens.
+    #[serde(default)]
+    pub context_length: u32,
+    /// Quantization name (e.g. `Q4_MIXED`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quant: Option<String>,
+    /// Whether the model takes images / audio.
+    #[serde(default)]
+    pub vision: bool,
+    #[serde(default)]
+    pub audio: bool,
+    /// When the worker loaded the model (s since epoch), for `/v1/models`' `created`.
+    #[serde(default)]
+    pub created: u64,
+}

@@ -1,0 +1,366 @@
+//! The worker: pulls jobs for the models it serves, as many as it has free slots, runs each through the
+//! model's preprocessing and generation, and publishes frames back. It announces itself with
+//! heartbeats, stops jobs on cancellation requests, keeps long jobs' leases alive, and acknowledges a
+//! job once its last frame is published.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::bus::{Bus, Delivery};
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::models::generate::GenEvent;
+use crate::models::loaded::LoadedModel;
+use crate::protocol::{now_ms, DoneBody, Frame, FrameBody, Job, Timings, Usage, WorkerHeartbeat};
+
+/// Worker settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub worker_id: String,
+    /// Jobs run at once (they share the model's owner thread, advancing in turn).
+    pub max_concurrent: usize,
+    pub heartbeat_interval: Duration,
+    /// How often a running job's lease is extended.
+    pub progress_interval: Duration,
+    /// On shutdown, how long running jobs may take to finish before they are handed back.
+    pub drain_timeout: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            worker_id: format!("worker-{}", uuid::Uuid::new_v4().simple()),
+            max_concurrent: 4,
+            heartbeat_interval: Duration::from_secs(2),
+            progress_interval: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+struct State {
+    bus: Arc<dyn Bus>,
+    models: HashMap<String, Arc<LoadedModel>>,
+    cfg: WorkerConfig,
+    running: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    active: AtomicU32,
+    draining: AtomicBool,
+}
+
+impl State {
+    fn heartbeat(&self) -> WorkerHeartbeat {
+        let mut seen = std::collections::HashSet::new();
+        let models = self
+            .models
+            .values()
+            .filter(|m| seen.insert(m.info.name.clone()))
+            .map(|m| m.info.wire())
+            .collect();
+        WorkerHeartbeat {
+            worker_id: self.cfg.worker_id.clone(),
+            models,
+            max_concurrent: self.cfg.max_concurrent as u32,
+            active: self.active.load(Ordering::Relaxed),
+            ttl_ms: self.cfg.heartbeat_interval.as_millis() as u64 * 3,
+            draining: self.draining.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Runs a worker until `shutdown` is cancelled, then drains.
+pub async fn run(
+    bus: Arc<dyn Bus>,
+    models: Vec<Arc<LoadedModel>>,
+    cfg: WorkerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ClassifiedError> {
+    let mut by_name = HashMap::new();
+    for m in &models {
+        by_name.insert(m.info.name.clone(), m.clone());
+        for a in &m.info.aliases {
+            by_name.entry(a.clone()).or_insert_with(|| m.clone());
+        }
+    }
+    let names: Vec<String> = models.iter().map(|m| m.info.name.clone()).collect();
+    let state = Arc::new(State {
+        bus: bus.clone(),
+        models: by_name,
+        cfg: cfg.clone(),
+        running: Mutex::default(),
+        active: AtomicU32::new(0),
+        draining: AtomicBool::new(false),
+    });
+    let mut source = bus.job_source(&names, &cfg.worker_id).await?;
+    let background = CancellationToken::new();
+    tokio::spawn(cancel_task(state.clone(), background.clone()));
+    tokio::spawn(heartbeat_task(state.clone(), background.clone()));
+    tracing::info!(worker = %cfg.worker_id, models = ?names, slots = cfg.max_concurrent, bus = bus.kind(), "worker started");
+
+    let slots = Arc::new(Semaphore::new(cfg.max_concurrent.max(1)));
+    let mut jobs = tokio::task::JoinSet::new();
+    loop {
+        // Wait for a free slot before pulling: nothing is taken that cannot start now.
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            p = slots.clone().acquire_owned() => p.expect("semaphore open"),
+        };
+        let free = slots.available_permits() + 1;
+        let batch = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            b = source.next(free, Duration::from_millis(500)) => b,
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "pulling jobs failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let mut permits = vec![first];
+        for d in batch {
+            let permit = match permits.pop() {
+                Some(p) => p,
+                None => slots.clone().acquire_owned().await.expect("semaphore open"),
+            };
+            let st = state.clone();
+            jobs.spawn(async move {
+                handle(st, d).await;
+                drop(permit);
+            });
+        }
+        while jobs.try_join_next().is_some() {}
+    }
+
+    // Drain: stop pulling, announce it, let running jobs finish within the drain timeout.
+    state.draining.store(true, Ordering::Relaxed);
+    let _ = bus.announce(&state.heartbeat()).await;
+    tracing::info!(running = jobs.len(), "worker draining");
+    let drained = tokio::time::timeout(cfg.drain_timeout, async {
+        while jobs.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            left = jobs.len(),
+            "drain timeout; handing the remaining jobs back"
+        );
+        for flag in state.running.lock().expect("running lock").values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        jobs.shutdown().await;
+    }
+    background.cancel();
+    Ok(())
+}
+
+async fn cancel_task(state: Arc<State>, stop: CancellationToken) {
+    let mut stream = match state.bus.cancellations().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot subscribe to cancellations");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            next = stream.next() => match next {
+                Some(req) => {
+                    if let Some(flag) = state.running.lock().expect("running lock").get(&req.job_id) {
+                        tracing::info!(job_id = %req.job_id, "cancelling job");
+                        flag.store(true, Ordering::Relaxed);
+                    }
+                }
+                None => return,
+            }
+        }
+    }
+}
+
+async fn heartbeat_task(state: Arc<State>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(state.cfg.heartbeat_interval);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                if let Err(e) = state.bus.announce(&state.heartbeat()).await {
+                    tracing::debug!(error = %e, "heartbeat failed");
+                }
+            }
+        }
+    }
+}
+
+/// Publishes a job's frames with consecutive sequence numbers.
+struct Publisher {
+    bus: Arc<dyn Bus>,
+    job_id: String,
+    reply_to: String,
+    attempt: u32,
+    seq: u64,
+}
+
+impl Publisher {
+    async fn send(&mut self, body: FrameBody) -> Result<(), crate::bus::BusError> {
+        let frame = Frame {
+            job_id: self.job_id.clone(),
+            seq: self.seq,
+            attempt: self.attempt,
+            body,
+        };
+        self.seq += 1;
+        self.bus.publish_frame(&self.reply_to, &frame).await
+    }
+
+    async fn error(&mut self, e: ClassifiedError) {
+        tracing::info!(job_id = %self.job_id, class = ?e.class, error = %e.message, "job failed");
+        let _ = self.send(FrameBody::Error { error: e.into() }).await;
+    }
+}
+
+#[tracing::instrument(skip_all, fields(job_id = %delivery.job.job_id, model = %delivery.job.model, attempt = delivery.attempt))]
+async fn handle(state: Arc<State>, delivery: Delivery) {
+    let Delivery { job, attempt, ack } = delivery;
+    let mut out = Publisher {
+        bus: state.bus.clone(),
+        job_id: job.job_id.clone(),
+        reply_to: job.reply_to.clone(),
+        attempt,
+        seq: 0,
+    };
+    let Some(model) = state.models.get(&job.model).cloned() else {
+        out.error(ClassifiedError::new(
+            ErrorClass::ModelNotFound,
+            format!("this worker does not serve model {:?}", job.model),
+        ))
+        .await;
+        ack.term().await;
+        return;
+    };
+    if job.deadline_ms.is_some_and(|d| now_ms() > d) {
+        out.error(ClassifiedError::new(
+            ErrorClass::Timeout,
+            "the job expired before a worker could start it",
+        ))
+        .await;
+        ack.term().await;
+        return;
+    }
+    state.active.fetch_add(1, Ordering::Relaxed);
+    let cancel = Arc::new(AtomicBool::new(false));
+    state
+        .running
+        .lock()
+        .expect("running lock")
+        .insert(job.job_id.clone(), cancel.clone());
+    let finished = run_job(&state, &model, &job, &mut out, cancel.clone(), ack.as_ref()).await;
+    state
+        .running
+        .lock()
+        .expect("running lock")
+        .remove(&job.job_id);
+    state.active.fetch_sub(1, Ordering::Relaxed);
+    if finished {
+        ack.ack().await;
+    } else {
+        // Stopped by shutdown before the end: let another worker run it.
+        ack.nak(None).await;
+    }
+}
+
+/// Returns false when the job was interrupted by a drain and should be handed back.
+async fn run_job(
+    state: &State,
+    model: &Arc<LoadedModel>,
+    job: &Job,
+    out: &mut Publisher,
+    cancel: Arc<AtomicBool>,
+    ack: &dyn crate::bus::Acker,
+) -> bool {
+    let queued_ms = (now_ms().saturating_sub(job.created_ms)) as f64;
+    let prepared = {
+        let model = model.clone();
+        let job = job.clone();
+        tokio::task::spawn_blocking(move || model.prepare(&job)).await
+    };
+    let prepared = match prepared {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            out.error(e).await;
+            return true;
+        }
+        Err(e) => {
+            out.error(ClassifiedError::new(
+                ErrorClass::Internal,
+                format!("preprocessing panicked: {e}"),
+            ))
+            .await;
+            return true;
+        }
+    };
+    let preprocess_ms = prepared.preprocess_ms;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    if let Err(e) = model.start(prepared, tx, cancel.clone()) {
+        out.error(e).await;
+        return true;
+    }
+    let mut progress = tokio::time::interval(state.cfg.progress_interval);
+    progress.tick().await;
+    loop {
+        let ev = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = progress.tick() => { ack.in_progress().await; continue; }
+        };
+        let Some(ev) = ev else {
+            // The generation ended without a final event: it was cancelled.
+            if state.draining.load(Ordering::Relaxed) && cancel.load(Ordering::Relaxed) {
+                return false;
+            }
+            out.error(ClassifiedError::new(
+                ErrorClass::Cancelled,
+                "the job was cancelled",
+            ))
+            .await;
+            return true;
+        };
+        let body = match ev {
+            GenEvent::Delta { text, token_ids } => FrameBody::Delta { text, token_ids },
+            GenEvent::Done {
+                finish_reason,
+                prompt_tokens,
+                completion_tokens,
+                prefill_ms,
+                decode_ms,
+            } => FrameBody::Done(DoneBody {
+                finish_reason,
+                usage: Usage::new(prompt_tokens as u32, completion_tokens as u32),
+                timings: Timings {
+                    queued_ms,
+                    preprocess_ms,
+                    prefill_ms,
+                    decode_ms,
+                },
+            }),
+            GenEvent::Error(e) => {
+                out.error(e).await;
+                return true;
+            }
+        };
+        let terminal = body.is_terminal();
+        if let Err(e) = out.send(body).await {
+            // Nobody listens any more (client gone): stop generating.
+            tracing::info!(error = %e, "frame not delivered; stopping the job");
+            cancel.store(true, Ordering::Relaxed);
+            return true;
+        }
+        if terminal {
+            return true;
+        }
+    }
+}

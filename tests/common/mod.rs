@@ -1,0 +1,249 @@
+//! Shared helpers of the integration tests: fixture paths and goldens, loading the tiny model, and
+//! starting the real server (front end + worker over the in-process bus) on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use onnx_chat::models::loaded::{LoadOptions, LoadedModel};
+use onnx_chat::models::resolve::{self, ModelSpec, ResolvedModel};
+use onnx_chat::worker::WorkerConfig;
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture_dir() -> PathBuf {
+    root().join("tests/fixtures/tiny-gemma3n")
+}
+
+pub fn goldens_dir() -> PathBuf {
+    root().join("tests/fixtures/goldens")
+}
+
+pub fn read_json(p: &Path) -> Value {
+    let text = std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// One golden case: the request body and the expected outputs.
+pub struct Golden {
+    pub name: String,
+    pub kind: String,
+    pub request: Value,
+    pub expected: Value,
+    pub dir: PathBuf,
+}
+
+impl Golden {
+    pub fn generated(&self, quant: &str) -> Option<(Vec<u32>, String, String)> {
+        let g = self.expected.get("generated")?.get(quant)?;
+        let ids = g["ids"]
+            .as_array()?
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        Some((
+            ids,
+            g["text"].as_str()?.to_string(),
+            g["finish_reason"].as_str()?.to_string(),
+        ))
+    }
+
+    pub fn prompt_ids(&self) -> Vec<u32> {
+        self.expected["prompt_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    }
+}
+
+pub fn goldens() -> Vec<Golden> {
+    let index = read_json(&goldens_dir().join("index.json"));
+    let cases = index["cases"].as_array().expect("index.json has cases");
+    cases
+        .iter()
+        .map(|c| {
+            let name = c["case"]
+                .as_str()
+                .or_else(|| c["name"].as_str())
+                .unwrap()
+                .to_string();
+            let dir = goldens_dir().join(&name);
+            let expected = read_json(&dir.join("expected.json"));
+            Golden {
+                kind: expected["kind"].as_str().unwrap_or("text").to_string(),
+                request: read_json(&dir.join("request.json")),
+                expected,
+                dir,
+                name,
+            }
+        })
+        .collect()
+}
+
+/// Quantization names with goldens.
+pub const QUANTS: &[&str] = &["FP32", "FP16", "QUANTIZED", "Q4_MIXED", "Q4"];
+
+pub fn init_ort() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        onnx_chat::engine::runtime::init(None).expect("ONNX Runtime (run `make setup` first)");
+    });
+}
+
+pub fn resolve_fixture(quant: &str) -> ResolvedModel {
+    let spec = ModelSpec::parse(fixture_dir().to_str().unwrap(), Some(quant)).unwrap();
+    let hub = onnx_chat::models::hub::HubConfig::from_vars(|_| None);
+    // Resolution is async (it may download); a local directory needs no I/O beyond listing, so run it on
+    // a scratch runtime in its own thread, callable from sync and async tests alike.
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(resolve::resolve(&spec, Some("tiny-gemma3n"), &hub))
+            .unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Loads the fixture model once per quantization per test binary.
+pub fn model(quant: &str) -> Arc<LoadedModel> {
+    static MODELS: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<LoadedModel>>>> =
+        OnceLock::new();
+    init_ort();
+    let map = MODELS.get_or_init(Default::default);
+    let mut m = map.lock().unwrap();
+    m.entry(quant.to_string())
+        .or_insert_with(|| {
+            let mut opts = LoadOptions::default();
+            opts.session.intra_threads = 1;
+            Arc::new(LoadedModel::load(&resolve_fixture(quant), &opts).expect("fixture loads"))
+        })
+        .clone()
+}
+
+/// A running `serve` (front end + worker, in-process bus) on an ephemeral port.
+pub struct Server {
+    pub base: String,
+    pub stop: CancellationToken,
+    pub handle: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Server {
+    pub async fn start(models: Vec<Arc<LoadedModel>>) -> Self {
+        Self::start_with(models, onnx_chat::frontend::FrontendConfig::default()).await
+    }
+
+    pub async fn start_with(
+        models: Vec<Arc<LoadedModel>>,
+        cfg: onnx_chat::frontend::FrontendConfig,
+    ) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(onnx_chat::app::serve(
+            models,
+            cfg,
+            WorkerConfig::default(),
+            listener,
+            stop.clone(),
+        ));
+        let s = Self { base, stop, handle };
+        s.wait_ready().await;
+        s
+    }
+
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if let Ok(r) = client.get(format!("{}/ready", self.base)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        panic!("server at {} never became ready", self.base);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn chat(&self, body: &Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A streaming request: the parsed `data:` payloads, in order (`[DONE]` as a string).
+    pub async fn chat_stream(&self, body: &Value) -> (u16, Vec<Value>) {
+        let r = reqwest::Client::new()
+            .post(self.url("/v1/chat/completions"))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        if status != 200 {
+            return (
+                status,
+                vec![serde_json::from_str(&text).unwrap_or(Value::String(text))],
+            );
+        }
+        let events = text
+            .split("\n\n")
+            .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data:")))
+            .map(|d| {
+                let d = d.trim();
+                serde_json::from_str(d).unwrap_or_else(|_| Value::String(d.to_string()))
+            })
+            .collect();
+        (status, events)
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), self.handle).await;
+    }
+}
+
+/// Concatenated content of streamed chunks, the finish reason, and the usage chunk if any.
+pub fn collect_stream(events: &[Value]) -> (String, Option<String>, Option<Value>, Vec<u32>) {
+    let mut text = String::new();
+    let mut finish = None;
+    let mut usage = None;
+    let mut ids = Vec::new();
+    for ev in events {
+        if let Some(choices) = ev.get("choices").and_then(Value::as_array) {
+            for c in choices {
+                if let Some(t) = c["delta"]["content"].as_str() {
+                    text.push_str(t);
+                }
+                if let Some(tids) = c["delta"]["token_ids"].as_array() {
+                    ids.extend(tids.iter().map(|v| v.as_u64().unwrap() as u32));
+                }
+                if let Some(f) = c["finish_reason"].as_str() {
+                    finish = Some(f.to_string());
+                }
+            }
+        }
+        if let Some(u) = ev.get("usage").filter(|u| !u.is_null()) {
+            usage = Some(u.clone());
+        }
+    }
+    (text, finish, usage, ids)
+}

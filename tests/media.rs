@@ -1,0 +1,135 @@
+//! Media preprocessing against the reference processor's tensors on the goldens: `pixel_values` of
+//! every golden image and `input_features` / `input_features_mask` of every golden clip.
+
+mod common;
+
+use common::{fixture_dir, goldens, root};
+use onnx_chat::models::gemma3n::MediaDecoder;
+
+fn decoder() -> MediaDecoder {
+    MediaDecoder::new(&fixture_dir(), Default::default()).unwrap()
+}
+
+/// The golden pixel values are stored as an 8-bit PNG: value = png / 255.
+fn golden_pixels(path: &std::path::Path) -> Vec<f32> {
+    let img = image::open(path).unwrap().to_rgb8();
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let mut out = vec![0f32; 3 * w * h];
+    for (i, p) in img.pixels().enumerate() {
+        for c in 0..3 {
+            out[c * w * h + i] = (p.0[c] as f64 / 255.0) as f32;
+        }
+    }
+    out
+}
+
+#[test]
+fn pixel_values_match_the_reference_processor() {
+    let d = decoder();
+    let mut report = Vec::new();
+    for g in goldens() {
+        let media = g.expected["media"].as_array().unwrap();
+        for (n, m) in media.iter().filter(|m| m["kind"] == "image").enumerate() {
+            let bytes = std::fs::read(
+                root()
+                    .join("tests/fixtures")
+                    .join(m["file"].as_str().unwrap()),
+            )
+            .unwrap();
+            let got = d.image_bytes(n, &bytes).unwrap();
+            let want = golden_pixels(&g.dir.join(m["pixel_values"].as_str().unwrap()));
+            assert_eq!(got.shape, [3, 768, 768]);
+            let max = got
+                .pixel_values
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            let differing = got
+                .pixel_values
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a != b)
+                .count();
+            report.push(format!(
+                "{} {}: max |Δ| {max:.2e}, {differing} values differ",
+                g.name, m["file"]
+            ));
+            eprintln!("{}", report.last().unwrap());
+            // Decoding (libjpeg for JPEG) and Pillow's resize are reproduced bit for bit: tolerance 0.
+            assert_eq!(differing, 0, "{}", report.last().unwrap());
+        }
+    }
+    assert!(!report.is_empty());
+}
+
+/// A minimal `.npy` reader for the goldens: little-endian f32 or bool, C order.
+fn npy(path: &std::path::Path) -> (Vec<usize>, Vec<u8>, String) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..6], b"\x93NUMPY");
+    let (hlen, start) = if b[6] == 1 {
+        (u16::from_le_bytes([b[8], b[9]]) as usize, 10)
+    } else {
+        (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12)
+    };
+    let header = std::str::from_utf8(&b[start..start + hlen])
+        .unwrap()
+        .to_string();
+    let descr = header
+        .split("'descr':")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let shape_txt = header.split("'shape':").nth(1).unwrap();
+    let shape_txt = &shape_txt[shape_txt.find('(').unwrap() + 1..shape_txt.find(')').unwrap()];
+    let shape = shape_txt
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    (shape, b[start + hlen..].to_vec(), descr)
+}
+
+#[test]
+fn audio_features_match_the_reference_extractor() {
+    let d = decoder();
+    let mut clips = 0;
+    for g in goldens() {
+        let media = g.expected["media"].as_array().unwrap();
+        for (n, m) in media.iter().filter(|m| m["kind"] == "audio").enumerate() {
+            let bytes = std::fs::read(
+                root()
+                    .join("tests/fixtures")
+                    .join(m["file"].as_str().unwrap()),
+            )
+            .unwrap();
+            let got = d.audio_bytes(n, &bytes, m["format"].as_str()).unwrap();
+            let (shape, data, descr) = npy(&g.dir.join(m["input_features"].as_str().unwrap()));
+            assert_eq!(descr, "<f4");
+            assert_eq!(shape, vec![got.frames, got.mel_bins]);
+            let want: Vec<f32> = data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            let max = got
+                .features
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!(
+                "{} {}: {} frames, max |Δ| {max:.2e}",
+                g.name, m["file"], got.frames
+            );
+            // Stated tolerance for log-mel features: 1e-5 (measured: 9.5e-7).
+            assert!(max <= 1e-5, "{max}");
+            let (_, mask, descr) = npy(&g.dir.join(m["input_features_mask"].as_str().unwrap()));
+            assert_eq!(descr, "|b1");
+            assert_eq!(got.mask, mask.iter().map(|&b| b != 0).collect::<Vec<_>>());
+            clips += 1;
+        }
+    }
+    assert_eq!(clips, 2);
+}

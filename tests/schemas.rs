@@ -1,0 +1,187 @@
+//! The wire types and `schemas/v1/*.schema.json` agree: what the code writes validates against the
+//! schemas, what a schema-valid foreign producer writes parses, and unknown fields are ignored.
+
+mod common;
+
+use onnx_chat::error::ErrorClass;
+use onnx_chat::protocol::*;
+use serde_json::{json, Value};
+
+fn schema(name: &str) -> jsonschema::Validator {
+    let v = common::read_json(
+        &common::root()
+            .join("schemas/v1")
+            .join(format!("{name}.schema.json")),
+    );
+    jsonschema::validator_for(&v).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn assert_valid(name: &str, instance: &Value) {
+    let s = schema(name);
+    let errors: Vec<String> = s.iter_errors(instance).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{name}: {instance}\n{errors:?}");
+}
+
+fn assert_invalid(name: &str, instance: &Value) {
+    assert!(
+        !schema(name).is_valid(instance),
+        "{name} should reject {instance}"
+    );
+}
+
+fn sample_job() -> Job {
+    Job {
+        job_id: "6f1c".into(),
+        model: "tiny-gemma3n".into(),
+        reply_to: subjects::frames("6f1c"),
+        created_ms: 1,
+        messages: vec![
+            ChatMessage {
+                role: Role::System,
+                content: vec![ContentPart::Text {
+                    text: "be brief".into(),
+                }],
+            },
+            ChatMessage {
+                role: Role::User,
+                content: vec![
+                    ContentPart::Image {
+                        source: MediaSource::Inline {
+                            data: "QUJD".into(),
+                        },
+                    },
+                    ContentPart::Audio {
+                        source: MediaSource::ObjectStore {
+                            bucket: "onnxchat-media".into(),
+                            key: "6f1c/0".into(),
+                            size: 10,
+                        },
+                        format: Some("wav".into()),
+                    },
+                    ContentPart::Text {
+                        text: "what?".into(),
+                    },
+                ],
+            },
+        ],
+        sampling: SamplingOverrides {
+            temperature: Some(0.0),
+            seed: Some(5),
+            top_k: Some(0),
+            ..Default::default()
+        },
+        max_tokens: Some(8),
+        stop: vec!["\n".into()],
+        deadline_ms: Some(2),
+    }
+}
+
+#[test]
+fn code_output_validates() {
+    assert_valid("job", &serde_json::to_value(sample_job()).unwrap());
+    let frames = [
+        FrameBody::Delta {
+            text: "hi".into(),
+            token_ids: vec![1, 2],
+        },
+        FrameBody::Done(DoneBody {
+            finish_reason: FinishReason::Length,
+            usage: Usage::new(3, 4),
+            timings: Timings::default(),
+        }),
+        FrameBody::Error {
+            error: WireError {
+                class: ErrorClass::ContextLengthExceeded,
+                message: "too long".into(),
+                param: Some("messages".into()),
+            },
+        },
+    ];
+    for (i, body) in frames.into_iter().enumerate() {
+        let f = Frame {
+            job_id: "6f1c".into(),
+            seq: i as u64,
+            attempt: 1,
+            body,
+        };
+        assert_valid("frame", &serde_json::to_value(f).unwrap());
+    }
+    assert_valid(
+        "cancel",
+        &serde_json::to_value(CancelRequest {
+            job_id: "x".into(),
+            reason: None,
+        })
+        .unwrap(),
+    );
+    let hb = WorkerHeartbeat {
+        worker_id: "w".into(),
+        models: vec![WorkerModel {
+            name: "m".into(),
+            aliases: vec!["m/FP32".into()],
+            context_length: 4096,
+            quant: Some("FP32".into()),
+            vision: true,
+            audio: true,
+            created: 1,
+        }],
+        max_concurrent: 4,
+        active: 0,
+        ttl_ms: 6000,
+        draining: false,
+    };
+    assert_valid("heartbeat", &serde_json::to_value(hb).unwrap());
+    // Every error class the code can produce is in the schema's enum.
+    for c in [
+        ErrorClass::InvalidRequest,
+        ErrorClass::ContextLengthExceeded,
+        ErrorClass::Unauthorized,
+        ErrorClass::ModelNotFound,
+        ErrorClass::PayloadTooLarge,
+        ErrorClass::Unprocessable,
+        ErrorClass::Overloaded,
+        ErrorClass::Timeout,
+        ErrorClass::Cancelled,
+        ErrorClass::Unavailable,
+        ErrorClass::Internal,
+    ] {
+        let f = json!({"job_id": "j", "seq": 0, "type": "error", "error": {"class": c, "message": "m"}});
+        assert_valid("frame", &f);
+    }
+}
+
+#[test]
+fn foreign_minimal_messages_parse_and_bad_ones_are_rejected() {
+    // What another program may publish: only required fields, plus fields from a future version.
+    let job = json!({
+        "job_id": "a", "model": "tiny-gemma3n", "reply_to": "my.inbox.a",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "priority": 5
+    });
+    assert_valid("job", &job);
+    let parsed: Job = serde_json::from_value(job).unwrap();
+    assert_eq!(parsed.sampling, SamplingOverrides::default());
+    assert_eq!(parsed.max_tokens, None);
+    let frame = json!({"job_id": "a", "seq": 0, "type": "delta", "text": "x"});
+    assert_valid("frame", &frame);
+    let f: Frame = serde_json::from_value(frame).unwrap();
+    assert_eq!(f.attempt, 1);
+
+    assert_invalid(
+        "job",
+        &json!({"job_id": "a", "model": "m", "reply_to": "r", "messages": []}),
+    );
+    assert_invalid(
+        "job",
+        &json!({"job_id": "a", "model": "m", "reply_to": "r", "messages": [{"role": "tool", "content": []}]}),
+    );
+    assert_invalid("frame", &json!({"job_id": "a", "seq": 0, "type": "done"}));
+    assert_invalid(
+        "frame",
+        &json!({"job_id": "a", "seq": -1, "type": "delta", "text": ""}),
+    );
+    assert_invalid(
+        "frame",
+        &json!({"job_id": "a", "seq": 0, "type": "error", "error": {"class": "oops", "message": "m"}}),
+    );
+}
