@@ -15,10 +15,12 @@ CARGO_TEST_FLAGS ?=
 
 setup: $(STAMP)
 
-# Idempotent: re-runs only when requirements.txt changes or the venv is missing.
+# Idempotent: re-runs only when requirements.txt changes or the venv is missing. docker-compose (to
+# validate docker-compose.yml; no engine is needed) comes from Debian's packages when missing.
 $(STAMP): requirements.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	@command -v docker-compose >/dev/null || ./scripts/install-docker-compose.sh
 	@touch $@
 
 build:

@@ -41,7 +41,26 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let bus: Arc<dyn Bus> = Arc::new(MemoryBus::new());
+    serve_on(
+        Arc::new(MemoryBus::new()),
+        models,
+        frontend_cfg,
+        worker_cfg,
+        listener,
+        shutdown,
+    )
+    .await
+}
+
+/// `serve` over a given bus (`serve --nats-url` passes NATS).
+pub async fn serve_on(
+    bus: Arc<dyn Bus>,
+    models: Vec<Arc<LoadedModel>>,
+    frontend_cfg: FrontendConfig,
+    worker_cfg: WorkerConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // The front end stops first (finishing open streams), then the worker drains.
     let worker_stop = CancellationToken::new();
     let worker = tokio::spawn(worker::run(
@@ -84,7 +103,7 @@ pub async fn run_frontend(
     eprintln!(
         "onnx-chat front end at http://{}/v1 (NATS {})",
         listener.local_addr()?,
-        args.nats.nats_url
+        args.nats.url()
     );
     frontend::run(
         args.http.frontend_config(),
@@ -106,8 +125,48 @@ pub async fn run_worker(
     let bus = NatsBus::connect(args.nats.settings(), &cfg.worker_id).await?;
     eprintln!(
         "onnx-chat worker {} serving {} (NATS {})",
-        cfg.worker_id, model.info.name, args.nats.nats_url
+        cfg.worker_id,
+        model.info.name,
+        args.nats.url()
     );
     worker::run(Arc::new(bus), vec![model], cfg, shutdown).await?;
     Ok(())
+}
+
+/// `serve`: loads the model, then front end + worker over the in-process bus, or over NATS when
+/// `--nats-url` is given.
+pub async fn run_serve(
+    args: crate::config::ServeArgs,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let model = load_from_args(&args.model, &args.runtime, &args.worker).await?;
+    let bus: Arc<dyn Bus> = match &args.nats.nats_url {
+        Some(_) => Arc::new(NatsBus::connect(args.nats.settings(), "onnx-chat-serve").await?),
+        None => Arc::new(MemoryBus::new().with_max_queued(args.http.max_queued)),
+    };
+    let listener = tokio::net::TcpListener::bind((args.http.host.as_str(), args.http.port))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}:{}: {e}",
+                args.http.host,
+                args.http.port
+            )
+        })?;
+    eprintln!(
+        "onnx-chat serving {} ({}) at http://{}/v1 over the {} bus",
+        model.info.name,
+        model.info.quant,
+        listener.local_addr()?,
+        bus.kind()
+    );
+    serve_on(
+        bus,
+        vec![model],
+        args.http.frontend_config(),
+        args.worker.worker_config(),
+        listener,
+        shutdown,
+    )
+    .await
 }

@@ -92,6 +92,12 @@ pub struct HttpArgs {
     /// Most audio clips in one request.
     #[arg(long, env = "ONNX_CHAT_MAX_AUDIO_CLIPS", default_value_t = 4)]
     pub max_audio_clips: usize,
+    /// Requests answered at once by this front end; more get 429 with Retry-After.
+    #[arg(long, env = "ONNX_CHAT_MAX_IN_FLIGHT", default_value_t = 512)]
+    pub max_in_flight: usize,
+    /// Jobs waiting for a worker at most (in-process bus; over NATS see --max-queued-jobs); more get 429.
+    #[arg(long, env = "ONNX_CHAT_MAX_QUEUED", default_value_t = 1024)]
+    pub max_queued: usize,
 }
 
 impl std::fmt::Debug for HttpArgs {
@@ -110,6 +116,7 @@ impl HttpArgs {
         FrontendConfig {
             api_key: self.api_key.clone().filter(|k| !k.is_empty()),
             max_body_bytes: self.max_body_bytes,
+            max_in_flight: self.max_in_flight.max(1),
             request_timeout: Duration::from_secs(self.request_timeout.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
             limits: RequestLimits {
@@ -170,15 +177,31 @@ impl WorkerOpts {
     }
 }
 
-#[derive(Debug, Clone, Args)]
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+
+#[derive(Clone, Args)]
 pub struct NatsArgs {
-    /// NATS server URL(s), comma-separated.
-    #[arg(
-        long,
-        env = "ONNX_CHAT_NATS_URL",
-        default_value = "nats://127.0.0.1:4222"
-    )]
-    pub nats_url: String,
+    /// NATS server URL(s), comma-separated. `frontend` and `worker` default to nats://127.0.0.1:4222;
+    /// `serve` uses its in-process bus unless this is given.
+    #[arg(long, env = "ONNX_CHAT_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// NATS user (with --nats-password).
+    #[arg(long, env = "ONNX_CHAT_NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long, env = "ONNX_CHAT_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// NATS authentication token.
+    #[arg(long, env = "ONNX_CHAT_NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// NATS credentials file (JWT + NKey).
+    #[arg(long, env = "ONNX_CHAT_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the NATS server's TLS certificate.
+    #[arg(long, env = "ONNX_CHAT_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Require TLS to NATS.
+    #[arg(long, env = "ONNX_CHAT_NATS_TLS")]
+    pub nats_tls: bool,
     /// Seconds without an ack or progress before JetStream redelivers a job to another worker.
     #[arg(long, env = "ONNX_CHAT_ACK_WAIT", default_value_t = 30)]
     pub ack_wait: u64,
@@ -196,10 +219,33 @@ pub struct NatsArgs {
     pub inline_media_limit: usize,
 }
 
+impl std::fmt::Debug for NatsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsArgs")
+            .field("nats_url", &self.nats_url)
+            .field("auth", &self.settings().auth)
+            .finish_non_exhaustive()
+    }
+}
+
 impl NatsArgs {
+    pub fn url(&self) -> String {
+        self.nats_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NATS_URL.to_string())
+    }
+
     pub fn settings(&self) -> crate::bus::nats::NatsSettings {
         crate::bus::nats::NatsSettings {
-            url: self.nats_url.clone(),
+            url: self.url(),
+            auth: crate::bus::nats::NatsAuth {
+                user: self.nats_user.clone(),
+                password: self.nats_password.clone(),
+                token: self.nats_token.clone(),
+                creds_file: self.nats_creds.clone(),
+                tls_ca: self.nats_tls_ca.clone(),
+                require_tls: self.nats_tls,
+            },
             ack_wait: Duration::from_secs(self.ack_wait.max(1)),
             max_deliver: self.max_deliver.max(1),
             max_age: Duration::from_secs(self.job_max_age.max(1)),
@@ -220,6 +266,8 @@ pub struct ServeArgs {
     pub http: HttpArgs,
     #[command(flatten)]
     pub worker: WorkerOpts,
+    #[command(flatten)]
+    pub nats: NatsArgs,
 }
 
 #[derive(Debug, Args)]

@@ -30,33 +30,7 @@ fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Serve(args) => {
-            let model = app::load_from_args(&args.model, &args.runtime, &args.worker).await?;
-            let listener = tokio::net::TcpListener::bind((args.http.host.as_str(), args.http.port))
-                .await
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "cannot listen on {}:{}: {e}",
-                        args.http.host,
-                        args.http.port
-                    )
-                })?;
-            eprintln!(
-                "onnx-chat serving {} at http://{}/v1 (model {})",
-                model.info.name,
-                listener.local_addr()?,
-                model.info.quant
-            );
-            let stop = shutdown::on_signals();
-            app::serve(
-                vec![model],
-                args.http.frontend_config(),
-                args.worker.worker_config(),
-                listener,
-                stop,
-            )
-            .await
-        }
+        Command::Serve(args) => app::run_serve(args, shutdown::on_signals()).await,
         Command::Frontend(args) => app::run_frontend(args, shutdown::on_signals()).await,
         Command::Worker(args) => app::run_worker(args, shutdown::on_signals()).await,
         Command::Inspect(args) => {

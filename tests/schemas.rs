@@ -55,6 +55,7 @@ fn sample_job() -> Job {
                             bucket: "onnxchat-media".into(),
                             key: "6f1c/0".into(),
                             size: 10,
+                            sha256: Some("ab".repeat(32)),
                         },
                         format: Some("wav".into()),
                     },
@@ -129,6 +130,8 @@ fn code_output_validates() {
         active: 0,
         ttl_ms: 6000,
         draining: false,
+        version: Some("0.1.0".into()),
+        completed: 3,
     };
     assert_valid("heartbeat", &serde_json::to_value(hb).unwrap());
     // Every error class the code can produce is in the schema's enum.

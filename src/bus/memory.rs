@@ -24,6 +24,9 @@ struct Inner {
     heartbeats: Mutex<HashMap<String, WorkerHeartbeat>>,
     /// Wakes waiting job sources when a job is queued.
     queued: tokio::sync::Notify,
+    /// Jobs queued and not yet taken by a worker, and the most allowed.
+    depth: std::sync::atomic::AtomicUsize,
+    max_depth: std::sync::atomic::AtomicUsize,
 }
 
 /// See the module docs. Cheap to clone; clones share the same queues.
@@ -42,11 +45,23 @@ impl Default for MemoryBus {
 
 impl MemoryBus {
     pub fn new() -> Self {
+        let inner = Inner {
+            max_depth: usize::MAX.into(),
+            ..Default::default()
+        };
         Self {
-            inner: Arc::default(),
+            inner: Arc::new(inner),
             cancel_tx: broadcast::channel(1024).0,
             hb_tx: broadcast::channel(64).0,
         }
+    }
+
+    /// Jobs beyond `max` waiting for a worker are refused with [`BusError::Overloaded`].
+    pub fn with_max_queued(self, max: usize) -> Self {
+        self.inner
+            .max_depth
+            .store(max.max(1), std::sync::atomic::Ordering::Relaxed);
+        self
     }
 
     fn queue(&self, model: &str) -> Queue {
@@ -61,6 +76,9 @@ impl MemoryBus {
 
     fn requeue(&self, job: Job, attempt: u32) {
         let (tx, _) = self.queue(&job.model);
+        self.inner
+            .depth
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = tx.send((job, attempt));
         self.inner.queued.notify_waiters();
     }
@@ -91,6 +109,20 @@ impl Bus for MemoryBus {
     }
 
     async fn submit(&self, job: &Job) -> Result<FrameStream, BusError> {
+        use std::sync::atomic::Ordering;
+        let max = self.inner.max_depth.load(Ordering::Relaxed);
+        if self
+            .inner
+            .depth
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| {
+                (d < max).then_some(d + 1)
+            })
+            .is_err()
+        {
+            return Err(BusError::Overloaded(format!(
+                "{max} jobs are already waiting for a worker"
+            )));
+        }
         let (tx, rx) = mpsc::unbounded_channel();
         self.inner
             .subscribers
@@ -202,7 +234,12 @@ impl JobSource for MemorySource {
                 let mut rx = self.receivers[i].lock().await;
                 while out.len() < max {
                     match rx.try_recv() {
-                        Ok((job, attempt)) => out.push(self.delivery(job, attempt)),
+                        Ok((job, attempt)) => {
+                            inner
+                                .depth
+                                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                            out.push(self.delivery(job, attempt))
+                        }
                         Err(_) => break,
                     }
                 }

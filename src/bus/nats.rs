@@ -26,11 +26,36 @@ use crate::protocol::{
     subjects, CancelRequest, ContentPart, Frame, Job, MediaSource, WorkerHeartbeat,
 };
 
+/// How to authenticate to NATS. Secrets are never logged (`Debug` redacts them).
+#[derive(Clone, Default)]
+pub struct NatsAuth {
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub creds_file: Option<std::path::PathBuf>,
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub require_tls: bool,
+}
+
+impl std::fmt::Debug for NatsAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsAuth")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("require_tls", &self.require_tls)
+            .finish()
+    }
+}
+
 /// Settings of the stream, consumers and bucket. All are applied when missing and updated when they
 /// differ (a changed setting takes effect on the next start).
 #[derive(Debug, Clone)]
 pub struct NatsSettings {
     pub url: String,
+    pub auth: NatsAuth,
     pub stream: String,
     /// Redelivery after this long without an ack or in-progress ack.
     pub ack_wait: Duration,
@@ -50,6 +75,7 @@ impl Default for NatsSettings {
     fn default() -> Self {
         Self {
             url: "nats://127.0.0.1:4222".into(),
+            auth: NatsAuth::default(),
             stream: "ONNXCHAT_JOBS".into(),
             ack_wait: Duration::from_secs(30),
             max_deliver: 3,
@@ -78,7 +104,29 @@ impl NatsBus {
     /// Connects (retrying in the background after a first failure would hide a wrong URL, so the first
     /// connection must succeed within 10 s) and makes sure the stream and bucket exist.
     pub async fn connect(settings: NatsSettings, client_name: &str) -> Result<Self, BusError> {
-        let client = async_nats::ConnectOptions::new()
+        let mut opts = async_nats::ConnectOptions::new();
+        let a = &settings.auth;
+        if let Some(path) = &a.creds_file {
+            opts = opts.credentials_file(path).await.map_err(|e| {
+                BusError::Unavailable(format!(
+                    "cannot read NATS credentials {}: {e}",
+                    path.display()
+                ))
+            })?;
+        }
+        if let (Some(u), Some(p)) = (&a.user, &a.password) {
+            opts = opts.user_and_password(u.clone(), p.clone());
+        }
+        if let Some(t) = &a.token {
+            opts = opts.token(t.clone());
+        }
+        if let Some(ca) = &a.tls_ca {
+            opts = opts.add_root_certificates(ca.clone());
+        }
+        if a.require_tls {
+            opts = opts.require_tls(true);
+        }
+        let client = opts
             .name(client_name)
             .connection_timeout(Duration::from_secs(10))
             .max_reconnects(None)
@@ -190,6 +238,7 @@ impl NatsBus {
             }
             let key = format!("{}/{n}", job.job_id);
             n += 1;
+            let sha256 = hex_sha256(data.as_bytes());
             let mut bytes = data.as_bytes();
             self.media
                 .put(key.as_str(), &mut bytes)
@@ -204,6 +253,7 @@ impl NatsBus {
                 bucket: self.settings.media_bucket.clone(),
                 key,
                 size: data.len() as u64,
+                sha256: Some(sha256),
             };
         }
         Ok(())
@@ -217,7 +267,7 @@ impl NatsBus {
                 ContentPart::Image { source } | ContentPart::Audio { source, .. } => source,
                 ContentPart::Text { .. } => continue,
             };
-            let MediaSource::ObjectStore { key, .. } = source else {
+            let MediaSource::ObjectStore { key, sha256, .. } = source else {
                 continue;
             };
             let mut obj = self.media.get(key.as_str()).await.map_err(|e| {
@@ -227,6 +277,14 @@ impl NatsBus {
             obj.read_to_string(&mut data)
                 .await
                 .map_err(|e| BusError::Protocol(format!("media {key} could not be read: {e}")))?;
+            if let Some(want) = sha256.as_deref() {
+                let got = hex_sha256(data.as_bytes());
+                if !got.eq_ignore_ascii_case(want) {
+                    return Err(BusError::Protocol(format!(
+                        "media {key} is corrupt: sha256 {got}, the job says {want}"
+                    )));
+                }
+            }
             keys.push(key.clone());
             *source = MediaSource::Inline { data };
         }
@@ -464,4 +522,12 @@ impl Acker for NatsAck {
         let _ = self.msg.ack_with(jetstream::AckKind::Term).await;
         self.bus.delete_media(&self.media_keys).await;
     }
+}
+
+fn hex_sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

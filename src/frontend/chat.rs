@@ -17,6 +17,7 @@ use warp::reply::Response;
 use warp::Reply;
 
 use super::frames::{Event, FrameReader};
+use super::registry::Lookup;
 use super::{error_response, json_response, AppState};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::openai::response::{
@@ -60,27 +61,44 @@ async fn start(
         ClassifiedError::invalid("body", format!("the request body is not valid JSON: {e}"))
     })?;
     let req = openai::validate(&value, &state.cfg.limits)?;
-    let model = state.registry.lookup(&req.model).ok_or_else(|| {
-        let available: Vec<String> = state
-            .registry
-            .models()
-            .into_iter()
-            .map(|m| m.name)
-            .collect();
-        ClassifiedError::new(
-            ErrorClass::ModelNotFound,
-            format!(
-                "The model `{}` does not exist or is not served here. Available: {}",
-                req.model,
-                if available.is_empty() {
-                    "none (no worker is ready)".to_string()
-                } else {
-                    available.join(", ")
-                }
-            ),
-        )
-        .with_param("model")
-    })?;
+    let model = match state.registry.lookup(&req.model) {
+        Lookup::Served(m) => m,
+        Lookup::Unserved => {
+            return Err(ClassifiedError::new(
+                ErrorClass::Unavailable,
+                format!(
+                    "No worker serves the model `{}` right now; retry shortly.",
+                    req.model
+                ),
+            )
+            .with_param("model"))
+        }
+        Lookup::Unknown => {
+            let available: Vec<String> = state
+                .registry
+                .models()
+                .into_iter()
+                .map(|m| m.name)
+                .collect();
+            // With nothing served at all the service is unavailable, rather than the name wrong.
+            let (class, avail) = if available.is_empty() {
+                (
+                    ErrorClass::Unavailable,
+                    "none (no worker is ready)".to_string(),
+                )
+            } else {
+                (ErrorClass::ModelNotFound, available.join(", "))
+            };
+            return Err(ClassifiedError::new(
+                class,
+                format!(
+                    "The model `{}` does not exist or is not served here. Available: {avail}",
+                    req.model
+                ),
+            )
+            .with_param("model"));
+        }
+    };
     let job_id = uuid::Uuid::new_v4().to_string();
     let created_ms = now_ms();
     let meta = ResponseMeta {
@@ -97,6 +115,15 @@ async fn start(
     let deadline = created_ms + state.cfg.request_timeout.as_millis() as u64;
     let job = ValidChatRequest::into_job(req, &job_id, &model.name, created_ms, Some(deadline));
     let in_flight = InFlight::new(state.clone());
+    if state.metrics.in_flight.load(Ordering::Relaxed) > state.cfg.max_in_flight as i64 {
+        return Err(ClassifiedError::new(
+            ErrorClass::Overloaded,
+            format!(
+                "This server is answering its maximum of {} requests; retry shortly.",
+                state.cfg.max_in_flight
+            ),
+        ));
+    }
     let stream = state.bus.submit(&job).await?;
     let mut reader = FrameReader::new(
         stream,

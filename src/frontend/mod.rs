@@ -34,6 +34,8 @@ pub struct FrontendConfig {
     /// Required `Authorization: Bearer` key for `/v1/*`; `None` = open.
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
+    /// Requests answered at once; more get 429.
+    pub max_in_flight: usize,
     /// Longest a request may wait for its first frame (queueing included), and its overall deadline.
     pub request_timeout: Duration,
     /// Longest silence between two frames of a running job.
@@ -58,6 +60,7 @@ impl Default for FrontendConfig {
         Self {
             api_key: None,
             max_body_bytes: 64 * 1024 * 1024,
+            max_in_flight: 512,
             request_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(120),
             limits: RequestLimits::default(),
@@ -77,10 +80,16 @@ pub fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Respo
 }
 
 /// The one mapping from an error class to an HTTP response.
+/// Overload and unavailability say when to retry.
 pub fn error_response(e: &ClassifiedError) -> Response {
     let status =
         StatusCode::from_u16(e.class.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    json_response(status, &ErrorBody::from(e))
+    let mut resp = json_response(status, &ErrorBody::from(e));
+    if matches!(e.class, ErrorClass::Overloaded | ErrorClass::Unavailable) {
+        resp.headers_mut()
+            .insert("retry-after", warp::http::HeaderValue::from_static("1"));
+    }
+    resp
 }
 
 #[derive(Debug)]

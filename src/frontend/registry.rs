@@ -13,10 +13,29 @@ use crate::protocol::{WorkerHeartbeat, WorkerModel};
 #[derive(Default)]
 pub struct Registry {
     workers: RwLock<HashMap<String, (WorkerHeartbeat, Instant)>>,
+    /// Every model name (and alias) a worker ever announced: requests for them get 503, not 404, while
+    /// no live worker serves them.
+    known: RwLock<std::collections::HashSet<String>>,
+}
+
+/// What a request's `model` names.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Served(WorkerModel),
+    /// Served before, but no live worker serves it now.
+    Unserved,
+    Unknown,
 }
 
 impl Registry {
     pub fn update(&self, hb: WorkerHeartbeat) {
+        {
+            let mut known = self.known.write().expect("registry lock");
+            for m in &hb.models {
+                known.insert(m.name.clone());
+                known.extend(m.aliases.iter().cloned());
+            }
+        }
         self.workers
             .write()
             .expect("registry lock")
@@ -53,13 +72,17 @@ impl Registry {
     }
 
     /// The model a request's `model` names (its served name or an alias).
-    pub fn lookup(&self, name: &str) -> Option<WorkerModel> {
+    pub fn lookup(&self, name: &str) -> Lookup {
         let models = self.models();
-        models
+        let found = models
             .iter()
             .find(|m| m.name == name)
-            .or_else(|| models.iter().find(|m| m.aliases.iter().any(|a| a == name)))
-            .cloned()
+            .or_else(|| models.iter().find(|m| m.aliases.iter().any(|a| a == name)));
+        match found {
+            Some(m) => Lookup::Served(m.clone()),
+            None if self.known.read().expect("registry lock").contains(name) => Lookup::Unserved,
+            None => Lookup::Unknown,
+        }
     }
 
     /// Live workers and their free slots.
@@ -111,6 +134,8 @@ mod tests {
             active: 1,
             ttl_ms: 60_000,
             draining,
+            version: None,
+            completed: 0,
         }
     }
 
@@ -121,9 +146,13 @@ mod tests {
         r.update(hb("w2", "a", false));
         r.update(hb("w3", "b", true));
         assert_eq!(r.models().len(), 1);
-        assert!(r.lookup("a").is_some());
-        assert!(r.lookup("a/Q4").is_some());
-        assert!(r.lookup("b").is_none());
+        assert!(matches!(r.lookup("a"), Lookup::Served(_)));
+        assert!(matches!(r.lookup("a/Q4"), Lookup::Served(_)));
+        assert!(
+            matches!(r.lookup("b"), Lookup::Unserved),
+            "only a draining worker serves b"
+        );
+        assert!(matches!(r.lookup("c"), Lookup::Unknown));
         assert_eq!(r.workers(), (2, 2));
     }
 }

@@ -107,8 +107,12 @@ pub enum MediaSource {
     ObjectStore {
         bucket: String,
         key: String,
+        /// Length of the stored object (the base64 text), in bytes.
         #[serde(default)]
         size: u64,
+        /// SHA-256 of the stored object, lowercase hex; workers verify it after fetching.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sha256: Option<String>,
     },
 }
 
@@ -134,6 +138,12 @@ pub struct WorkerHeartbeat {
     /// The worker is draining (shutting down): do not count it as serving.
     #[serde(default)]
     pub draining: bool,
+    /// onnx-chat version of the worker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Jobs the worker has finished since it started.
+    #[serde(default)]
+    pub completed: u64,
 }
 
 /// A model a worker serves.

@@ -49,6 +49,7 @@ struct State {
     cfg: WorkerConfig,
     running: Mutex<HashMap<String, Arc<AtomicBool>>>,
     active: AtomicU32,
+    completed: std::sync::atomic::AtomicU64,
     draining: AtomicBool,
 }
 
@@ -68,6 +69,8 @@ impl State {
             active: self.active.load(Ordering::Relaxed),
             ttl_ms: self.cfg.heartbeat_interval.as_millis() as u64 * 3,
             draining: self.draining.load(Ordering::Relaxed),
+            version: Some(env!("CARGO_PKG_VERSION").to_string()),
+            completed: self.completed.load(Ordering::Relaxed),
         }
     }
 }
@@ -93,6 +96,7 @@ pub async fn run(
         cfg: cfg.clone(),
         running: Mutex::default(),
         active: AtomicU32::new(0),
+        completed: Default::default(),
         draining: AtomicBool::new(false),
     });
     let mut source = bus.job_source(&names, &cfg.worker_id).await?;
@@ -227,6 +231,8 @@ impl Publisher {
 #[tracing::instrument(skip_all, fields(job_id = %delivery.job.job_id, model = %delivery.job.model, attempt = delivery.attempt))]
 async fn handle(state: Arc<State>, delivery: Delivery) {
     let Delivery { job, attempt, ack } = delivery;
+    tracing::info!("job started");
+    let t0 = std::time::Instant::now();
     let mut out = Publisher {
         bus: state.bus.clone(),
         job_id: job.job_id.clone(),
@@ -266,12 +272,16 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
         .expect("running lock")
         .remove(&job.job_id);
     state.active.fetch_sub(1, Ordering::Relaxed);
+    state.completed.fetch_add(1, Ordering::Relaxed);
+    tracing::info!(seconds = t0.elapsed().as_secs_f64(), finished, "job ended");
     if finished {
         ack.ack().await;
     } else {
         // Stopped by shutdown before the end: let another worker run it.
         ack.nak(None).await;
     }
+    // Announce the freed slot now rather than at the next tick.
+    let _ = state.bus.announce(&state.heartbeat()).await;
 }
 
 /// Returns false when the job was interrupted by a drain and should be handed back.

@@ -247,3 +247,145 @@ pub fn collect_stream(events: &[Value]) -> (String, Option<String>, Option<Value
     }
     (text, finish, usage, ids)
 }
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process killed when dropped; its output goes to a log file shown on failure.
+pub struct Proc {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, program: &Path, args: &[&str], dir: &Path) -> Self {
+        let log = dir.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(program)
+            .args(args)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .env("ONNX_CHAT_LOG", "info")
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Self {
+            child,
+            log,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, as an orchestrator stops a service.
+    pub fn terminate(&mut self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} ---\n{}", self.name, self.output());
+        }
+        self.kill();
+    }
+}
+
+/// A real nats-server (from `.venv`) with JetStream on a free port and a temporary store.
+pub struct NatsServer {
+    pub proc: Proc,
+    pub url: String,
+    pub port: u16,
+    pub store: PathBuf,
+    pub dir: PathBuf,
+}
+
+pub fn nats_server_bin() -> PathBuf {
+    let p = std::env::var_os("NATS_SERVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv/bin/nats-server"));
+    assert!(p.exists(), "{} missing: run `make setup`", p.display());
+    p
+}
+
+impl NatsServer {
+    pub fn start(dir: &Path) -> Self {
+        Self::start_on(dir, free_port(), &dir.join("jetstream"))
+    }
+
+    /// (Re)starts on a given port and store, e.g. to restart with the same data.
+    pub fn start_on(dir: &Path, port: u16, store: &Path) -> Self {
+        let port_s = port.to_string();
+        let proc = Proc::spawn(
+            &format!("nats-{port}"),
+            &nats_server_bin(),
+            &[
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port_s,
+                "-js",
+                "-sd",
+                store.to_str().unwrap(),
+            ],
+            dir,
+        );
+        let url = format!("nats://127.0.0.1:{port}");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Self {
+                    proc,
+                    url,
+                    port,
+                    store: store.to_path_buf(),
+                    dir: dir.to_path_buf(),
+                };
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        panic!("nats-server did not start:\n{}", proc.output());
+    }
+}
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_onnx-chat"))
+}
+
+/// Polls `/ready` until it reports `workers` live workers.
+pub async fn wait_workers(base: &str, workers: u64, procs: &[&Proc]) {
+    let c = reqwest::Client::new();
+    for _ in 0..600 {
+        if let Ok(r) = c.get(format!("{base}/ready")).send().await {
+            if let Ok(v) = r.json::<Value>().await {
+                if v["workers"].as_u64() == Some(workers) && v["status"] == "ready" {
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let logs: Vec<String> = procs
+        .iter()
+        .map(|p| format!("--- {} ---\n{}", p.name, p.output()))
+        .collect();
+    panic!(
+        "{workers} workers never became ready at {base}\n{}",
+        logs.join("\n")
+    );
+}

@@ -1,0 +1,366 @@
+//! Scale-out over NATS with real processes: a `nats-server` from `.venv`, one `onnx-chat frontend` and
+//! two `onnx-chat worker`s on the fixture model. Concurrent mixed requests give the single-process
+//! answers, both workers take jobs, the work queue ends empty, a disconnect frees the slot, a job
+//! published straight to NATS (the README's example) gets its frames, and back-pressure answers 429
+//! or 503 with Retry-After.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const MODEL: &str = "tiny-gemma3n";
+
+struct Cluster {
+    nats: NatsServer,
+    frontend: Proc,
+    workers: Vec<Proc>,
+    base: String,
+    _dir: tempfile::TempDir,
+}
+
+fn start_cluster(workers: usize, extra_frontend: &[&str], extra_worker: &[&str]) -> Cluster {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path());
+    let port = free_port();
+    let port_s = port.to_string();
+    let mut fargs = vec![
+        "frontend",
+        "--nats-url",
+        nats.url.as_str(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port_s.as_str(),
+    ];
+    fargs.extend_from_slice(extra_frontend);
+    let frontend = Proc::spawn("frontend", &bin(), &fargs, dir.path());
+    let fixture = fixture_dir();
+    let workers = (0..workers)
+        .map(|i| {
+            let mut wargs = vec![
+                "worker",
+                "--nats-url",
+                nats.url.as_str(),
+                "--model",
+                fixture.to_str().unwrap(),
+                "--quant",
+                "FP32",
+                "--served-model-name",
+                MODEL,
+                "--threads",
+                "1",
+            ];
+            wargs.extend_from_slice(extra_worker);
+            Proc::spawn(&format!("worker{i}"), &bin(), &wargs, dir.path())
+        })
+        .collect();
+    Cluster {
+        nats,
+        frontend,
+        workers,
+        base: format!("http://127.0.0.1:{port}"),
+        _dir: dir,
+    }
+}
+
+impl Cluster {
+    async fn ready(&self, workers: u64) {
+        let mut procs: Vec<&Proc> = vec![&self.frontend];
+        procs.extend(self.workers.iter());
+        wait_workers(&self.base, workers, &procs).await;
+    }
+}
+
+/// Latest heartbeat of each worker, read straight from NATS.
+async fn heartbeats(url: &str, wait: Duration) -> HashMap<String, Value> {
+    let client = async_nats::connect(url).await.unwrap();
+    let mut sub = client
+        .subscribe("onnxchat.v1.workers.heartbeat")
+        .await
+        .unwrap();
+    let mut out = HashMap::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(m)) = tokio::time::timeout_at(deadline, sub.next()).await {
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        out.insert(v["worker_id"].as_str().unwrap().to_string(), v);
+    }
+    out
+}
+
+async fn stream_messages(url: &str) -> u64 {
+    let client = async_nats::connect(url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut s = js.get_stream("ONNXCHAT_JOBS").await.unwrap();
+    s.info().await.unwrap().state.messages
+}
+
+fn golden_requests() -> Vec<(Value, String, Vec<u32>)> {
+    goldens()
+        .into_iter()
+        .filter_map(|g| {
+            let (ids, text, _) = g.generated("FP32")?;
+            let mut body = g.request.clone();
+            body["return_token_ids"] = json!(true);
+            Some((body, text, ids))
+        })
+        .collect()
+}
+
+async fn post(base: &str, body: &Value) -> (u16, Value, Option<String>) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        retry,
+    )
+}
+
+async fn post_stream(base: &str, body: &Value) -> (String, Vec<u32>) {
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let events: Vec<Value> = text
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data:")))
+        .map(|d| serde_json::from_str(d.trim()).unwrap_or(Value::String(d.trim().into())))
+        .collect();
+    assert_eq!(events.last().unwrap(), &json!("[DONE]"), "{text}");
+    let (t, _, _, ids) = collect_stream(&events);
+    (t, ids)
+}
+
+/// A noisy PNG far above NATS's 1 MB payload limit once base64-encoded.
+fn big_png() -> String {
+    use base64::Engine;
+    let mut state = 12345u32;
+    let img = image::RgbImage::from_fn(1100, 1000, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 17;
+        state ^= state << 5;
+        image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+    });
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    assert!(png.len() > 1_500_000);
+    base64::engine::general_purpose::STANDARD.encode(png)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn frontend_and_two_workers_over_nats() {
+    let cluster = start_cluster(2, &[], &[]);
+    cluster.ready(2).await;
+    let base = cluster.base.clone();
+
+    // 40 concurrent requests: every golden (text, images, audio), streaming and not, in turn.
+    let reqs = golden_requests();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (body, text, ids) = reqs[i % reqs.len()].clone();
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            if i % 2 == 0 {
+                let (status, r, _) = post(&base, &body).await;
+                assert_eq!(status, 200, "{r}");
+                assert_eq!(r["choices"][0]["message"]["content"], text);
+                assert_eq!(r["choices"][0]["token_ids"], json!(ids));
+            } else {
+                let mut b = body.clone();
+                b["stream"] = json!(true);
+                let (t, got_ids) = post_stream(&base, &b).await;
+                assert_eq!(t, text);
+                assert_eq!(got_ids, ids);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    // An image above the 1 MB payload limit travels through the object store and gives the same
+    // answer as in one process.
+    let big = json!({"model": MODEL, "temperature": 0, "max_tokens": 8, "return_token_ids": true,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", big_png())}},
+            {"type": "text", "text": "What is this?"}]}]});
+    let (status, over_nats, _) = post(&base, &big).await;
+    assert_eq!(status, 200, "{over_nats}");
+    let local = Server::start(vec![model("FP32")]).await;
+    let (_, in_process) = local.chat(&big).await;
+    local.shutdown().await;
+    assert_eq!(
+        over_nats["choices"][0]["token_ids"],
+        in_process["choices"][0]["token_ids"]
+    );
+
+    // Both workers took jobs; the work queue is empty.
+    let hbs = heartbeats(&cluster.nats.url, Duration::from_secs(3)).await;
+    assert_eq!(hbs.len(), 2, "{hbs:?}");
+    for (id, hb) in &hbs {
+        assert!(
+            hb["completed"].as_u64().unwrap() > 0,
+            "worker {id} served nothing: {hb}"
+        );
+        assert_eq!(hb["active"], 0);
+        assert!(hb["version"].is_string());
+    }
+    let total: u64 = hbs.values().map(|h| h["completed"].as_u64().unwrap()).sum();
+    assert_eq!(total, 41);
+    assert_eq!(stream_messages(&cluster.nats.url).await, 0);
+
+    // A client that disconnects mid-stream frees its worker slot at once.
+    let mut body = reqs[0].0.clone();
+    body["max_tokens"] = json!(3000);
+    body["stream"] = json!(true);
+    let r = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let mut s = r.bytes_stream();
+    let _ = s.next().await;
+    let _ = s.next().await;
+    let busy = heartbeats(&cluster.nats.url, Duration::from_millis(300)).await;
+    drop(s);
+    let t0 = std::time::Instant::now();
+    let mut freed = false;
+    while t0.elapsed() < Duration::from_secs(10) {
+        let hbs = heartbeats(&cluster.nats.url, Duration::from_millis(500)).await;
+        if hbs.len() == 2 && hbs.values().all(|h| h["active"] == 0) {
+            freed = true;
+            break;
+        }
+    }
+    assert!(
+        freed,
+        "slot not freed after disconnect (busy before: {busy:?})"
+    );
+    let done: u64 = heartbeats(&cluster.nats.url, Duration::from_secs(3))
+        .await
+        .values()
+        .map(|h| h["completed"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        done, 42,
+        "the cancelled job ended (and was acked, not redelivered)"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stream_messages(&cluster.nats.url).await, 0);
+
+    // The README's example: a job published straight to NATS gets its frames.
+    let python = root().join(".venv/bin/python");
+    let url = cluster.nats.url.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(root().join("examples/publish_job.py"))
+            .args([url.as_str(), MODEL, "Write a haiku about the sea."])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, text, ids) = reqs
+        .iter()
+        .find(|(b, _, _)| b["messages"][0]["content"] == "Write a haiku about the sea.")
+        .unwrap();
+    assert_eq!(v["text"], *text);
+    assert_eq!(v["usage"]["completion_tokens"], ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn full_queue_is_429_and_no_worker_is_503() {
+    // No worker at all: 503 with Retry-After.
+    let cluster = start_cluster(0, &["--max-queued-jobs", "1"], &[]);
+    let c = reqwest::Client::new();
+    for _ in 0..200 {
+        if c.get(format!("{}/health", cluster.base))
+            .send()
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ready = c
+        .get(format!("{}/ready", cluster.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let (status, r, retry) = post(&cluster.base, &body).await;
+    assert_eq!(status, 503, "{r}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(r["error"]["type"], "server_error");
+
+    // One single-slot worker and a queue of one job: while the first job runs (it stays in the
+    // work queue until acked), the next request gets 429.
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = fixture_dir();
+    let w = Proc::spawn(
+        "worker",
+        &bin(),
+        &[
+            "worker",
+            "--nats-url",
+            &cluster.nats.url,
+            "--model",
+            fixture.to_str().unwrap(),
+            "--quant",
+            "FP32",
+            "--served-model-name",
+            MODEL,
+            "--threads",
+            "1",
+            "--max-concurrent",
+            "1",
+            "--max-queued-jobs",
+            "1",
+        ],
+        dir.path(),
+    );
+    wait_workers(&cluster.base, 1, &[&cluster.frontend, &w]).await;
+    let long = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2000,
+        "temperature": 0});
+    let base = cluster.base.clone();
+    let first = tokio::spawn({
+        let (b, l) = (base.clone(), long.clone());
+        async move { post(&b, &l).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (status, r, retry) = post(&base, &long).await;
+    assert_eq!(status, 429, "{r}");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(r["error"]["type"], "rate_limit_error");
+    assert_eq!(first.await.unwrap().0, 200);
+}
