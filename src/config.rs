@@ -145,6 +145,9 @@ pub struct WorkerOpts {
     /// Largest image, in pixels (checked from the header before decoding).
     #[arg(long, env = "ONNX_CHAT_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
+    /// Megabytes of vision/audio encoder outputs cached by content hash for reuse (0 = off).
+    #[arg(long, env = "ONNX_CHAT_ENCODER_CACHE_MB", default_value_t = 256)]
+    pub encoder_cache_mb: usize,
     /// Largest audio clip, in bytes.
     #[arg(long, env = "ONNX_CHAT_MAX_AUDIO_BYTES", default_value_t = 25 * 1024 * 1024)]
     pub max_audio_bytes: usize,
@@ -165,6 +168,7 @@ impl WorkerOpts {
             opts.session.intra_threads = t;
         }
         opts.max_prompt_tokens = self.max_prompt_tokens;
+        opts.encoder_cache_bytes = self.encoder_cache_mb * 1024 * 1024;
         opts.media = MediaLimits {
             image: ImageLimits {
                 max_bytes: self.max_image_bytes,

@@ -133,3 +133,31 @@ fn audio_features_match_the_reference_extractor() {
     }
     assert_eq!(clips, 2);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_media_reuse_the_encoder_cache() {
+    use onnx_chat::models::loaded::{LoadOptions, LoadedModel};
+    use std::sync::atomic::Ordering;
+    common::init_ort();
+    let mut opts = LoadOptions::default();
+    opts.session.intra_threads = 1;
+    let m =
+        std::sync::Arc::new(LoadedModel::load(&common::resolve_fixture("FP32"), &opts).unwrap());
+    let stats = m.cache_stats.clone();
+    let s = common::Server::start(vec![m]).await;
+    let g = goldens()
+        .into_iter()
+        .find(|g| g.name == "image_audio")
+        .unwrap();
+    let (ids, text, _) = g.generated("FP32").unwrap();
+    for round in 0..2 {
+        let (status, r) = s.chat(&g.request).await;
+        assert_eq!(status, 200, "{r}");
+        assert_eq!(r["choices"][0]["message"]["content"], text, "round {round}");
+        assert_eq!(r["usage"]["completion_tokens"], ids.len());
+    }
+    // First round: image and clip miss; second round: both hit and give the same answer.
+    assert_eq!(stats.misses.load(Ordering::Relaxed), 2);
+    assert_eq!(stats.hits.load(Ordering::Relaxed), 2);
+    s.shutdown().await;
+}

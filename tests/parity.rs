@@ -18,7 +18,7 @@ fn request_messages(g: &Golden) -> Vec<onnx_chat::protocol::ChatMessage> {
 fn prompts_match_the_reference_processor() {
     let m = model("FP32");
     for g in goldens() {
-        let p = m.prompter().build(&request_messages(&g)).unwrap();
+        let p = m.prompt(&request_messages(&g)).unwrap();
         assert_eq!(
             p.rendered,
             g.expected["rendered_prompt"].as_str().unwrap(),

@@ -12,24 +12,37 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::catalog::Family;
-use super::gemma3n::{Gemma3nConfig, Gemma3nModel, Gemma3nPrompter, GenerationDefaults};
-use super::gemma3n::{MediaDecoder, MediaLimits};
+use super::encoder_cache::CacheStats;
+use super::gemma3n::{GenerationDefaults, MediaLimits};
 use super::generate::{GenEvent, GenParams, Generation};
 use super::resolve::ResolvedModel;
-use super::{ModelError, PreparedInput};
+use super::{ChatModel, ModelError, PreparedInput, Prompt};
 use crate::engine::session::SessionOptions;
 use crate::engine::thread::EngineThread;
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::sampling::SamplingParams;
-use crate::protocol::{ContentPart, Job, WorkerModel};
+use crate::protocol::{ChatMessage, ContentPart, Job, WorkerModel};
 
 /// Load-time settings.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct LoadOptions {
     pub session: SessionOptions,
     pub media: MediaLimits,
     /// Longest prompt accepted, in tokens (`None` = the context length minus one).
     pub max_prompt_tokens: Option<usize>,
+    /// Bytes of encoder outputs kept for reuse (0 = no cache).
+    pub encoder_cache_bytes: usize,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            session: SessionOptions::default(),
+            media: MediaLimits::default(),
+            max_prompt_tokens: None,
+            encoder_cache_bytes: 256 * 1024 * 1024,
+        }
+    }
 }
 
 /// What clients and the front end learn about a model.
@@ -67,14 +80,82 @@ pub struct PreparedJob {
     pub preprocess_ms: f64,
 }
 
+/// What a model family provides to serve requests; [`LoadedModel`] does the rest.
+pub trait FamilyBackend: Send + Sync {
+    /// The prompt of a conversation at each stage (for tests and debugging).
+    fn prompt(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError>;
+    /// Media decoding and preprocessing plus the prompt: everything the prefill needs (blocking).
+    fn prepare_input(&self, job: &Job) -> Result<PreparedInput, ClassifiedError>;
+    /// Queues a generation on the family's owner thread.
+    fn start(
+        &self,
+        input: PreparedInput,
+        params: GenParams,
+        events: UnboundedSender<GenEvent>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<(), ClassifiedError>;
+}
+
+/// The owner thread of a [`ChatModel`] and the tokenizer its generations detokenize with: the
+/// family-independent half of a backend.
+pub struct Runner<M: ChatModel> {
+    engine: EngineThread<M>,
+    tokenizer: Arc<Tokenizer>,
+}
+
+impl<M: ChatModel> Runner<M> {
+    /// Spawns the owner thread, builds the model on it, and waits until it is loaded.
+    pub fn spawn(
+        name: &str,
+        tokenizer: Arc<Tokenizer>,
+        make: impl FnOnce() -> Result<M, ModelError> + Send + 'static,
+    ) -> Result<Self, ModelError> {
+        let (engine, ready) = EngineThread::spawn(&format!("engine-{name}"), make)
+            .map_err(|e| ModelError::Config(format!("cannot start the engine thread: {e}")))?;
+        match ready.recv() {
+            Ok(Ok(())) => Ok(Self { engine, tokenizer }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ModelError::Config(
+                "the engine thread died while loading".into(),
+            )),
+        }
+    }
+
+    pub fn start(
+        &self,
+        input: PreparedInput,
+        params: GenParams,
+        events: UnboundedSender<GenEvent>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<(), ClassifiedError> {
+        let task = Generation::<M>::new(input, params, self.tokenizer.clone(), events, cancel);
+        self.engine.submit(Box::new(task)).map_err(|_| {
+            ClassifiedError::new(
+                ErrorClass::Unavailable,
+                "the model's engine thread has stopped",
+            )
+        })
+    }
+}
+
+/// What a family reports when it has loaded.
+pub struct LoadedFamily {
+    pub backend: Box<dyn FamilyBackend>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub defaults: GenerationDefaults,
+    pub context_length: usize,
+    pub vision: bool,
+    pub audio: bool,
+}
+
 pub struct LoadedModel {
     pub info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
-    prompter: Gemma3nPrompter,
     defaults: GenerationDefaults,
-    media: MediaDecoder,
+    backend: Box<dyn FamilyBackend>,
     max_prompt_tokens: Option<usize>,
-    engine: EngineThread<Gemma3nModel>,
+    /// Encoder-cache hits and misses, for metrics.
+    pub cache_stats: Arc<CacheStats>,
 }
 
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, ModelError> {
@@ -87,61 +168,28 @@ impl LoadedModel {
     /// Loads tokenizer, template and graphs (blocking: call it off the async runtime).
     pub fn load(model: &ResolvedModel, opts: &LoadOptions) -> Result<Self, ModelError> {
         let t0 = Instant::now();
-        let dir = model.root.clone();
-        match model.plan.family {
-            Family::Gemma3n => {}
-        }
-        let cfg = Gemma3nConfig::load(&dir)?;
-        let defaults = GenerationDefaults::load(&dir, &cfg.eos_token_ids)?;
-        let tokenizer = Arc::new(load_tokenizer(&dir)?);
-        let prompter = Gemma3nPrompter::new(&dir, &cfg, tokenizer.clone())?;
-        let media = MediaDecoder::new(&dir, opts.media.clone())?;
-        let (engine, ready) = {
-            let model = model.clone();
-            let cfg = cfg.clone();
-            let sess = opts.session.clone();
-            EngineThread::spawn(&format!("engine-{}", model.served_name), move || {
-                Gemma3nModel::load(&model, cfg, &sess)
-            })
-            .map_err(|e| ModelError::Config(format!("cannot start the engine thread: {e}")))?
-        };
-        let (vision, audio) = match ready.recv() {
-            Ok(Ok(())) => (
-                model
-                    .plan
-                    .graph(super::catalog::Component::VisionEncoder)
-                    .is_some(),
-                model
-                    .plan
-                    .graph(super::catalog::Component::AudioEncoder)
-                    .is_some(),
-            ),
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
-                return Err(ModelError::Config(
-                    "the engine thread died while loading".into(),
-                ))
-            }
+        let cache_stats = Arc::new(CacheStats::default());
+        let loaded = match model.plan.family {
+            Family::Gemma3n => super::gemma3n::load(model, opts, cache_stats.clone())?,
         };
         let info = ModelInfo {
             name: model.served_name.clone(),
             aliases: model.aliases.clone(),
             family: model.plan.family,
             quant: model.plan.quant.name().to_string(),
-            context_length: cfg.context_length,
-            vision,
-            audio,
+            context_length: loaded.context_length,
+            vision: loaded.vision,
+            audio: loaded.audio,
             created: crate::protocol::now_ms() / 1000,
         };
         tracing::info!(model = %info.name, quant = %info.quant, seconds = t0.elapsed().as_secs_f64(), "model loaded");
         Ok(Self {
             info,
-            tokenizer,
-            prompter,
-            defaults,
-            media,
+            tokenizer: loaded.tokenizer,
+            defaults: loaded.defaults,
+            backend: loaded.backend,
             max_prompt_tokens: opts.max_prompt_tokens,
-            engine,
+            cache_stats,
         })
     }
 
@@ -149,59 +197,35 @@ impl LoadedModel {
         &self.tokenizer
     }
 
-    pub fn prompter(&self) -> &Gemma3nPrompter {
-        &self.prompter
+    /// The prompt of a conversation (rendered, expanded, ids).
+    pub fn prompt(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError> {
+        self.backend.prompt(messages)
     }
 
     /// Template, tokenizer, media decoding and parameter resolution (blocking CPU work).
     pub fn prepare(&self, job: &Job) -> Result<PreparedJob, ClassifiedError> {
         let t0 = Instant::now();
-        let mut images = Vec::new();
-        let mut audio = Vec::new();
-        let mut n_image = 0usize;
-        let mut n_audio = 0usize;
         for part in job.messages.iter().flat_map(|m| m.content.iter()) {
-            match part {
-                ContentPart::Image { source } => {
-                    if !self.info.vision {
-                        return Err(ClassifiedError::invalid(
-                            "messages",
-                            format!(
-                                "model {} has no vision encoder and cannot take images",
-                                self.info.name
-                            ),
-                        ));
-                    }
-                    images.push(self.media.image(n_image, source)?);
-                    n_image += 1;
+            let (ok, what) = match part {
+                ContentPart::Image { .. } => {
+                    (self.info.vision, "vision encoder and cannot take images")
                 }
-                ContentPart::Audio { source, format } => {
-                    if !self.info.audio {
-                        return Err(ClassifiedError::invalid(
-                            "messages",
-                            format!(
-                                "model {} has no audio encoder and cannot take audio",
-                                self.info.name
-                            ),
-                        ));
-                    }
-                    audio.push(self.media.audio(n_audio, source, format.as_deref())?);
-                    n_audio += 1;
+                ContentPart::Audio { .. } => {
+                    (self.info.audio, "audio encoder and cannot take audio")
                 }
-                ContentPart::Text { .. } => {}
+                ContentPart::Text { .. } => (true, ""),
+            };
+            if !ok {
+                return Err(ClassifiedError::invalid(
+                    "messages",
+                    format!("model {} has no {what}", self.info.name),
+                ));
             }
         }
-        let prompt = self
-            .prompter
-            .build(&job.messages)
-            .map_err(ModelError::into_classified)?;
-        let params = self.resolve_params(job, prompt.ids.len())?;
+        let input = self.backend.prepare_input(job)?;
+        let params = self.resolve_params(job, input.ids.len())?;
         Ok(PreparedJob {
-            input: PreparedInput {
-                ids: prompt.ids,
-                images,
-                audio,
-            },
+            input,
             params,
             preprocess_ms: t0.elapsed().as_secs_f64() * 1e3,
         })
@@ -262,19 +286,7 @@ impl LoadedModel {
         events: UnboundedSender<GenEvent>,
         cancel: Arc<AtomicBool>,
     ) -> Result<(), ClassifiedError> {
-        let task = Generation::<Gemma3nModel>::new(
-            job.input,
-            job.params,
-            self.tokenizer.clone(),
-            events,
-            cancel,
-        );
-        self.engine.submit(Box::new(task)).map_err(|_| {
-            ClassifiedError::new(
-                ErrorClass::Unavailable,
-                "the model's engine thread has stopped",
-            )
-        })
+        self.backend.start(job.input, job.params, events, cancel)
     }
 }
 

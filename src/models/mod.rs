@@ -11,6 +11,7 @@
 //! the loop does the rest.
 
 pub mod catalog;
+pub mod encoder_cache;
 pub mod gemma3n;
 pub mod generate;
 pub mod hub;
@@ -54,6 +55,8 @@ impl ModelError {
 /// A decoded, preprocessed image: `pixel_values` for one image, channel-first.
 #[derive(Debug, Clone)]
 pub struct ImageInput {
+    /// Content hash of the encoded image bytes (the encoder-cache key).
+    pub key: encoder_cache::MediaKey,
     pub pixel_values: Vec<f32>,
     /// `[channels, height, width]`.
     pub shape: [usize; 3],
@@ -62,12 +65,26 @@ pub struct ImageInput {
 /// Audio features for one clip.
 #[derive(Debug, Clone)]
 pub struct AudioInput {
+    /// Content hash of the encoded audio bytes (the encoder-cache key).
+    pub key: encoder_cache::MediaKey,
     /// `[frames, mel_bins]`, row-major.
     pub features: Vec<f32>,
     pub frames: usize,
     pub mel_bins: usize,
     /// `true` = a valid (not padded) frame.
     pub mask: Vec<bool>,
+}
+
+/// A prompt at each stage, kept for tests and debugging.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    /// The chat template's output.
+    pub rendered: String,
+    /// After placeholder expansion.
+    pub expanded: String,
+    pub ids: Vec<u32>,
+    pub n_images: usize,
+    pub n_audio: usize,
 }
 
 /// Everything a prefill needs: prompt ids and the media in prompt order.

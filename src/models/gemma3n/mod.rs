@@ -1,12 +1,109 @@
 //! The Gemma-3n family (`model_type: gemma3n`): `config.json` values ([`config`]), prompt building
-//! ([`prompt`]), media preprocessing ([`preprocess`]) and the four ONNX graphs ([`model`]).
+//! ([`prompt`]), media preprocessing ([`preprocess`]), the four ONNX graphs ([`model`]), and the
+//! backend that wires them for serving ([`load`]).
 
 pub mod config;
 pub mod model;
 pub mod preprocess;
 pub mod prompt;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
 pub use config::{Gemma3nConfig, GenerationDefaults};
 pub use model::Gemma3nModel;
 pub use preprocess::{MediaDecoder, MediaLimits};
-pub use prompt::{Gemma3nPrompter, Prompt};
+pub use prompt::Gemma3nPrompter;
+
+use super::encoder_cache::{CacheStats, EncoderCache};
+use super::generate::{GenEvent, GenParams};
+use super::loaded::{load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, Runner};
+use super::resolve::ResolvedModel;
+use super::{catalog::Component, ModelError, PreparedInput, Prompt};
+use crate::error::ClassifiedError;
+use crate::protocol::{ChatMessage, ContentPart, Job};
+
+struct Backend {
+    prompter: Gemma3nPrompter,
+    media: MediaDecoder,
+    runner: Runner<Gemma3nModel>,
+}
+
+impl FamilyBackend for Backend {
+    fn prompt(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError> {
+        self.prompter.build(messages)
+    }
+
+    fn prepare_input(&self, job: &Job) -> Result<PreparedInput, ClassifiedError> {
+        let mut images = Vec::new();
+        let mut audio = Vec::new();
+        for part in job.messages.iter().flat_map(|m| m.content.iter()) {
+            match part {
+                ContentPart::Image { source } => {
+                    images.push(self.media.image(images.len(), source)?)
+                }
+                ContentPart::Audio { source, format } => {
+                    audio.push(self.media.audio(audio.len(), source, format.as_deref())?)
+                }
+                ContentPart::Text { .. } => {}
+            }
+        }
+        let prompt = self
+            .prompter
+            .build(&job.messages)
+            .map_err(ModelError::into_classified)?;
+        Ok(PreparedInput {
+            ids: prompt.ids,
+            images,
+            audio,
+        })
+    }
+
+    fn start(
+        &self,
+        input: PreparedInput,
+        params: GenParams,
+        events: UnboundedSender<GenEvent>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<(), ClassifiedError> {
+        self.runner.start(input, params, events, cancel)
+    }
+}
+
+/// Loads a Gemma-3n snapshot: configs, tokenizer, template, media settings, and the graphs on their
+/// owner thread.
+pub fn load(
+    model: &ResolvedModel,
+    opts: &LoadOptions,
+    stats: Arc<CacheStats>,
+) -> Result<LoadedFamily, ModelError> {
+    let dir = &model.root;
+    let cfg = Gemma3nConfig::load(dir)?;
+    let defaults = GenerationDefaults::load(dir, &cfg.eos_token_ids)?;
+    let tokenizer = Arc::new(load_tokenizer(dir)?);
+    let prompter = Gemma3nPrompter::new(dir, &cfg, tokenizer.clone())?;
+    let media = MediaDecoder::new(dir, opts.media.clone())?;
+    let runner = {
+        let model = model.clone();
+        let cfg = cfg.clone();
+        let sess = opts.session.clone();
+        let cache = EncoderCache::new(opts.encoder_cache_bytes, stats);
+        Runner::spawn(&model.served_name.clone(), tokenizer.clone(), move || {
+            Gemma3nModel::load(&model, cfg, &sess, cache)
+        })?
+    };
+    Ok(LoadedFamily {
+        backend: Box::new(Backend {
+            prompter,
+            media,
+            runner,
+        }),
+        tokenizer,
+        defaults,
+        context_length: cfg.context_length,
+        vision: model.plan.graph(Component::VisionEncoder).is_some(),
+        audio: model.plan.graph(Component::AudioEncoder).is_some(),
+    })
+}

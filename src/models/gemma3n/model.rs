@@ -17,6 +17,7 @@ use crate::engine::tensor::{self, FloatData};
 use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::catalog::Component;
+use crate::models::encoder_cache::EncoderCache;
 use crate::models::resolve::ResolvedModel;
 use crate::models::{ChatModel, ModelError, PreparedInput};
 
@@ -36,6 +37,7 @@ pub struct Gemma3nModel {
     ple_type: ElemType,
     /// Apply `tanh(x/cap)·cap` on the host: set when the warm-up run shows the graph does not.
     host_softcap: Option<f32>,
+    cache: EncoderCache,
 }
 
 /// One sequence: its cache and the next position.
@@ -50,6 +52,7 @@ impl Gemma3nModel {
         model: &ResolvedModel,
         cfg: Gemma3nConfig,
         opts: &SessionOptions,
+        cache: EncoderCache,
     ) -> Result<Self, ModelError> {
         let load = |c: Component| -> Result<Option<GraphSession>, ModelError> {
             match model.graph_path(c) {
@@ -74,6 +77,23 @@ impl Gemma3nModel {
         }
         if let Some(a) = &audio {
             a.require(&["input_features", "input_features_mask"], &[AUDIO_OUT])?;
+        }
+        // The prompt expands each image/clip to a fixed number of soft tokens: the encoders must agree.
+        for (graph, out, want, what) in [
+            (&vision, IMAGE_OUT, cfg.image_seq_length, "image_seq_length"),
+            (&audio, AUDIO_OUT, cfg.audio_seq_length, "audio_seq_length"),
+        ] {
+            if let Some(Some(n)) = graph
+                .as_ref()
+                .and_then(|g| g.output(out))
+                .and_then(|o| o.dims.get(1).copied())
+            {
+                if n as usize != want {
+                    return Err(ModelError::Config(format!(
+                        "{out} has {n} rows per item but the processor's {what} is {want}"
+                    )));
+                }
+            }
         }
         let kv = KvLayout::from_decoder(&decoder)?;
         let ids_type = embed.input_type("input_ids")?;
@@ -117,6 +137,7 @@ impl Gemma3nModel {
             embeds_type,
             ple_type,
             host_softcap: None,
+            cache,
         };
         m.check_softcap()?;
         Ok(m)
@@ -204,6 +225,8 @@ impl Gemma3nModel {
         Ok(tensor::extract_floats(&v)?.0)
     }
 
+    /// Image features for every image of the request, in order: cached ones from the encoder cache,
+    /// the rest from one batched `vision_encoder` run.
     fn encode_images(&mut self, input: &PreparedInput) -> Result<FloatData, ModelError> {
         let Some(vision) = self.vision.as_mut() else {
             return Err(ModelError::Request(ClassifiedError::invalid(
@@ -211,26 +234,49 @@ impl Gemma3nModel {
                 "this model has no vision encoder, so it cannot take images",
             )));
         };
-        let [c, h, w] = input.images[0].shape;
-        if input.images.iter().any(|i| i.shape != [c, h, w]) {
-            return Err(ModelError::Config(
-                "images of different preprocessed sizes".into(),
-            ));
+        let mut per_image: Vec<Option<Vec<f32>>> = input
+            .images
+            .iter()
+            .map(|img| self.cache.get(&img.key).map(|f| f.to_f32_vec()))
+            .collect();
+        let missing: Vec<usize> = (0..per_image.len())
+            .filter(|&i| per_image[i].is_none())
+            .collect();
+        if !missing.is_empty() {
+            let [c, h, w] = input.images[missing[0]].shape;
+            if missing.iter().any(|&i| input.images[i].shape != [c, h, w]) {
+                return Err(ModelError::Config(
+                    "images of different preprocessed sizes".into(),
+                ));
+            }
+            let mut data = Vec::with_capacity(missing.len() * c * h * w);
+            for &i in &missing {
+                data.extend_from_slice(&input.images[i].pixel_values);
+            }
+            let ty = vision.input_type("pixel_values")?;
+            let shape = [missing.len() as i64, c as i64, h as i64, w as i64];
+            let pv = tensor::float_value(ty, &shape, data)?;
+            let rows = Self::encode(
+                vision,
+                vec![(Cow::Borrowed("pixel_values"), pv.into())],
+                IMAGE_OUT,
+            )?
+            .to_f32_vec();
+            let each = rows.len() / missing.len();
+            for (k, &i) in missing.iter().enumerate() {
+                let feats = rows[k * each..(k + 1) * each].to_vec();
+                self.cache
+                    .put(input.images[i].key, FloatData::F32(feats.clone()));
+                per_image[i] = Some(feats);
+            }
         }
-        let mut data = Vec::with_capacity(input.images.len() * c * h * w);
-        for img in &input.images {
-            data.extend_from_slice(&img.pixel_values);
-        }
-        let ty = vision.input_type("pixel_values")?;
-        let shape = [input.images.len() as i64, c as i64, h as i64, w as i64];
-        let pv = tensor::float_value(ty, &shape, data)?;
-        Ok(Self::encode(
-            vision,
-            vec![(Cow::Borrowed("pixel_values"), pv.into())],
-            IMAGE_OUT,
-        )?)
+        Ok(FloatData::F32(
+            per_image.into_iter().flatten().flatten().collect(),
+        ))
     }
 
+    /// Audio features for every clip, in order; one `audio_encoder` run per uncached clip (clips differ
+    /// in length, and the graph takes one clip at a time).
     fn encode_audio(&mut self, input: &PreparedInput) -> Result<FloatData, ModelError> {
         let Some(audio) = self.audio.as_mut() else {
             return Err(ModelError::Request(ClassifiedError::invalid(
@@ -240,8 +286,11 @@ impl Gemma3nModel {
         };
         let ty = audio.input_type("input_features")?;
         let mut rows = Vec::new();
-        // One run per clip: clips differ in length, and a batch would need padding the graph then masks.
         for clip in &input.audio {
+            if let Some(hit) = self.cache.get(&clip.key) {
+                rows.extend(hit.to_f32_vec());
+                continue;
+            }
             let shape = [1, clip.frames as i64, clip.mel_bins as i64];
             let feats = tensor::float_value(ty, &shape, clip.features.clone())?;
             let mask = tensor::bool_value(&[1, clip.frames as i64], clip.mask.clone())?;
@@ -252,8 +301,17 @@ impl Gemma3nModel {
                     (Cow::Borrowed("input_features_mask"), mask.into()),
                 ],
                 AUDIO_OUT,
-            )?;
-            rows.extend(out.to_f32_vec());
+            )?
+            .to_f32_vec();
+            let n = out.len() / self.cfg.hidden_size.max(1);
+            if n != self.cfg.audio_seq_length {
+                return Err(ModelError::Config(format!(
+                    "audio_encoder returned {n} rows for a clip; the prompt expands each clip to {} audio soft tokens (processor audio_seq_length)",
+                    self.cfg.audio_seq_length
+                )));
+            }
+            self.cache.put(clip.key, FloatData::F32(out.clone()));
+            rows.extend(out);
         }
         Ok(FloatData::F32(rows))
     }

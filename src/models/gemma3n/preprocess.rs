@@ -165,6 +165,7 @@ impl MediaDecoder {
         let resized = image::resize(&rgb, p.width, p.height, p.filter);
         let pixel_values = image::to_chw(&resized, p.rescale.unwrap_or(1.0), p.normalize);
         Ok(ImageInput {
+            key: crate::models::encoder_cache::media_key("image", bytes),
             pixel_values,
             shape: [3, p.height as usize, p.width as usize],
         })
@@ -205,6 +206,7 @@ impl MediaDecoder {
         let samples = audio::resample(&decoded.samples, decoded.sample_rate, rate).map_err(err)?;
         let mel = self.mel.extract(&samples);
         Ok(AudioInput {
+            key: crate::models::encoder_cache::media_key("audio", bytes),
             features: mel.features,
             frames: mel.frames,
             mel_bins: self.mel.config().feature_size,

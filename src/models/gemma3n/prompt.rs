@@ -12,21 +12,9 @@ use tokenizers::Tokenizer;
 
 use super::config::Gemma3nConfig;
 use crate::error::ClassifiedError;
-use crate::models::ModelError;
+use crate::models::{ModelError, Prompt};
 use crate::pipeline::template::{ChatTemplate, TemplateError};
 use crate::protocol::{ChatMessage, ContentPart};
-
-/// The prompt at each stage, kept for tests and debugging.
-#[derive(Debug, Clone)]
-pub struct Prompt {
-    /// The chat template's output.
-    pub rendered: String,
-    /// After placeholder expansion.
-    pub expanded: String,
-    pub ids: Vec<u32>,
-    pub n_images: usize,
-    pub n_audio: usize,
-}
 
 pub struct Gemma3nPrompter {
     template: ChatTemplate,
