@@ -92,6 +92,23 @@ pub struct HttpArgs {
     /// Most audio clips in one request.
     #[arg(long, env = "ONNX_CHAT_MAX_AUDIO_CLIPS", default_value_t = 4)]
     pub max_audio_clips: usize,
+    /// Fetch `http(s)://` image URLs in requests (off: only data URLs and base64 are accepted).
+    /// Private, loopback and link-local addresses are refused unless their host is allow-listed.
+    #[arg(long, env = "ONNX_CHAT_ALLOW_REMOTE_MEDIA")]
+    pub allow_remote_media: bool,
+    /// Hosts remote media may come from (comma-separated names or addresses); empty = any public host.
+    #[arg(
+        long,
+        env = "ONNX_CHAT_REMOTE_MEDIA_ALLOW_HOSTS",
+        value_delimiter = ','
+    )]
+    pub remote_media_allow_host: Vec<String>,
+    /// Largest remote image, in bytes.
+    #[arg(long, env = "ONNX_CHAT_REMOTE_MEDIA_MAX_BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub remote_media_max_bytes: usize,
+    /// Seconds one remote fetch may take, redirects included.
+    #[arg(long, env = "ONNX_CHAT_REMOTE_MEDIA_TIMEOUT", default_value_t = 10)]
+    pub remote_media_timeout: u64,
     /// Requests answered at once by this front end; more get 429 with Retry-After.
     #[arg(long, env = "ONNX_CHAT_MAX_IN_FLIGHT", default_value_t = 512)]
     pub max_in_flight: usize,
@@ -119,6 +136,13 @@ impl HttpArgs {
             max_in_flight: self.max_in_flight.max(1),
             request_timeout: Duration::from_secs(self.request_timeout.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
+            remote_media: self.allow_remote_media.then(|| {
+                crate::frontend::media::RemoteMediaConfig {
+                    allow_hosts: self.remote_media_allow_host.clone(),
+                    max_bytes: self.remote_media_max_bytes,
+                    timeout: Duration::from_secs(self.remote_media_timeout.max(1)),
+                }
+            }),
             limits: RequestLimits {
                 max_images: self.max_images,
                 max_audio_clips: self.max_audio_clips,

@@ -161,3 +161,38 @@ async fn repeated_media_reuse_the_encoder_cache() {
     assert_eq!(stats.hits.load(Ordering::Relaxed), 2);
     s.shutdown().await;
 }
+
+#[test]
+fn every_image_decodes_exactly_like_pillow() {
+    use sha2::{Digest, Sha256};
+    let manifest = common::read_json(&root().join("tests/fixtures/media/manifest.json"));
+    let limits = onnx_chat::pipeline::image::ImageLimits::default();
+    let mut n = 0;
+    for (name, info) in manifest["files"].as_object().unwrap() {
+        let Some(want) = info["rgb_sha256"].as_str() else {
+            continue;
+        };
+        let bytes = std::fs::read(root().join("tests/fixtures/media").join(name)).unwrap();
+        let rgb = onnx_chat::pipeline::image::decode_rgb(&bytes, &limits)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            (rgb.width() as u64, rgb.height() as u64),
+            (
+                info["width"].as_u64().unwrap(),
+                info["height"].as_u64().unwrap()
+            )
+        );
+        let got: String = Sha256::digest(rgb.as_raw())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(
+            got, want,
+            "{name} ({}) decodes differently from Pillow's convert(\"RGB\")",
+            info["mode"]
+        );
+        n += 1;
+    }
+    // PNG, JPEG (baseline, progressive, grayscale, CMYK), WebP, GIF, BMP, RGBA PNG.
+    assert_eq!(n, 9);
+}

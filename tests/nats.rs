@@ -167,6 +167,33 @@ fn big_png() -> String {
     base64::engine::general_purpose::STANDARD.encode(png)
 }
 
+/// 29 s of a two-tone 16 kHz 16-bit mono WAV, base64 (over 1 MB).
+fn big_wav() -> String {
+    use base64::Engine;
+    let n: u32 = 16000 * 29;
+    let mut w = b"RIFF".to_vec();
+    w.extend_from_slice(&(36 + 2 * n).to_le_bytes());
+    w.extend_from_slice(b"WAVEfmt ");
+    w.extend_from_slice(&16u32.to_le_bytes());
+    w.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    w.extend_from_slice(&1u16.to_le_bytes()); // mono
+    w.extend_from_slice(&16000u32.to_le_bytes());
+    w.extend_from_slice(&32000u32.to_le_bytes());
+    w.extend_from_slice(&2u16.to_le_bytes());
+    w.extend_from_slice(&16u16.to_le_bytes());
+    w.extend_from_slice(b"data");
+    w.extend_from_slice(&(2 * n).to_le_bytes());
+    for i in 0..n {
+        let t = i as f64 / 16000.0;
+        let x = 0.5 * (2.0 * std::f64::consts::PI * 440.0 * t).sin()
+            + 0.25 * (2.0 * std::f64::consts::PI * 1234.5 * t).sin();
+        w.extend_from_slice(&((x * 32767.0).round() as i16).to_le_bytes());
+    }
+    let b = base64::engine::general_purpose::STANDARD.encode(w);
+    assert!(b.len() > 1 << 20);
+    b
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn frontend_and_two_workers_over_nats() {
     let cluster = start_cluster(2, &[], &[]);
@@ -214,6 +241,21 @@ async fn frontend_and_two_workers_over_nats() {
         in_process["choices"][0]["token_ids"]
     );
 
+    // Likewise an audio clip above 1 MB (29 s of 16 kHz 16-bit WAV).
+    let big_audio = json!({"model": MODEL, "temperature": 0, "max_tokens": 8, "return_token_ids": true,
+        "messages": [{"role": "user", "content": [
+            {"type": "input_audio", "input_audio": {"data": big_wav(), "format": "wav"}},
+            {"type": "text", "text": "What is this?"}]}]});
+    let (status, over_nats, _) = post(&base, &big_audio).await;
+    assert_eq!(status, 200, "{over_nats}");
+    let local = Server::start(vec![model("FP32")]).await;
+    let (_, in_process) = local.chat(&big_audio).await;
+    local.shutdown().await;
+    assert_eq!(
+        over_nats["choices"][0]["token_ids"],
+        in_process["choices"][0]["token_ids"]
+    );
+
     // Both workers took jobs; the work queue is empty.
     let hbs = heartbeats(&cluster.nats.url, Duration::from_secs(3)).await;
     assert_eq!(hbs.len(), 2, "{hbs:?}");
@@ -226,7 +268,7 @@ async fn frontend_and_two_workers_over_nats() {
         assert!(hb["version"].is_string());
     }
     let total: u64 = hbs.values().map(|h| h["completed"].as_u64().unwrap()).sum();
-    assert_eq!(total, 41);
+    assert_eq!(total, 42);
     assert_eq!(stream_messages(&cluster.nats.url).await, 0);
 
     // A client that disconnects mid-stream frees its worker slot at once.
@@ -242,28 +284,34 @@ async fn frontend_and_two_workers_over_nats() {
     let mut s = r.bytes_stream();
     let _ = s.next().await;
     let _ = s.next().await;
-    let busy = heartbeats(&cluster.nats.url, Duration::from_millis(300)).await;
+    // Follow heartbeats (workers also announce right after each job) until both report no active job.
+    let nc = async_nats::connect(cluster.nats.url.as_str())
+        .await
+        .unwrap();
+    let mut sub = nc.subscribe("onnxchat.v1.workers.heartbeat").await.unwrap();
     drop(s);
     let t0 = std::time::Instant::now();
+    let mut latest: HashMap<String, Value> = HashMap::new();
     let mut freed = false;
-    while t0.elapsed() < Duration::from_secs(10) {
-        let hbs = heartbeats(&cluster.nats.url, Duration::from_millis(500)).await;
-        if hbs.len() == 2 && hbs.values().all(|h| h["active"] == 0) {
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        latest.insert(v["worker_id"].as_str().unwrap().to_string(), v);
+        if latest.len() == 2 && latest.values().all(|h| h["active"] == 0) {
             freed = true;
             break;
         }
+        if t0.elapsed() > Duration::from_secs(10) {
+            break;
+        }
     }
-    assert!(
-        freed,
-        "slot not freed after disconnect (busy before: {busy:?})"
-    );
+    assert!(freed, "slot not freed after disconnect: {latest:?}");
     let done: u64 = heartbeats(&cluster.nats.url, Duration::from_secs(3))
         .await
         .values()
         .map(|h| h["completed"].as_u64().unwrap())
         .sum();
     assert_eq!(
-        done, 42,
+        done, 43,
         "the cancelled job ended (and was acked, not redelivered)"
     );
     tokio::time::sleep(Duration::from_millis(300)).await;

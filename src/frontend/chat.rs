@@ -60,7 +60,16 @@ async fn start(
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
         ClassifiedError::invalid("body", format!("the request body is not valid JSON: {e}"))
     })?;
-    let req = openai::validate(&value, &state.cfg.limits)?;
+    let mut limits = state.cfg.limits.clone();
+    limits.allow_remote_media = state.cfg.remote_media.is_some();
+    let mut req = openai::validate(&value, &limits)?;
+    if let Some(fetcher) = &state.cfg.remote_media {
+        for r in req.remote_media() {
+            let param = format!("messages[{}].content[{}].image_url.url", r.message, r.part);
+            let bytes = fetcher.fetch(&param, &r.url).await?;
+            req.set_media(&r, &bytes);
+        }
+    }
     let model = match state.registry.lookup(&req.model) {
         Lookup::Served(m) => m,
         Lookup::Unserved => {

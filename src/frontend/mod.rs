@@ -7,6 +7,7 @@
 
 mod chat;
 mod frames;
+pub mod media;
 pub mod metrics;
 pub mod registry;
 
@@ -41,6 +42,8 @@ pub struct FrontendConfig {
     /// Longest silence between two frames of a running job.
     pub idle_timeout: Duration,
     pub limits: RequestLimits,
+    /// Fetching of `http(s)://` image URLs; `None` = refused (the default).
+    pub remote_media: Option<media::RemoteMediaConfig>,
 }
 
 impl std::fmt::Debug for FrontendConfig {
@@ -64,6 +67,7 @@ impl Default for FrontendConfig {
             request_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(120),
             limits: RequestLimits::default(),
+            remote_media: None,
         }
     }
 }

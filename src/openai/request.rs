@@ -17,6 +17,8 @@ pub struct RequestLimits {
     pub max_audio_clips: usize,
     /// Largest `max_tokens` accepted at all (the worker also checks the model's context).
     pub max_tokens: u32,
+    /// Accept `http(s)://` image URLs (the front end fetches them).
+    pub allow_remote_media: bool,
 }
 
 impl Default for RequestLimits {
@@ -26,6 +28,7 @@ impl Default for RequestLimits {
             max_images: 8,
             max_audio_clips: 4,
             max_tokens: 1 << 20,
+            allow_remote_media: false,
         }
     }
 }
@@ -42,6 +45,56 @@ pub struct ValidChatRequest {
     pub include_usage: bool,
     /// Extension (as vLLM): return the generated token ids.
     pub return_token_ids: bool,
+}
+
+fn is_remote(url: &str) -> bool {
+    url.starts_with("http://") || url.starts_with("https://")
+}
+
+/// An image given by URL, to be fetched by the front end.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteMedia {
+    pub message: usize,
+    pub part: usize,
+    pub url: String,
+}
+
+impl ValidChatRequest {
+    /// Images given as `http(s)://` URLs (accepted only with `allow_remote_media`).
+    pub fn remote_media(&self) -> Vec<RemoteMedia> {
+        let mut out = Vec::new();
+        for (i, m) in self.messages.iter().enumerate() {
+            for (j, p) in m.content.iter().enumerate() {
+                if let ContentPart::Image {
+                    source: MediaSource::Inline { data },
+                } = p
+                {
+                    if is_remote(data) {
+                        out.push(RemoteMedia {
+                            message: i,
+                            part: j,
+                            url: data.clone(),
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Replaces a remote image with the fetched bytes.
+    pub fn set_media(&mut self, at: &RemoteMedia, bytes: &[u8]) {
+        use base64::Engine as _;
+        if let Some(ContentPart::Image { source }) = self
+            .messages
+            .get_mut(at.message)
+            .and_then(|m| m.content.get_mut(at.part))
+        {
+            *source = MediaSource::Inline {
+                data: base64::engine::general_purpose::STANDARD.encode(bytes),
+            };
+        }
+    }
 }
 
 fn invalid(param: &str, msg: impl Into<String>) -> ClassifiedError {
@@ -142,7 +195,7 @@ pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest
         None => return Err(invalid("model", "model is required")),
     };
     let mut messages = parse_messages(o, limits)?;
-    attach_images(o, &mut messages)?;
+    attach_images(o, &mut messages, limits.allow_remote_media)?;
     count_media(&messages, limits)?;
 
     if let Some(n) = integer(o, "n")? {
@@ -305,11 +358,11 @@ fn parse_messages(
     }
     msgs.iter()
         .enumerate()
-        .map(|(i, m)| parse_message(i, m))
+        .map(|(i, m)| parse_message(i, m, limits.allow_remote_media))
         .collect()
 }
 
-fn parse_message(i: usize, m: &Value) -> Result<ChatMessage, ClassifiedError> {
+fn parse_message(i: usize, m: &Value, remote: bool) -> Result<ChatMessage, ClassifiedError> {
     let p = format!("messages[{i}]");
     let m = m
         .as_object()
@@ -337,7 +390,7 @@ fn parse_message(i: usize, m: &Value) -> Result<ChatMessage, ClassifiedError> {
         Some(Value::Array(parts)) => parts
             .iter()
             .enumerate()
-            .map(|(j, part)| parse_part(&format!("{pc}[{j}]"), role, part))
+            .map(|(j, part)| parse_part(&format!("{pc}[{j}]"), role, part, remote))
             .collect::<Result<Vec<_>, _>>()?,
         Some(Value::Null) | None if role == Role::Assistant => vec![],
         Some(v) => {
@@ -354,7 +407,12 @@ fn parse_message(i: usize, m: &Value) -> Result<ChatMessage, ClassifiedError> {
     Ok(ChatMessage { role, content })
 }
 
-fn parse_part(p: &str, role: Role, part: &Value) -> Result<ContentPart, ClassifiedError> {
+fn parse_part(
+    p: &str,
+    role: Role,
+    part: &Value,
+    remote: bool,
+) -> Result<ContentPart, ClassifiedError> {
     let o = part
         .as_object()
         .ok_or_else(|| invalid(p, format!("{p} must be an object, got {}", type_name(part))))?;
@@ -380,7 +438,7 @@ fn parse_part(p: &str, role: Role, part: &Value) -> Result<ContentPart, Classifi
                 )
             })?;
             Ok(ContentPart::Image {
-                source: image_source(&format!("{p}.image_url.url"), url)?,
+                source: image_source(&format!("{p}.image_url.url"), url, remote)?,
             })
         }
         Some("input_audio") if media_ok => {
@@ -431,9 +489,10 @@ fn parse_part(p: &str, role: Role, part: &Value) -> Result<ContentPart, Classifi
     }
 }
 
-/// `data:image/...;base64,XXXX`, or bare base64. Remote URLs are refused unless the front end fetched
-/// them already (see `frontend::media`).
-pub fn image_source(param: &str, url: &str) -> Result<MediaSource, ClassifiedError> {
+/// `data:image/...;base64,XXXX`, or bare base64. `http(s)://` URLs only with `remote` (the front end
+/// then fetches them, see [`ValidChatRequest::remote_media`]); they are kept as the inline data for
+/// now, which cannot be confused with base64 (whose alphabet has no `:`).
+pub fn image_source(param: &str, url: &str, remote: bool) -> Result<MediaSource, ClassifiedError> {
     let url = url.trim();
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest.split_once(',').ok_or_else(|| {
@@ -452,7 +511,12 @@ pub fn image_source(param: &str, url: &str) -> Result<MediaSource, ClassifiedErr
             data: data.to_string(),
         });
     }
-    if url.starts_with("http://") || url.starts_with("https://") {
+    if is_remote(url) {
+        if remote {
+            return Ok(MediaSource::Inline {
+                data: url.to_string(),
+            });
+        }
         return Err(invalid(
             param,
             format!("{param}: remote image URLs are disabled on this server; send the image as a data: URL (start the server with --allow-remote-media to allow them)"),
@@ -471,6 +535,7 @@ pub fn image_source(param: &str, url: &str) -> Result<MediaSource, ClassifiedErr
 fn attach_images(
     o: &Map<String, Value>,
     messages: &mut [ChatMessage],
+    remote: bool,
 ) -> Result<(), ClassifiedError> {
     let Some(v) = field(o, "images") else {
         return Ok(());
@@ -496,7 +561,7 @@ fn attach_images(
             )
         })?;
         parts.push(ContentPart::Image {
-            source: image_source(&format!("images[{i}]"), s)?,
+            source: image_source(&format!("images[{i}]"), s, remote)?,
         });
     }
     let last_user = messages
@@ -657,11 +722,18 @@ mod tests {
     #[test]
     fn data_urls() {
         assert_eq!(
-            image_source("p", "data:image/png;base64,QUJD").unwrap(),
+            image_source("p", "data:image/png;base64,QUJD", false).unwrap(),
             MediaSource::Inline {
                 data: "QUJD".into()
             }
         );
-        assert!(image_source("p", "data:image/png,raw").is_err());
+        assert!(image_source("p", "data:image/png,raw", false).is_err());
+        assert!(image_source("p", "https://example.com/a.png", false).is_err());
+        assert_eq!(
+            image_source("p", "https://example.com/a.png", true).unwrap(),
+            MediaSource::Inline {
+                data: "https://example.com/a.png".into()
+            }
+        );
     }
 }

@@ -222,6 +222,13 @@ fn decode_container(
         })?
         .clone();
     let track_id = track.id;
+    // WAV and FLAC state their exact length, and so does an MP3 with a LAME/Xing info header (it
+    // carries the encoder delay too); other MP3 and Vorbis lengths are estimates.
+    let declared_frames = match container {
+        Container::Wav | Container::Flac => track.num_frames,
+        Container::Mp3 if track.delay.is_some() => track.num_frames,
+        _ => None,
+    };
     let too_long = |seconds: f64| AudioError::TooLong {
         seconds,
         max_seconds,
@@ -245,9 +252,13 @@ fn decode_container(
         let packet = match reader.next_packet() {
             Ok(Some(p)) => p,
             Ok(None) => break,
-            // A truncated upload: keep what was decoded, as players do.
+            // The data ends inside a packet: an upload cut short. Players shrug this off; a model
+            // would silently hear less than the client sent, so it is refused.
             Err(SymphoniaError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break
+                return Err(AudioError::Corrupt(format!(
+                    "{}: the data is truncated",
+                    container.name()
+                )))
             }
             Err(e) => return Err(corrupt(e)),
         };
@@ -256,13 +267,16 @@ fn decode_container(
         }
         let buf = match decoder.decode(&packet) {
             Ok(buf) => buf,
-            // One damaged packet (a bad MP3 frame) is skipped, as players do.
+            // A damaged packet (a bad MP3 frame): counted, and the clip refused below.
             Err(SymphoniaError::DecodeError(_)) => {
                 bad_packets += 1;
                 continue;
             }
             Err(SymphoniaError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                break
+                return Err(AudioError::Corrupt(format!(
+                    "{}: the data is truncated",
+                    container.name()
+                )))
             }
             Err(e) => return Err(corrupt(e)),
         };
@@ -289,6 +303,24 @@ fn decode_container(
         let seconds = samples.len() as f64 / f64::from(rate);
         if seconds > max_seconds {
             return Err(too_long(seconds));
+        }
+    }
+    if bad_packets > 0 && !samples.is_empty() {
+        return Err(AudioError::Corrupt(format!(
+            "{}: {bad_packets} damaged packets (the data is corrupt in the middle)",
+            container.name()
+        )));
+    }
+    // A container that declares its length (WAV, FLAC) but holds less data was cut short.
+    if let (Some(declared), Some((rate, _))) = (declared_frames, spec) {
+        let got = samples.len() as u64;
+        if got < declared {
+            return Err(AudioError::Corrupt(format!(
+                "{}: damaged or truncated: the header declares {:.2} s, the data holds {:.2} s",
+                container.name(),
+                declared as f64 / f64::from(rate),
+                got as f64 / f64::from(rate)
+            )));
         }
     }
     match spec {
