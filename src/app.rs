@@ -2,24 +2,25 @@
 //! start the real thing on `127.0.0.1:0`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::bus::memory::MemoryBus;
 use crate::bus::nats::NatsBus;
 use crate::bus::Bus;
-use crate::config::{ModelArgs, RuntimeArgs, WorkerOpts};
+use crate::config::{ModelArgs, ModelChoice, RuntimeArgs, WorkerOpts};
 use crate::frontend::{self, FrontendConfig};
 use crate::models::hub::HubConfig;
 use crate::models::loaded::{LoadOptions, LoadedModel};
 use crate::models::resolve::{self, ModelSpec, ResolvedModel};
 use crate::worker::{self, WorkerConfig};
 
-/// Resolves `--model` to local files (downloading from the hub if needed).
-pub async fn resolve_model(args: &ModelArgs) -> anyhow::Result<ResolvedModel> {
-    let spec = ModelSpec::parse(&args.model, args.quant.as_deref())?;
+/// Resolves one `--model` to local files (downloading from the hub if needed).
+pub async fn resolve_model(choice: &ModelChoice) -> anyhow::Result<ResolvedModel> {
+    let spec = ModelSpec::parse(&choice.model, choice.quant.as_deref())?;
     let hub = HubConfig::from_env();
-    Ok(resolve::resolve(&spec, args.served_model_name.as_deref(), &hub).await?)
+    Ok(resolve::resolve(&spec, choice.served_name.as_deref(), &hub).await?)
 }
 
 /// Loads ONNX Runtime and the model's sessions (on the model's owner thread).
@@ -61,6 +62,9 @@ pub async fn serve_on(
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let mut frontend_cfg = frontend_cfg;
+    let worker_metrics = worker_cfg.metrics.clone();
+    frontend_cfg.extra_metrics = Some(Arc::new(move || worker_metrics.render()));
     // The front end stops first (finishing open streams), then the worker drains.
     let worker_stop = CancellationToken::new();
     let worker = tokio::spawn(worker::run(
@@ -75,14 +79,57 @@ pub async fn serve_on(
     Ok(())
 }
 
-/// Model loading shared by `serve` and `worker`.
+/// Model loading shared by `serve` and `worker`: every `--model`, in order. Two models may not be
+/// served under the same name, nor one under another's alias (requests could not tell them apart).
 pub async fn load_from_args(
     model: &ModelArgs,
     runtime: &RuntimeArgs,
     worker: &WorkerOpts,
-) -> anyhow::Result<Arc<LoadedModel>> {
-    let resolved = resolve_model(model).await?;
-    load_model(resolved, runtime, worker.load_options(runtime)).await
+) -> anyhow::Result<Vec<Arc<LoadedModel>>> {
+    let choices = model.choices().map_err(anyhow::Error::msg)?;
+    let mut resolved = Vec::with_capacity(choices.len());
+    for c in &choices {
+        resolved.push(resolve_model(c).await?);
+    }
+    check_names(&resolved)?;
+    let mut models = Vec::with_capacity(resolved.len());
+    for r in resolved {
+        models.push(load_model(r, runtime, worker.load_options(runtime)).await?);
+    }
+    Ok(models)
+}
+
+fn check_names(models: &[ResolvedModel]) -> anyhow::Result<()> {
+    for (i, a) in models.iter().enumerate() {
+        for b in &models[..i] {
+            if a.served_name == b.served_name || b.aliases.contains(&a.served_name) {
+                anyhow::bail!(
+                    "two models would be served as {:?} ({} and {}); name them with NAME=MODEL or --served-model-name",
+                    a.served_name,
+                    b.spec,
+                    a.spec
+                );
+            }
+            if a.aliases.contains(&b.served_name) {
+                anyhow::bail!(
+                    "{:?} ({}) is also a name of {}; name them with NAME=MODEL or --served-model-name",
+                    b.served_name,
+                    b.spec,
+                    a.spec
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `name (QUANT)`, comma-separated, for start-up messages.
+fn describe(models: &[Arc<LoadedModel>]) -> String {
+    models
+        .iter()
+        .map(|m| format!("{} ({})", m.info.name, m.info.quant))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `frontend`: the HTTP front end over NATS.
@@ -106,7 +153,7 @@ pub async fn run_frontend(
         args.nats.url()
     );
     frontend::run(
-        args.http.frontend_config(),
+        args.http.frontend_config()?,
         listener,
         Arc::new(bus),
         shutdown,
@@ -120,26 +167,44 @@ pub async fn run_worker(
     args: crate::config::WorkerArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let model = load_from_args(&args.model, &args.runtime, &args.worker).await?;
-    let cfg = args.worker.worker_config();
-    let bus = NatsBus::connect(args.nats.settings(), &cfg.worker_id).await?;
+    let models = load_from_args(&args.model, &args.runtime, &args.worker).await?;
+    let mut cfg = args.worker.worker_config();
+    let settings = args.nats.settings();
+    // Report progress three times per ack-wait period, so a live job never looks dead.
+    cfg.progress_interval = (settings.ack_wait / 3).max(Duration::from_millis(200));
+    let bus = NatsBus::connect(settings, &cfg.worker_id).await?;
+    if let Some(port) = args.worker.metrics_port {
+        let listener = tokio::net::TcpListener::bind((args.worker.metrics_host.as_str(), port))
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot listen on {}:{port} for metrics: {e}",
+                    args.worker.metrics_host
+                )
+            })?;
+        tokio::spawn(serve_worker_metrics(
+            listener,
+            cfg.metrics.clone(),
+            shutdown.clone(),
+        ));
+    }
     eprintln!(
         "onnx-chat worker {} serving {} (NATS {})",
         cfg.worker_id,
-        model.info.name,
+        describe(&models),
         args.nats.url()
     );
-    worker::run(Arc::new(bus), vec![model], cfg, shutdown).await?;
+    worker::run(Arc::new(bus), models, cfg, shutdown).await?;
     Ok(())
 }
 
-/// `serve`: loads the model, then front end + worker over the in-process bus, or over NATS when
+/// `serve`: loads the models, then front end + worker over the in-process bus, or over NATS when
 /// `--nats-url` is given.
 pub async fn run_serve(
     args: crate::config::ServeArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let model = load_from_args(&args.model, &args.runtime, &args.worker).await?;
+    let models = load_from_args(&args.model, &args.runtime, &args.worker).await?;
     let bus: Arc<dyn Bus> = match &args.nats.nats_url {
         Some(_) => Arc::new(NatsBus::connect(args.nats.settings(), "onnx-chat-serve").await?),
         None => Arc::new(MemoryBus::new().with_max_queued(args.http.max_queued)),
@@ -154,19 +219,42 @@ pub async fn run_serve(
             )
         })?;
     eprintln!(
-        "onnx-chat serving {} ({}) at http://{}/v1 over the {} bus",
-        model.info.name,
-        model.info.quant,
+        "onnx-chat serving {} at http://{}/v1 over the {} bus",
+        describe(&models),
         listener.local_addr()?,
         bus.kind()
     );
     serve_on(
         bus,
-        vec![model],
-        args.http.frontend_config(),
+        models,
+        args.http.frontend_config()?,
         args.worker.worker_config(),
         listener,
         shutdown,
     )
     .await
+}
+
+/// A worker's own `/metrics` and `/health` (`worker --metrics-port`).
+pub async fn serve_worker_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<crate::worker::WorkerMetrics>,
+    shutdown: CancellationToken,
+) {
+    use warp::Filter;
+    let m = warp::path!("metrics").and(warp::get()).map(move || {
+        warp::reply::with_header(
+            metrics.render(),
+            "content-type",
+            "text/plain; version=0.0.4",
+        )
+    });
+    let health = warp::path!("health")
+        .and(warp::get())
+        .map(|| warp::reply::json(&serde_json::json!({"status": "ok"})));
+    warp::serve(m.or(health))
+        .incoming(listener)
+        .graceful(async move { shutdown.cancelled().await })
+        .run()
+        .await;
 }

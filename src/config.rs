@@ -8,8 +8,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::frontend::FrontendConfig;
 use crate::models::catalog::DEFAULT_MODEL;
-use crate::models::gemma3n::MediaLimits;
 use crate::models::loaded::LoadOptions;
+use crate::models::media::MediaLimits;
 use crate::openai::RequestLimits;
 use crate::pipeline::image::ImageLimits;
 use crate::worker::WorkerConfig;
@@ -26,9 +26,12 @@ pub struct Cli {
     /// Log filter (tracing EnvFilter syntax, e.g. `info,onnx_chat=debug`).
     #[arg(long, global = true, env = "ONNX_CHAT_LOG", default_value = "info")]
     pub log: String,
-    /// Log as JSON lines.
+    /// Log as JSON lines (same as `--log-format json`).
     #[arg(long, global = true, env = "ONNX_CHAT_LOG_JSON")]
     pub log_json: bool,
+    /// Log format: `text` or `json`.
+    #[arg(long, global = true, env = "ONNX_CHAT_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
+    pub log_format: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -46,15 +49,105 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Model: a local snapshot directory, a hub repo id (onnx-community/gemma-3n-E2B-it-ONNX), or a
-    /// display name (Gemma-3n-E2B-it-ONNX, Gemma-3n-E2B-it-ONNX/Q4_MIXED|QUANTIZED|FP16|FP32).
-    #[arg(long, env = "ONNX_CHAT_MODEL", default_value = DEFAULT_MODEL)]
-    pub model: String,
-    /// Quantization (Q4_MIXED, Q4, QUANTIZED, FP16, FP32, …); default: the model's default (Q4_MIXED).
-    #[arg(long, env = "ONNX_CHAT_QUANT")]
-    pub quant: Option<String>,
+    /// display name (Gemma-3n-E2B-it-ONNX[/Q4_MIXED|QUANTIZED|FP16|FP32], SmolVLM-256M-Instruct[/UINT8|…]).
+    /// Repeat it (or separate with commas) to serve several models from one process; requests pick one by
+    /// their `model`. `NAME=MODEL` sets the name clients use for that model.
+    #[arg(long, env = "ONNX_CHAT_MODEL", default_value = DEFAULT_MODEL, value_delimiter = ',')]
+    pub model: Vec<String>,
+    /// Quantization (Q4_MIXED, Q4, QUANTIZED, UINT8, FP16, FP32, …); default: each model's own (Gemma-3n
+    /// Q4_MIXED, SmolVLM UINT8). With several models: once for all, or once per --model in order.
+    #[arg(long, env = "ONNX_CHAT_QUANT", value_delimiter = ',')]
+    pub quant: Vec<String>,
     /// The name clients use in `model`; default: the directory name, or the display name for hub models.
-    #[arg(long, env = "ONNX_CHAT_SERVED_MODEL_NAME")]
-    pub served_model_name: Option<String>,
+    /// With several models: once per --model, in order (or use NAME=MODEL).
+    #[arg(long, env = "ONNX_CHAT_SERVED_MODEL_NAME", value_delimiter = ',')]
+    pub served_model_name: Vec<String>,
+}
+
+/// One model to load, as `--model`, `--quant` and `--served-model-name` give it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelChoice {
+    pub model: String,
+    pub quant: Option<String>,
+    pub served_name: Option<String>,
+}
+
+impl ModelArgs {
+    /// One model.
+    pub fn single(model: &str) -> Self {
+        Self {
+            model: vec![model.to_string()],
+            quant: Vec::new(),
+            served_model_name: Vec::new(),
+        }
+    }
+
+    /// Pairs every `--model` with its quantization and served name (see the flags' help).
+    pub fn choices(&self) -> Result<Vec<ModelChoice>, String> {
+        let models: Vec<&str> = self
+            .model
+            .iter()
+            .map(|m| m.trim())
+            .filter(|m| !m.is_empty())
+            .collect();
+        if models.is_empty() {
+            return Err("--model is empty".into());
+        }
+        let n = models.len();
+        let per_model = |flag: &str, values: &[String], one_for_all: bool| {
+            let values: Vec<String> = values
+                .iter()
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .collect();
+            match values.len() {
+                0 => Ok(vec![None; n]),
+                1 if one_for_all => Ok(vec![values.first().cloned(); n]),
+                k if k == n => Ok(values.into_iter().map(Some).collect()),
+                k => Err(format!(
+                    "{k} {flag} values for {n} --model values; give {}one per --model, in order",
+                    if one_for_all { "one for all or " } else { "" }
+                )),
+            }
+        };
+        let quants = per_model("--quant", &self.quant, true)?;
+        let names = per_model("--served-model-name", &self.served_model_name, false)?;
+        models
+            .into_iter()
+            .zip(quants)
+            .zip(names)
+            .map(|((spec, quant), flag_name)| {
+                let (inline_name, model) = split_named(spec);
+                let served_name = match (inline_name, flag_name) {
+                    (Some(a), Some(b)) if a != b => {
+                        return Err(format!(
+                        "--model {spec} names the model {a:?} but --served-model-name says {b:?}"
+                    ))
+                    }
+                    (Some(a), _) => Some(a.to_string()),
+                    (None, b) => b,
+                };
+                Ok(ModelChoice {
+                    model: model.to_string(),
+                    quant,
+                    served_name,
+                })
+            })
+            .collect()
+    }
+}
+
+/// `NAME=MODEL` → (Some(NAME), MODEL); a value that is an existing path is never split.
+fn split_named(spec: &str) -> (Option<&str>, &str) {
+    if std::path::Path::new(spec).exists() {
+        return (None, spec);
+    }
+    match spec.split_once('=') {
+        Some((name, model)) if !name.trim().is_empty() && !model.trim().is_empty() => {
+            (Some(name.trim()), model.trim())
+        }
+        _ => (None, spec),
+    }
 }
 
 #[derive(Debug, Clone, Args)]
@@ -74,9 +167,22 @@ pub struct HttpArgs {
     pub host: String,
     #[arg(long, env = "ONNX_CHAT_PORT", default_value_t = 8000)]
     pub port: u16,
-    /// Require `Authorization: Bearer <key>` on /v1/* requests.
-    #[arg(long, env = "ONNX_CHAT_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// Require `Authorization: Bearer <key>` on /v1/* requests. Repeat the flag (or separate keys
+    /// with commas) to accept several keys.
+    #[arg(
+        long,
+        env = "ONNX_CHAT_API_KEY",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_key: Vec<String>,
+    /// A file of accepted API keys, one per line (blank lines and `#` comments ignored).
+    #[arg(long, env = "ONNX_CHAT_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Origins allowed to call the API from a browser (CORS), e.g. https://app.example; `*` = any.
+    /// Off by default.
+    #[arg(long, env = "ONNX_CHAT_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    pub cors_allow_origin: Vec<String>,
     /// Largest request body, in bytes.
     #[arg(long, env = "ONNX_CHAT_MAX_BODY_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -122,16 +228,37 @@ impl std::fmt::Debug for HttpArgs {
         f.debug_struct("HttpArgs")
             .field("host", &self.host)
             .field("port", &self.port)
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_keys", &format!("<{} redacted>", self.api_key.len()))
+            .field("api_key_file", &self.api_key_file)
             .field("max_body_bytes", &self.max_body_bytes)
             .finish_non_exhaustive()
     }
 }
 
 impl HttpArgs {
-    pub fn frontend_config(&self) -> FrontendConfig {
-        FrontendConfig {
-            api_key: self.api_key.clone().filter(|k| !k.is_empty()),
+    /// The front-end settings; reads `--api-key-file`.
+    pub fn frontend_config(&self) -> anyhow::Result<FrontendConfig> {
+        let mut api_keys: Vec<String> = self
+            .api_key
+            .iter()
+            .filter(|k| !k.trim().is_empty())
+            .cloned()
+            .collect();
+        if let Some(path) = &self.api_key_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!("cannot read --api-key-file {}: {e}", path.display())
+            })?;
+            api_keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string),
+            );
+        }
+        Ok(FrontendConfig {
+            api_keys,
+            cors_allow_origins: self.cors_allow_origin.clone(),
+            extra_metrics: None,
             max_body_bytes: self.max_body_bytes,
             max_in_flight: self.max_in_flight.max(1),
             request_timeout: Duration::from_secs(self.request_timeout.max(1)),
@@ -148,12 +275,21 @@ impl HttpArgs {
                 max_audio_clips: self.max_audio_clips,
                 ..RequestLimits::default()
             },
-        }
+        })
     }
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct WorkerOpts {
+    /// Serve this worker's Prometheus metrics at http://HOST:PORT/metrics (`worker` only; under
+    /// `serve` they are part of the front end's /metrics).
+    #[arg(long, env = "ONNX_CHAT_METRICS_PORT")]
+    pub metrics_port: Option<u16>,
+    #[arg(long, env = "ONNX_CHAT_METRICS_HOST", default_value = "127.0.0.1")]
+    pub metrics_host: String,
+    /// This worker's id in heartbeats and logs (default: `worker-<random>`).
+    #[arg(long, env = "ONNX_CHAT_WORKER_ID")]
+    pub worker_id: Option<String>,
     /// Jobs a worker runs at once (they take turns on the model, one token each).
     #[arg(long, env = "ONNX_CHAT_MAX_CONCURRENT", default_value_t = 4)]
     pub max_concurrent: usize,
@@ -179,11 +315,15 @@ pub struct WorkerOpts {
 
 impl WorkerOpts {
     pub fn worker_config(&self) -> WorkerConfig {
-        WorkerConfig {
+        let mut cfg = WorkerConfig {
             max_concurrent: self.max_concurrent.max(1),
             drain_timeout: Duration::from_secs(self.drain_timeout),
             ..WorkerConfig::default()
+        };
+        if let Some(id) = self.worker_id.as_ref().filter(|i| !i.is_empty()) {
+            cfg.worker_id = id.clone();
         }
+        cfg
     }
 
     pub fn load_options(&self, rt: &RuntimeArgs) -> LoadOptions {
@@ -230,8 +370,10 @@ pub struct NatsArgs {
     /// Require TLS to NATS.
     #[arg(long, env = "ONNX_CHAT_NATS_TLS")]
     pub nats_tls: bool,
-    /// Seconds without an ack or progress before JetStream redelivers a job to another worker.
-    #[arg(long, env = "ONNX_CHAT_ACK_WAIT", default_value_t = 30)]
+    /// Seconds without an ack or progress before JetStream redelivers a job to another worker (a
+    /// running job reports progress three times per period, so this is how long a dead worker's job
+    /// waits before it moves).
+    #[arg(long, env = "ONNX_CHAT_ACK_WAIT", default_value_t = 10)]
     pub ack_wait: u64,
     /// Deliveries of one job before it is given up.
     #[arg(long, env = "ONNX_CHAT_MAX_DELIVER", default_value_t = 3)]
@@ -333,4 +475,88 @@ pub struct InspectArgs {
     pub json: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+#[cfg(test)]
+mod model_args_tests {
+    use super::*;
+
+    fn serve(args: &[&str]) -> ModelArgs {
+        let mut argv = vec!["onnx-chat", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(s) => s.model,
+            _ => unreachable!(),
+        }
+    }
+
+    fn choice(model: &str, quant: Option<&str>, name: Option<&str>) -> ModelChoice {
+        ModelChoice {
+            model: model.into(),
+            quant: quant.map(Into::into),
+            served_name: name.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn several_models_by_position_or_name() {
+        let one = serve(&[
+            "--model",
+            "m1",
+            "--quant",
+            "FP32",
+            "--served-model-name",
+            "x",
+        ]);
+        assert_eq!(
+            one.choices().unwrap(),
+            vec![choice("m1", Some("FP32"), Some("x"))]
+        );
+        let two = serve(&["--model", "m1", "--model", "smol=m2", "--quant", "FP32"]);
+        assert_eq!(
+            two.choices().unwrap(),
+            vec![
+                choice("m1", Some("FP32"), None),
+                choice("m2", Some("FP32"), Some("smol"))
+            ]
+        );
+        let two = serve(&[
+            "--model",
+            "m1,m2",
+            "--quant",
+            "FP32,UINT8",
+            "--served-model-name",
+            "a",
+            "--served-model-name",
+            "b",
+        ]);
+        assert_eq!(
+            two.choices().unwrap(),
+            vec![
+                choice("m1", Some("FP32"), Some("a")),
+                choice("m2", Some("UINT8"), Some("b"))
+            ]
+        );
+        let err = serve(&["--model", "m1", "--model", "m2", "--served-model-name", "a"])
+            .choices()
+            .unwrap_err();
+        assert!(err.contains("1 --served-model-name values for 2"), "{err}");
+        let err = serve(&["--model", "a=m1", "--served-model-name", "b"])
+            .choices()
+            .unwrap_err();
+        assert!(err.contains("--served-model-name"), "{err}");
+        // An existing path is never split at '='.
+        let dir = tempfile::tempdir().unwrap();
+        let odd = dir.path().join("x=y");
+        std::fs::create_dir(&odd).unwrap();
+        let path = odd.to_str().unwrap();
+        assert_eq!(
+            serve(&["--model", path]).choices().unwrap(),
+            vec![choice(path, None, None)]
+        );
+        assert_eq!(
+            ModelArgs::single("m").choices().unwrap(),
+            vec![choice("m", None, None)]
+        );
+    }
 }

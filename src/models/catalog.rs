@@ -8,19 +8,33 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Family {
     Gemma3n,
+    /// SmolVLM v1 (Idefics3 architecture: SigLIP tiles + pixel shuffle + Llama).
+    SmolVlm,
 }
 
 impl Family {
+    pub const ALL: &'static [Family] = &[Family::Gemma3n, Family::SmolVlm];
+
     pub fn from_model_type(model_type: &str) -> Option<Self> {
         match model_type {
             "gemma3n" => Some(Self::Gemma3n),
+            "idefics3" | "smolvlm" => Some(Self::SmolVlm),
             _ => None,
+        }
+    }
+
+    /// The `config.json` model types that select this family.
+    pub fn model_types(self) -> &'static [&'static str] {
+        match self {
+            Self::Gemma3n => &["gemma3n"],
+            Self::SmolVlm => &["idefics3", "smolvlm"],
         }
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Gemma3n => "gemma3n",
+            Self::SmolVlm => "smolvlm",
         }
     }
 
@@ -33,12 +47,47 @@ impl Family {
                 Component::VisionEncoder,
                 Component::AudioEncoder,
             ],
+            Self::SmolVlm => &[
+                Component::EmbedTokens,
+                Component::DecoderModelMerged,
+                Component::VisionEncoder,
+            ],
         }
     }
 
     pub fn default_quant(self) -> Quant {
         match self {
             Self::Gemma3n => Quant::Q4Mixed,
+            // The original server's default for SmolVLM (its smallest-first priority list starts with UINT8).
+            Self::SmolVlm => Quant::Uint8,
+        }
+    }
+
+    /// The quantization names this family accepts.
+    pub fn quants(self) -> &'static [Quant] {
+        match self {
+            Self::Gemma3n => &[
+                Quant::Q4Mixed,
+                Quant::Q4,
+                Quant::Q4F16,
+                Quant::Quantized,
+                Quant::Int8,
+                Quant::Uint8,
+                Quant::Bnb4,
+                Quant::Fp16,
+                Quant::Fp32,
+            ],
+            // model_interface.md §4.1: the original server's SmolVLM names (no Q4_MIXED).
+            Self::SmolVlm => &[
+                Quant::Fp32,
+                Quant::Fp16,
+                Quant::Int8,
+                Quant::Uint8,
+                Quant::Q4,
+                Quant::Q4F16,
+                Quant::Bnb4,
+                Quant::Quantized,
+            ],
         }
     }
 
@@ -55,11 +104,14 @@ impl Family {
 
     /// Suffixes to try, in order, when the preferred file is missing (model_interface.md §4.2 rule 3).
     pub fn candidate_suffixes(self, quant: Quant, component: Component) -> Vec<&'static str> {
-        let fallbacks: &[&str] = match component {
-            Component::EmbedTokens => &["_quantized", "_fp16", ""],
-            Component::VisionEncoder => &["_quantized", "_uint8", "_fp16", ""],
-            Component::AudioEncoder => &["_q4", "_quantized", "_fp16", ""],
-            Component::DecoderModelMerged => &["_q4", "_quantized", "_fp16", ""],
+        let fallbacks: &[&str] = match (self, component) {
+            // SmolVLM exports do not have every suffix for every graph (a public mirror of the repo has no
+            // `embed_tokens_quantized` and no `vision_encoder_uint8`): any 8-bit variant, then fp16, fp32.
+            (Self::SmolVlm, _) => &["_uint8", "_quantized", "_int8", "_fp16", ""],
+            (Self::Gemma3n, Component::EmbedTokens) => &["_quantized", "_fp16", ""],
+            (Self::Gemma3n, Component::VisionEncoder) => &["_quantized", "_uint8", "_fp16", ""],
+            (Self::Gemma3n, Component::AudioEncoder) => &["_q4", "_quantized", "_fp16", ""],
+            (Self::Gemma3n, Component::DecoderModelMerged) => &["_q4", "_quantized", "_fp16", ""],
         };
         let mut out = vec![self.preferred_suffix(quant, component)];
         for s in fallbacks {
@@ -189,11 +241,18 @@ pub struct CatalogEntry {
     pub family: Family,
 }
 
-pub const CATALOG: &[CatalogEntry] = &[CatalogEntry {
-    display: "Gemma-3n-E2B-it-ONNX",
-    repo: "onnx-community/gemma-3n-E2B-it-ONNX",
-    family: Family::Gemma3n,
-}];
+pub const CATALOG: &[CatalogEntry] = &[
+    CatalogEntry {
+        display: "Gemma-3n-E2B-it-ONNX",
+        repo: "onnx-community/gemma-3n-E2B-it-ONNX",
+        family: Family::Gemma3n,
+    },
+    CatalogEntry {
+        display: "SmolVLM-256M-Instruct",
+        repo: "HuggingFaceTB/SmolVLM-256M-Instruct",
+        family: Family::SmolVlm,
+    },
+];
 
 /// The model `make run` serves by default.
 pub const DEFAULT_MODEL: &str = "Gemma-3n-E2B-it-ONNX/Q4_MIXED";
@@ -227,6 +286,38 @@ mod tests {
             f.candidate_suffixes(Quant::Fp32, Component::VisionEncoder),
             vec!["", "_quantized", "_uint8", "_fp16"]
         );
+    }
+
+    #[test]
+    fn smolvlm_names_and_files() {
+        let f = Family::SmolVlm;
+        assert_eq!(Family::from_model_type("idefics3"), Some(f));
+        assert_eq!(Family::from_model_type("smolvlm"), Some(f));
+        assert_eq!(f.default_quant(), Quant::Uint8);
+        assert!(!f.quants().contains(&Quant::Q4Mixed));
+        for q in [
+            "FP32",
+            "FP16",
+            "INT8",
+            "UINT8",
+            "Q4",
+            "Q4_F16",
+            "BNB4",
+            "QUANTIZED",
+        ] {
+            assert!(f.quants().contains(&Quant::parse(q).unwrap()), "{q}");
+        }
+        assert_eq!(
+            f.candidate_suffixes(Quant::Bnb4, Component::VisionEncoder),
+            vec!["_bnb4", "_uint8", "_quantized", "_int8", "_fp16", ""]
+        );
+        assert_eq!(
+            f.preferred_suffix(Quant::Q4F16, Component::EmbedTokens),
+            "_q4f16"
+        );
+        let e = by_display("smolvlm-256m-instruct").unwrap();
+        assert_eq!(e.repo, "HuggingFaceTB/SmolVLM-256M-Instruct");
+        assert_eq!(by_repo(e.repo).unwrap().family, f);
     }
 
     #[test]

@@ -100,12 +100,12 @@ impl HubConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum HubError {
     #[error(
-        "{repo} is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set.\n  Download it once with network access (unset HF_HUB_OFFLINE), or serve a local snapshot directory: --model /path/to/dir (e.g. --model tests/fixtures/tiny-gemma3n)",
+        "{repo} is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set.\n  Download it once with network access (unset HF_HUB_OFFLINE), or serve a local snapshot directory: --model /path/to/dir (e.g. `make run MODEL=tests/fixtures/tiny-gemma3n`)",
         cache.display()
     )]
     NotCachedOffline { repo: String, cache: PathBuf },
     #[error(
-        "cannot reach the Hugging Face hub at {endpoint} for {repo} ({message}), and no cached snapshot is at {}.\n  Without a network, serve a local snapshot directory: --model /path/to/dir (e.g. --model tests/fixtures/tiny-gemma3n), or set HF_HUB_OFFLINE=1 with a filled cache",
+        "cannot reach the Hugging Face hub at {endpoint} for {repo} ({message}), and no cached snapshot is at {}.\n  Without a network, serve a local snapshot directory: --model /path/to/dir (e.g. `make run MODEL=tests/fixtures/tiny-gemma3n`), or set HF_HUB_OFFLINE=1 with a filled cache",
         cache.display()
     )]
     Unreachable {

@@ -12,9 +12,10 @@ use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::catalog::Family;
+use super::config_util::GenerationDefaults;
 use super::encoder_cache::CacheStats;
-use super::gemma3n::{GenerationDefaults, MediaLimits};
 use super::generate::{GenEvent, GenParams, Generation};
+use super::media::MediaLimits;
 use super::resolve::ResolvedModel;
 use super::{ChatModel, ModelError, PreparedInput, Prompt};
 use crate::engine::session::SessionOptions;
@@ -171,6 +172,7 @@ impl LoadedModel {
         let cache_stats = Arc::new(CacheStats::default());
         let loaded = match model.plan.family {
             Family::Gemma3n => super::gemma3n::load(model, opts, cache_stats.clone())?,
+            Family::SmolVlm => super::smolvlm::load(model, opts, cache_stats.clone())?,
         };
         let info = ModelInfo {
             name: model.served_name.clone(),
@@ -275,7 +277,11 @@ impl LoadedModel {
             },
             max_new_tokens: max_new,
             stop: job.stop.clone(),
-            eos_ids: d.eos_token_ids.clone(),
+            eos_ids: if job.ignore_eos {
+                vec![]
+            } else {
+                d.eos_token_ids.clone()
+            },
         })
     }
 

@@ -3,6 +3,9 @@
 //! - [`catalog`]: families, display names, quantization → file suffixes.
 //! - [`resolve`] and [`hub`]: from `--model` to files on disk (local snapshot, HF cache, download).
 //! - [`gemma3n`]: the Gemma-3n family (config, prompt building, the four graphs).
+//! - [`smolvlm`]: the SmolVLM / Idefics3 family (image splitting into tiles, the three graphs).
+//! - [`config_util`] and [`media`]: what families share: JSON helpers, generation defaults, media
+//!   limits and decoding.
 //! - [`generate`]: the family-agnostic generation loop (sampling, stop conditions, detokenization),
 //!   run as a step task on the model's owner thread.
 //! - [`loaded`]: a loaded model as the worker sees it: preprocess a job, then stream its generation.
@@ -11,12 +14,15 @@
 //! the loop does the rest.
 
 pub mod catalog;
+pub mod config_util;
 pub mod encoder_cache;
 pub mod gemma3n;
 pub mod generate;
 pub mod hub;
 pub mod loaded;
+pub mod media;
 pub mod resolve;
+pub mod smolvlm;
 
 use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
@@ -57,8 +63,11 @@ impl ModelError {
 pub struct ImageInput {
     /// Content hash of the encoded image bytes (the encoder-cache key).
     pub key: encoder_cache::MediaKey,
+    /// `frames` frames of `shape`, one after the other.
     pub pixel_values: Vec<f32>,
-    /// `[channels, height, width]`.
+    /// Frames the image became: 1, or its tiles plus the whole image for splitting processors (SmolVLM).
+    pub frames: usize,
+    /// `[channels, height, width]` of each frame.
     pub shape: [usize; 3],
 }
 

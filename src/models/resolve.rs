@@ -33,7 +33,7 @@ pub const REQUIRED_METADATA: &[&str] = &["config.json", "tokenizer.json"];
 pub enum ResolveError {
     #[error("{0}")]
     Spec(String),
-    #[error("{0}")]
+    #[error(transparent)]
     Hub(#[from] HubError),
     #[error("model {model}: {message}")]
     Files { model: String, message: String },
@@ -226,6 +226,18 @@ impl FilePlan {
         quant: Quant,
         files: &BTreeSet<String>,
     ) -> Result<Self, ResolveError> {
+        if !family.quants().contains(&quant) {
+            return Err(ResolveError::Spec(format!(
+                "model {model} ({} family) has no quantization {quant}; it has {}",
+                family.name(),
+                family
+                    .quants()
+                    .iter()
+                    .map(|q| q.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         for req in REQUIRED_METADATA {
             if !files.contains(*req) {
                 return Err(ResolveError::Files {
@@ -379,7 +391,15 @@ pub fn detect_family(model: &str, config_path: &Path) -> Result<Family, ResolveE
     let mt = v.get("model_type").and_then(|m| m.as_str()).unwrap_or("");
     Family::from_model_type(mt).ok_or_else(|| ResolveError::Files {
         model: model.to_string(),
-        message: format!("config.json has model_type {mt:?}; supported: gemma3n"),
+        message: format!(
+            "config.json has model_type {mt:?}; supported: {}",
+            Family::ALL
+                .iter()
+                .flat_map(|f| f.model_types())
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     })
 }
 
@@ -529,6 +549,12 @@ mod tests {
         assert_eq!(
             p.metadata,
             vec!["config.json", "tokenizer.json", "tokenizer_config.json"]
+        );
+
+        let err = FilePlan::choose("m", Family::SmolVlm, Quant::Q4Mixed, &files).unwrap_err();
+        assert!(
+            err.to_string().contains("no quantization Q4_MIXED"),
+            "{err}"
         );
 
         let no_decoder = listing(&["config.json", "tokenizer.json", "onnx/embed_tokens.onnx"]);

@@ -240,12 +240,39 @@ fn has_adobe_marker(bytes: &[u8]) -> bool {
     false
 }
 
-/// PIL's `convert("RGB")`: alpha dropped, grey replicated, 16-bit scaled to 8-bit.
+/// transformers' `convert_to_rgb`: an image with an alpha channel (or a transparency key, which the
+/// decoders expand to alpha) is composited onto white with Pillow's `alpha_composite` arithmetic;
+/// anything else is converted as Pillow's `convert("RGB")` does (grey replicated, 16-bit scaled).
 fn to_rgb_like_pil(img: DynamicImage) -> RgbImage {
     match img {
         DynamicImage::ImageRgb8(i) => i,
+        other if other.color().has_alpha() => {
+            let rgba = other.to_rgba8();
+            let (w, h) = rgba.dimensions();
+            let mut out = Vec::with_capacity((w * h * 3) as usize);
+            for p in rgba.pixels() {
+                let [r, g, b, a] = p.0;
+                out.extend_from_slice(&[over_white(r, a), over_white(g, a), over_white(b, a)]);
+            }
+            RgbImage::from_raw(w, h, out).expect("buffer size matches")
+        }
         other => other.to_rgb8(),
     }
+}
+
+/// One channel of Pillow's `ImagingAlphaComposite` with an opaque white destination: 7 extra bits of
+/// precision, divisions by 255 done as `((x >> 8) + x) >> 8` with rounding.
+fn over_white(c: u8, a: u8) -> u8 {
+    if a == 0 {
+        return 255;
+    }
+    const PRECISION_BITS: u32 = 7;
+    let (c, a) = (c as u32, a as u32);
+    // With an opaque destination `outa255` is 255·255, so coef1 = a·2^7 exactly.
+    let coef1 = a << PRECISION_BITS;
+    let coef2 = (255 << PRECISION_BITS) - coef1;
+    let tmp = c * coef1 + 255 * coef2 + (0x80 << PRECISION_BITS);
+    (((tmp >> 8) + tmp) >> 8 >> PRECISION_BITS) as u8
 }
 
 /// Per output pixel: first input index, and fixed-point weights.
@@ -337,16 +364,22 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
         return RgbImage::from_raw(width, height, horiz).expect("buffer size matches");
     }
     let c = coeffs(h0, h1, filter);
-    let mut out = vec![0u8; hw * h1 * 3];
-    for yy in 0..h1 {
+    let stride = hw * 3;
+    let mut out = vec![0u8; stride * h1];
+    // Row by row (whole input rows times one weight each): the same integer sums as Pillow's per-pixel
+    // loop, in an order that reads memory contiguously.
+    let mut acc = vec![0i64; stride];
+    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
         let (ymin, n) = c.bounds[yy];
         let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
-        for x in 0..hw * 3 {
-            let mut acc = rounding;
-            for (i, &kw) in k.iter().enumerate() {
-                acc += horiz[(ymin + i) * hw * 3 + x] as i64 * kw;
+        acc.fill(rounding);
+        for (row, &kw) in horiz[ymin * stride..].chunks_exact(stride).zip(k) {
+            for (a, &p) in acc.iter_mut().zip(row) {
+                *a += p as i64 * kw;
             }
-            out[yy * hw * 3 + x] = clip8(acc);
+        }
+        for (o, &a) in out_row.iter_mut().zip(&acc) {
+            *o = clip8(a);
         }
     }
     RgbImage::from_raw(width, height, out).expect("buffer size matches")

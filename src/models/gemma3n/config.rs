@@ -1,10 +1,13 @@
 //! The values of a Gemma-3n snapshot's JSON files that serving needs (model_interface.md §1.3–1.5):
-//! special token ids, soft-token counts, vocabulary and context sizes, and generation defaults.
+//! special token ids, soft-token counts, vocabulary and context sizes (generation defaults:
+//! [`crate::models::config_util::GenerationDefaults`]).
 
 use std::path::Path;
 
 use serde_json::Value;
 
+pub use crate::models::config_util::GenerationDefaults;
+use crate::models::config_util::{self, ids_of, read_json, read_json_opt};
 use crate::models::ModelError;
 
 /// Parsed `config.json` (+ `processor_config.json` counts) of a Gemma-3n model.
@@ -28,39 +31,8 @@ pub struct Gemma3nConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
-pub(crate) fn read_json(path: &Path) -> Result<Value, ModelError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ModelError::Config(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text)
-        .map_err(|e| ModelError::Config(format!("{}: invalid JSON: {e}", path.display())))
-}
-
-pub(crate) fn read_json_opt(path: &Path) -> Result<Option<Value>, ModelError> {
-    if path.exists() {
-        read_json(path).map(Some)
-    } else {
-        Ok(None)
-    }
-}
-
-/// An id field that may be a number or a list of numbers.
-pub(crate) fn ids_of(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => vec![],
-    }
-}
-
 fn u32_field(v: &Value, key: &str) -> Result<u32, ModelError> {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .map(|x| x as u32)
-        .ok_or_else(|| ModelError::Config(format!("config.json has no integer {key:?}")))
+    config_util::u32_field(v, key, "config.json")
 }
 
 impl Gemma3nConfig {
@@ -117,76 +89,5 @@ impl Gemma3nConfig {
                 .map(|x| x as u32),
             eos_token_ids: eos,
         })
-    }
-}
-
-/// Sampling defaults from `generation_config.json`; a request's own values win.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationDefaults {
-    /// `do_sample: false` → 0 (greedy).
-    pub temperature: f32,
-    pub top_p: f32,
-    pub top_k: u32,
-    pub min_p: f32,
-    pub repetition_penalty: f32,
-    pub eos_token_ids: Vec<u32>,
-}
-
-impl GenerationDefaults {
-    /// Reads `generation_config.json` when present; `fallback_eos` comes from `config.json`.
-    pub fn load(dir: &Path, fallback_eos: &[u32]) -> Result<Self, ModelError> {
-        let g = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
-        let f = |k: &str, d: f64| g.get(k).and_then(Value::as_f64).unwrap_or(d) as f32;
-        let do_sample = g.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
-        let mut eos = ids_of(g.get("eos_token_id"));
-        if eos.is_empty() {
-            eos = fallback_eos.to_vec();
-        }
-        Ok(Self {
-            temperature: if do_sample {
-                f("temperature", 1.0)
-            } else {
-                0.0
-            },
-            top_p: f("top_p", 1.0),
-            top_k: g.get("top_k").and_then(Value::as_u64).unwrap_or(0) as u32,
-            min_p: f("min_p", 0.0),
-            repetition_penalty: f("repetition_penalty", 1.0),
-            eos_token_ids: eos,
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn generation_defaults() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("generation_config.json"),
-            r#"{"do_sample": true, "temperature": 1.0, "top_k": 64, "top_p": 0.95, "eos_token_id": [1, 106]}"#,
-        )
-        .unwrap();
-        let g = GenerationDefaults::load(dir.path(), &[7]).unwrap();
-        assert_eq!(g.top_k, 64);
-        assert_eq!(g.eos_token_ids, vec![1, 106]);
-        assert_eq!(g.temperature, 1.0);
-        std::fs::write(
-            dir.path().join("generation_config.json"),
-            r#"{"eos_token_id": 5}"#,
-        )
-        .unwrap();
-        let g = GenerationDefaults::load(dir.path(), &[7]).unwrap();
-        assert_eq!(g.temperature, 0.0);
-        assert_eq!(g.eos_token_ids, vec![5]);
-        let empty = tempfile::tempdir().unwrap();
-        assert_eq!(
-            GenerationDefaults::load(empty.path(), &[7])
-                .unwrap()
-                .eos_token_ids,
-            vec![7]
-        );
     }
 }

@@ -12,9 +12,11 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-pub use config::{Gemma3nConfig, GenerationDefaults};
+pub use crate::models::config_util::GenerationDefaults;
+pub use crate::models::media::MediaLimits;
+pub use config::Gemma3nConfig;
 pub use model::Gemma3nModel;
-pub use preprocess::{MediaDecoder, MediaLimits};
+pub use preprocess::MediaDecoder;
 pub use prompt::Gemma3nPrompter;
 
 use super::encoder_cache::{CacheStats, EncoderCache};

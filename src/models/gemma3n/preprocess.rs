@@ -4,34 +4,15 @@
 
 use std::path::Path;
 
-use base64::Engine as _;
 use serde_json::Value;
 
 use crate::error::{ClassifiedError, ErrorClass};
-use crate::models::gemma3n::config::read_json_opt;
+use crate::models::config_util::read_json_opt;
+use crate::models::media::{decode_image, media_bytes, MediaLimits};
 use crate::models::{AudioInput, ImageInput, ModelError};
 use crate::pipeline::audio::{self, AudioError, MelConfig, MelExtractor};
-use crate::pipeline::image::{self, Filter, ImageError, ImageLimits};
+use crate::pipeline::image::{self, Filter};
 use crate::protocol::MediaSource;
-
-/// Limits on media in one request.
-#[derive(Debug, Clone)]
-pub struct MediaLimits {
-    pub image: ImageLimits,
-    pub max_audio_bytes: usize,
-    /// Longer clips are rejected (the encoder takes 30 s per clip).
-    pub max_audio_seconds: f64,
-}
-
-impl Default for MediaLimits {
-    fn default() -> Self {
-        Self {
-            image: ImageLimits::default(),
-            max_audio_bytes: 25 * 1024 * 1024,
-            max_audio_seconds: 30.0,
-        }
-    }
-}
 
 /// Image settings of a SigLIP-style processor.
 #[derive(Debug, Clone)]
@@ -115,58 +96,21 @@ impl MediaDecoder {
         })
     }
 
-    fn bytes(
-        &self,
-        what: &str,
-        index: usize,
-        source: &MediaSource,
-        max: usize,
-    ) -> Result<Vec<u8>, ClassifiedError> {
-        match source {
-            MediaSource::Inline { data } => {
-                // 4 base64 chars carry 3 bytes: reject oversized data before decoding it.
-                if data.len() / 4 * 3 > max + 3 {
-                    return Err(ClassifiedError::new(
-                        ErrorClass::PayloadTooLarge,
-                        format!("{what} {index} is larger than the limit of {max} bytes"),
-                    )
-                    .with_param("messages"));
-                }
-                let cleaned: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
-                base64::engine::general_purpose::STANDARD
-                    .decode(cleaned.as_bytes())
-                    .or_else(|_| base64::engine::general_purpose::STANDARD_NO_PAD.decode(cleaned.as_bytes()))
-                    .map_err(|e| ClassifiedError::invalid("messages", format!("{what} {index} is not valid base64: {e}")))
-            }
-            MediaSource::ObjectStore { bucket, key, .. } => Err(ClassifiedError::new(
-                ErrorClass::Internal,
-                format!("{what} {index} is in object store {bucket}/{key}, which must be fetched before preprocessing"),
-            )),
-        }
-    }
-
     /// Decodes and preprocesses image number `index` of the request.
     pub fn image(&self, index: usize, source: &MediaSource) -> Result<ImageInput, ClassifiedError> {
-        let bytes = self.bytes("image", index, source, self.limits.image.max_bytes)?;
+        let bytes = media_bytes("image", index, source, self.limits.image.max_bytes)?;
         self.image_bytes(index, &bytes)
     }
 
     pub fn image_bytes(&self, index: usize, bytes: &[u8]) -> Result<ImageInput, ClassifiedError> {
-        let rgb = image::decode_rgb(bytes, &self.limits.image).map_err(|e| {
-            let class = match e {
-                ImageError::TooLarge { .. } | ImageError::TooManyPixels { .. } => {
-                    ErrorClass::PayloadTooLarge
-                }
-                ImageError::Unsupported(_) | ImageError::Corrupt(_) => ErrorClass::InvalidRequest,
-            };
-            ClassifiedError::new(class, format!("image {index}: {e}")).with_param("messages")
-        })?;
+        let rgb = decode_image(index, bytes, &self.limits.image)?;
         let p = &self.image;
         let resized = image::resize(&rgb, p.width, p.height, p.filter);
         let pixel_values = image::to_chw(&resized, p.rescale.unwrap_or(1.0), p.normalize);
         Ok(ImageInput {
             key: crate::models::encoder_cache::media_key("image", bytes),
             pixel_values,
+            frames: 1,
             shape: [3, p.height as usize, p.width as usize],
         })
     }
@@ -178,7 +122,7 @@ impl MediaDecoder {
         source: &MediaSource,
         format: Option<&str>,
     ) -> Result<AudioInput, ClassifiedError> {
-        let bytes = self.bytes("audio clip", index, source, self.limits.max_audio_bytes)?;
+        let bytes = media_bytes("audio clip", index, source, self.limits.max_audio_bytes)?;
         self.audio_bytes(index, &bytes, format)
     }
 

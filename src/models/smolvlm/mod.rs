@@ -1,0 +1,130 @@
+//! The SmolVLM family (`model_type: idefics3` or `smolvlm`; HuggingFaceTB/SmolVLM-256M-Instruct):
+//! `config.json` values ([`config`]), prompt building with the Idefics3 image layout ([`prompt`]), image
+//! splitting into tiles plus a global frame ([`preprocess`]), the three ONNX graphs ([`model`]), and the
+//! backend that wires them for serving ([`load`]).
+
+pub mod config;
+pub mod model;
+pub mod preprocess;
+pub mod prompt;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+pub use config::SmolVlmConfig;
+pub use model::SmolVlmModel;
+pub use preprocess::{SmolVlmMedia, SplitImage};
+pub use prompt::SmolVlmPrompter;
+
+use super::config_util::GenerationDefaults;
+use super::encoder_cache::{CacheStats, EncoderCache};
+use super::generate::{GenEvent, GenParams};
+use super::loaded::{load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, Runner};
+use super::resolve::ResolvedModel;
+use super::{catalog::Component, ModelError, PreparedInput, Prompt};
+use crate::error::ClassifiedError;
+use crate::protocol::{ChatMessage, ContentPart, Job, MediaSource};
+
+struct Backend {
+    prompter: SmolVlmPrompter,
+    media: SmolVlmMedia,
+    runner: Runner<SmolVlmModel>,
+}
+
+/// The image sources of a conversation, in order.
+fn image_sources(messages: &[ChatMessage]) -> impl Iterator<Item = &MediaSource> {
+    messages
+        .iter()
+        .flat_map(|m| m.content.iter())
+        .filter_map(|p| match p {
+            ContentPart::Image { source } => Some(source),
+            _ => None,
+        })
+}
+
+impl FamilyBackend for Backend {
+    /// The prompt depends on each image's tile layout, so the images are decoded (not resized) here.
+    fn prompt(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError> {
+        let layouts = image_sources(messages)
+            .enumerate()
+            .map(|(i, source)| self.media.layout(i, source))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ModelError::Request)?;
+        self.prompter.build(messages, &layouts)
+    }
+
+    fn prepare_input(&self, job: &Job) -> Result<PreparedInput, ClassifiedError> {
+        let images = image_sources(&job.messages)
+            .enumerate()
+            .map(|(i, source)| self.media.image(i, source))
+            .collect::<Result<Vec<SplitImage>, _>>()?;
+        let layouts: Vec<(usize, usize)> = images.iter().map(|i| (i.rows, i.cols)).collect();
+        let prompt = self
+            .prompter
+            .build(&job.messages, &layouts)
+            .map_err(ModelError::into_classified)?;
+        Ok(PreparedInput {
+            ids: prompt.ids,
+            images: images.into_iter().map(|i| i.input).collect(),
+            audio: Vec::new(),
+        })
+    }
+
+    fn start(
+        &self,
+        input: PreparedInput,
+        params: GenParams,
+        events: UnboundedSender<GenEvent>,
+        cancel: Arc<AtomicBool>,
+    ) -> Result<(), ClassifiedError> {
+        self.runner.start(input, params, events, cancel)
+    }
+}
+
+/// Loads a SmolVLM snapshot: configs, tokenizer, template, image processor, and the graphs on their
+/// owner thread. Generation stops at the configured end ids and at `<end_of_utterance>` (every turn of
+/// the chat template ends with it; the configs name only the text model's end id).
+pub fn load(
+    model: &ResolvedModel,
+    opts: &LoadOptions,
+    stats: Arc<CacheStats>,
+) -> Result<LoadedFamily, ModelError> {
+    let dir = &model.root;
+    let cfg = SmolVlmConfig::load(dir)?;
+    let tokenizer = Arc::new(load_tokenizer(dir)?);
+    let eou = tokenizer
+        .token_to_id(prompt::END_OF_UTTERANCE)
+        .ok_or_else(|| {
+            ModelError::Tokenizer(format!(
+                "the tokenizer has no {} token, which ends every turn",
+                prompt::END_OF_UTTERANCE
+            ))
+        })?;
+    let defaults = GenerationDefaults::load(dir, &cfg.eos_token_ids)?.with_eos([eou]);
+    let prompter = SmolVlmPrompter::new(dir, &cfg, tokenizer.clone())?;
+    let media = SmolVlmMedia::new(dir, opts.media.clone())?;
+    let tile = media.processing().tile as usize;
+    let runner = {
+        let model = model.clone();
+        let cfg = cfg.clone();
+        let sess = opts.session.clone();
+        let cache = EncoderCache::new(opts.encoder_cache_bytes, stats);
+        Runner::spawn(&model.served_name.clone(), tokenizer.clone(), move || {
+            SmolVlmModel::load(&model, cfg, tile, &sess, cache)
+        })?
+    };
+    Ok(LoadedFamily {
+        backend: Box::new(Backend {
+            prompter,
+            media,
+            runner,
+        }),
+        tokenizer,
+        defaults,
+        context_length: cfg.context_length,
+        vision: model.plan.graph(Component::VisionEncoder).is_some(),
+        audio: false,
+    })
+}

@@ -1,0 +1,540 @@
+//! The three SmolVLM graphs and how one sequence runs through them (model_interface.md §2.3, §2.5).
+//!
+//! Prefill: `embed_tokens(input_ids)`; the vision encoder once for every frame of the request's images
+//! not in the encoder cache (`pixel_values [1, frames, 3, H, W]` padded to the largest frame, with a bool
+//! `pixel_attention_mask` true on real pixels); its rows replace, in order, the embeddings at the `<image>`
+//! positions; then `decoder_model_merged` with an empty cache. Decode: one id through `embed_tokens`, then
+//! the decoder with the cache. The decoder always gets the full `attention_mask` (ones over past + new
+//! positions; the model card's one-column mask on decode steps is a known bug) and 0-based `position_ids`.
+//! Inputs are fed by name, cast to the element type each session declares; optional decoder inputs only
+//! when declared; any other declared input fails the load.
+
+use std::borrow::Cow;
+
+use ort::session::SessionInputValue;
+use ort::value::DynValue;
+
+use super::config::SmolVlmConfig;
+use crate::engine::kv::{KvCache, KvLayout, PAST_PREFIX};
+use crate::engine::session::{ElemType, GraphSession, SessionOptions};
+use crate::engine::tensor::{self, FloatData};
+use crate::engine::EngineError;
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::models::catalog::Component;
+use crate::models::encoder_cache::EncoderCache;
+use crate::models::resolve::ResolvedModel;
+use crate::models::{ChatModel, ImageInput, ModelError, PreparedInput};
+
+const IMAGE_OUT: &str = "image_features";
+const DECODER_INPUTS: &[&str] = &[
+    "inputs_embeds",
+    "attention_mask",
+    "position_ids",
+    "num_logits_to_keep",
+    "use_cache_branch",
+];
+
+/// Loaded sessions plus what was learnt about them at load time.
+pub struct SmolVlmModel {
+    embed: GraphSession,
+    decoder: GraphSession,
+    vision: Option<Vision>,
+    kv: KvLayout,
+    cfg: SmolVlmConfig,
+    ids_type: ElemType,
+    embeds_type: ElemType,
+    vocab: usize,
+    cache: EncoderCache,
+}
+
+struct Vision {
+    session: GraphSession,
+    /// `pixel_values` is `[batch, frames, 3, H, W]` (the SmolVLM export) rather than `[frames, 3, H, W]`.
+    batched: bool,
+    pixel_type: ElemType,
+    /// Element type of `pixel_attention_mask` when the graph takes one.
+    mask_type: Option<ElemType>,
+}
+
+/// One sequence: its cache (whose length is the next position).
+pub struct SmolVlmSeq {
+    cache: KvCache,
+}
+
+type Inputs<'v> = Vec<(Cow<'static, str>, SessionInputValue<'v>)>;
+
+fn interface(g: &GraphSession, message: String) -> ModelError {
+    EngineError::Interface {
+        component: g.component.clone(),
+        path: g.path.clone(),
+        message,
+    }
+    .into()
+}
+
+/// Fails when the graph declares an input this driver would not feed.
+fn only_known_inputs(g: &GraphSession, known: &[&str]) -> Result<(), ModelError> {
+    let unknown: Vec<&str> = g
+        .inputs
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| !known.contains(n) && !n.starts_with(PAST_PREFIX))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(interface(
+        g,
+        format!(
+            "inputs {unknown:?} are not fed by the SmolVLM driver; expected only {known:?}{}; the graph declares {:?}",
+            if g.component == "decoder_model_merged" {
+                " and past_key_values.*"
+            } else {
+                ""
+            },
+            g.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>()
+        ),
+    ))
+}
+
+fn int_type(g: &GraphSession, name: &str) -> Result<Option<ElemType>, ModelError> {
+    match g.input(name).map(|i| i.dtype) {
+        None => Ok(None),
+        Some(t @ (ElemType::I64 | ElemType::I32)) => Ok(Some(t)),
+        Some(t) => Err(interface(
+            g,
+            format!("{name} is {t}, expected int64 or int32"),
+        )),
+    }
+}
+
+fn int_value(ty: ElemType, shape: &[i64], data: Vec<i64>) -> Result<DynValue, EngineError> {
+    match ty {
+        ElemType::I32 => Ok(ort::value::Tensor::from_array((
+            shape.to_vec(),
+            data.into_iter().map(|v| v as i32).collect::<Vec<_>>(),
+        ))
+        .map_err(tensor::tensor_err)?
+        .into_dyn()),
+        _ => tensor::i64_value(shape, data),
+    }
+}
+
+impl SmolVlmModel {
+    /// Loads and checks the graphs; `tile` is the frame side the image processor produces.
+    pub fn load(
+        model: &ResolvedModel,
+        cfg: SmolVlmConfig,
+        tile: usize,
+        opts: &SessionOptions,
+        cache: EncoderCache,
+    ) -> Result<Self, ModelError> {
+        let load = |c: Component| -> Result<Option<GraphSession>, ModelError> {
+            match model.graph_path(c) {
+                Some(p) => Ok(Some(GraphSession::load(c.file_stem(), &p, opts)?)),
+                None => Ok(None),
+            }
+        };
+        let missing = |c: Component| ModelError::Config(format!("no {c} graph"));
+        let embed = load(Component::EmbedTokens)?.ok_or_else(|| missing(Component::EmbedTokens))?;
+        let decoder = load(Component::DecoderModelMerged)?
+            .ok_or_else(|| missing(Component::DecoderModelMerged))?;
+        let vision = load(Component::VisionEncoder)?;
+
+        embed.require(&["input_ids"], &["inputs_embeds"])?;
+        only_known_inputs(&embed, &["input_ids"])?;
+        decoder.require(&["inputs_embeds"], &["logits"])?;
+        only_known_inputs(&decoder, DECODER_INPUTS)?;
+        int_type(&decoder, "attention_mask")?;
+        int_type(&decoder, "position_ids")?;
+        let ids_type = int_type(&embed, "input_ids")?.unwrap_or(ElemType::I64);
+        let embeds_type = decoder.input_type("inputs_embeds")?;
+        if !embeds_type.is_float() {
+            return Err(interface(
+                &decoder,
+                format!("inputs_embeds is {embeds_type}, expected a float type"),
+            ));
+        }
+        let width = |io: Option<&crate::engine::session::IoSpec>| {
+            io.and_then(|i| i.dims.last().copied().flatten())
+        };
+        for (g, io) in [
+            (&embed, embed.output("inputs_embeds")),
+            (&decoder, decoder.input("inputs_embeds")),
+        ] {
+            if let Some(h) = width(io) {
+                if h as usize != cfg.hidden_size {
+                    return Err(interface(
+                        g,
+                        format!(
+                            "inputs_embeds has width {h}; config.json text_config.hidden_size is {}",
+                            cfg.hidden_size
+                        ),
+                    ));
+                }
+            }
+        }
+        let vocab = width(decoder.output("logits"))
+            .map(|v| v as usize)
+            .unwrap_or(cfg.vocab_size);
+        let vision = vision
+            .map(|v| Self::check_vision(v, &cfg, tile))
+            .transpose()?;
+        let kv = KvLayout::from_decoder(&decoder)?;
+        if kv.slots.is_empty() {
+            return Err(interface(
+                &decoder,
+                "the decoder declares no past_key_values.* inputs (a merged decoder with a cache is expected)"
+                    .into(),
+            ));
+        }
+        tracing::info!(
+            kv_tensors = kv.slots.len(),
+            kv_dtype = %kv.dtype().map(|d| d.name()).unwrap_or_default(),
+            embeds = %embeds_type,
+            vision = vision.is_some(),
+            image_seq_len = cfg.image_seq_len,
+            "smolvlm graphs loaded"
+        );
+        Ok(Self {
+            embed,
+            decoder,
+            vision,
+            kv,
+            cfg,
+            ids_type,
+            embeds_type,
+            vocab,
+            cache,
+        })
+    }
+
+    fn check_vision(
+        v: GraphSession,
+        cfg: &SmolVlmConfig,
+        tile: usize,
+    ) -> Result<Vision, ModelError> {
+        v.require(&["pixel_values"], &[IMAGE_OUT])?;
+        only_known_inputs(&v, &["pixel_values", "pixel_attention_mask"])?;
+        let pv = v.input("pixel_values").map(|i| (i.dtype, i.dims.clone()));
+        let Some((pixel_type, dims)) = pv else {
+            return Err(interface(&v, "no pixel_values input".into()));
+        };
+        if !pixel_type.is_float() {
+            return Err(interface(
+                &v,
+                format!("pixel_values is {pixel_type}, expected a float type"),
+            ));
+        }
+        let batched = match dims.len() {
+            5 => true,
+            4 => false,
+            n => {
+                return Err(interface(
+                    &v,
+                    format!("pixel_values has rank {n}; expected [batch, frames, 3, H, W] or [frames, 3, H, W]"),
+                ))
+            }
+        };
+        for d in dims.iter().rev().take(2).flatten() {
+            if *d as usize != tile {
+                return Err(interface(
+                    &v,
+                    format!(
+                        "pixel_values takes {d}-pixel frames; preprocessor_config.json max_image_size.longest_edge is {tile}"
+                    ),
+                ));
+            }
+        }
+        let mask_type = match v.input("pixel_attention_mask").map(|i| i.dtype) {
+            None => None,
+            Some(t @ (ElemType::Bool | ElemType::I64)) => Some(t),
+            Some(t) => {
+                return Err(interface(
+                    &v,
+                    format!("pixel_attention_mask is {t}, expected bool or int64"),
+                ))
+            }
+        };
+        if let Some(out) = v.output(IMAGE_OUT) {
+            if let Some(Some(h)) = out.dims.last() {
+                if *h as usize != cfg.hidden_size {
+                    return Err(interface(
+                        &v,
+                        format!(
+                            "{IMAGE_OUT} rows have width {h}; config.json text_config.hidden_size is {}",
+                            cfg.hidden_size
+                        ),
+                    ));
+                }
+            }
+            if out.dims.len() == 3 {
+                if let Some(n) = out.dims[1] {
+                    if n as usize != cfg.image_seq_len {
+                        return Err(interface(
+                            &v,
+                            format!(
+                                "{IMAGE_OUT} has {n} rows per frame but the processor's image_seq_len is {}",
+                                cfg.image_seq_len
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(Vision {
+            session: v,
+            batched,
+            pixel_type,
+            mask_type,
+        })
+    }
+
+    pub fn config(&self) -> &SmolVlmConfig {
+        &self.cfg
+    }
+
+    fn embed(&mut self, ids: &[u32]) -> Result<DynValue, EngineError> {
+        let ids = int_value(
+            self.ids_type,
+            &[1, ids.len() as i64],
+            ids.iter().map(|&i| i as i64).collect(),
+        )?;
+        let inputs: Inputs = vec![(Cow::Borrowed("input_ids"), ids.into())];
+        let mut out = self
+            .embed
+            .session
+            .run(inputs)
+            .map_err(|e| EngineError::run("embed_tokens", e))?;
+        out.remove("inputs_embeds")
+            .ok_or_else(|| EngineError::run("embed_tokens", "no inputs_embeds output"))
+    }
+
+    /// Image features for every image of the request, in order: cached ones from the encoder cache,
+    /// the rest from one `vision_encoder` run over all their frames.
+    fn encode_images(&mut self, images: &[ImageInput]) -> Result<FloatData, ModelError> {
+        let Some(vision) = self.vision.as_mut() else {
+            return Err(ModelError::Request(ClassifiedError::invalid(
+                "messages",
+                "this model has no vision encoder, so it cannot take images",
+            )));
+        };
+        let mut per_image: Vec<Option<Vec<f32>>> = images
+            .iter()
+            .map(|img| self.cache.get(&img.key).map(|f| f.to_f32_vec()))
+            .collect();
+        let missing: Vec<&ImageInput> = images
+            .iter()
+            .zip(&per_image)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(img, _)| img)
+            .collect();
+        if !missing.is_empty() {
+            let rows = run_vision(vision, &missing)?;
+            let frames: usize = missing.iter().map(|i| i.frames).sum();
+            let hidden = self.cfg.hidden_size;
+            let per_frame = rows.len() / frames.max(1);
+            if frames == 0
+                || rows.len() % frames != 0
+                || per_frame != self.cfg.image_seq_len * hidden
+            {
+                return Err(ModelError::Request(ClassifiedError::new(
+                    ErrorClass::Internal,
+                    format!(
+                        "the vision encoder returned {} values for {frames} frames; expected {} rows of {hidden} per frame",
+                        rows.len(),
+                        self.cfg.image_seq_len
+                    ),
+                )));
+            }
+            let mut at = 0;
+            let mut fill = per_image.iter_mut().filter(|hit| hit.is_none());
+            for img in missing {
+                let n = img.frames * per_frame;
+                let feats = rows[at..at + n].to_vec();
+                at += n;
+                self.cache.put(img.key, FloatData::F32(feats.clone()));
+                if let Some(slot) = fill.next() {
+                    *slot = Some(feats);
+                }
+            }
+        }
+        Ok(FloatData::F32(
+            per_image.into_iter().flatten().flatten().collect(),
+        ))
+    }
+
+    /// The decoder on `embeds` at positions `cache.len ..`; returns the last position's logits.
+    fn run_decoder(
+        &mut self,
+        embeds: DynValue,
+        n: usize,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, ModelError> {
+        let start = cache.len as i64;
+        let total = cache.len + n;
+        let embeds = tensor::cast_value(embeds, self.embeds_type)?;
+        let mut inputs: Inputs = Vec::with_capacity(5 + self.kv.slots.len());
+        inputs.push((Cow::Borrowed("inputs_embeds"), embeds.into()));
+        if let Some(ty) = int_type(&self.decoder, "attention_mask")? {
+            inputs.push((
+                Cow::Borrowed("attention_mask"),
+                int_value(ty, &[1, total as i64], vec![1; total])?.into(),
+            ));
+        }
+        if let Some(ty) = int_type(&self.decoder, "position_ids")? {
+            inputs.push((
+                Cow::Borrowed("position_ids"),
+                int_value(ty, &[1, n as i64], (start..start + n as i64).collect())?.into(),
+            ));
+        }
+        if self.decoder.has_input("num_logits_to_keep") {
+            inputs.push((
+                Cow::Borrowed("num_logits_to_keep"),
+                tensor::i64_value(&[], vec![1])?.into(),
+            ));
+        }
+        if self.decoder.has_input("use_cache_branch") {
+            inputs.push((
+                Cow::Borrowed("use_cache_branch"),
+                tensor::bool_value(&[1], vec![cache.len > 0])?.into(),
+            ));
+        }
+        for (slot, value) in self.kv.slots.iter().zip(cache.values.iter()) {
+            inputs.push((Cow::Owned(slot.past.clone()), value.into()));
+        }
+        let mut out = self
+            .decoder
+            .session
+            .run(inputs)
+            .map_err(|e| EngineError::run("decoder_model_merged", e))?;
+        let logits = {
+            let l = out
+                .get("logits")
+                .ok_or_else(|| EngineError::run("decoder_model_merged", "no logits output"))?;
+            tensor::last_row_f32(l, self.vocab)?
+        };
+        cache.update(&self.kv, &mut out, n)?;
+        Ok(logits)
+    }
+}
+
+/// One vision-encoder run over the frames of `images`, padded to the largest frame; returns the rows
+/// flattened.
+fn run_vision(vision: &mut Vision, images: &[&ImageInput]) -> Result<Vec<f32>, ModelError> {
+    let frames: usize = images.iter().map(|i| i.frames).sum();
+    let (h, w) = images
+        .iter()
+        .fold((0, 0), |(h, w), i| (h.max(i.shape[1]), w.max(i.shape[2])));
+    let mut pixels = vec![0f32; frames * 3 * h * w];
+    let mut mask = vec![false; frames * h * w];
+    let mut f = 0;
+    for img in images {
+        let [c, ih, iw] = img.shape;
+        if c != 3 || ih == 0 || iw == 0 || img.pixel_values.len() != img.frames * c * ih * iw {
+            return Err(ModelError::Request(ClassifiedError::new(
+                ErrorClass::Internal,
+                format!(
+                    "an image has {} pixel values for {} frames of {:?}",
+                    img.pixel_values.len(),
+                    img.frames,
+                    img.shape
+                ),
+            )));
+        }
+        for frame in img.pixel_values.chunks_exact(c * ih * iw) {
+            for ch in 0..c {
+                for y in 0..ih {
+                    let src = &frame[(ch * ih + y) * iw..(ch * ih + y + 1) * iw];
+                    let dst = ((f * 3 + ch) * h + y) * w;
+                    pixels[dst..dst + iw].copy_from_slice(src);
+                }
+            }
+            for y in 0..ih {
+                let dst = (f * h + y) * w;
+                mask[dst..dst + iw].fill(true);
+            }
+            f += 1;
+        }
+    }
+    let (n, h, w) = (frames as i64, h as i64, w as i64);
+    let (pshape, mshape) = if vision.batched {
+        (vec![1, n, 3, h, w], vec![1, n, h, w])
+    } else {
+        (vec![n, 3, h, w], vec![n, h, w])
+    };
+    let mut inputs: Inputs = vec![(
+        Cow::Borrowed("pixel_values"),
+        tensor::float_value(vision.pixel_type, &pshape, pixels)?.into(),
+    )];
+    match vision.mask_type {
+        Some(ElemType::I64) => inputs.push((
+            Cow::Borrowed("pixel_attention_mask"),
+            tensor::i64_value(&mshape, mask.into_iter().map(i64::from).collect())?.into(),
+        )),
+        Some(_) => inputs.push((
+            Cow::Borrowed("pixel_attention_mask"),
+            tensor::bool_value(&mshape, mask)?.into(),
+        )),
+        None => {}
+    }
+    let component = vision.session.component.clone();
+    let mut out = vision
+        .session
+        .session
+        .run(inputs)
+        .map_err(|e| EngineError::run(&component, e))?;
+    let v = out
+        .remove(IMAGE_OUT)
+        .ok_or_else(|| EngineError::run(&component, format!("no {IMAGE_OUT} output")))?;
+    Ok(tensor::extract_floats(&v)?.0.to_f32_vec())
+}
+
+impl ChatModel for SmolVlmModel {
+    type Seq = SmolVlmSeq;
+
+    fn prefill(&mut self, input: &PreparedInput) -> Result<(SmolVlmSeq, Vec<f32>), ModelError> {
+        if input.ids.is_empty() {
+            return Err(ModelError::Request(ClassifiedError::invalid(
+                "messages",
+                "the prompt is empty",
+            )));
+        }
+        let mut embeds = self.embed(&input.ids)?;
+        if !input.images.is_empty() {
+            let rows = self.encode_images(&input.images)?;
+            let (mut host, shape) = tensor::extract_floats(&embeds)?;
+            let hidden = self.cfg.hidden_size;
+            let token = self.cfg.image_token_id;
+            let positions: Vec<usize> = input
+                .ids
+                .iter()
+                .enumerate()
+                .filter(|(_, &t)| t == token)
+                .map(|(i, _)| i)
+                .collect();
+            if rows.len() != positions.len() * hidden {
+                return Err(ModelError::Request(ClassifiedError::new(
+                    ErrorClass::Internal,
+                    format!(
+                        "the vision encoder returned {} rows for {} <image> tokens in the prompt",
+                        rows.len() / hidden.max(1),
+                        positions.len()
+                    ),
+                )));
+            }
+            host.scatter_rows(hidden, &positions, &rows)?;
+            embeds = host.into_value(&shape)?;
+        }
+        let mut seq = SmolVlmSeq {
+            cache: self.kv.empty()?,
+        };
+        let logits = self.run_decoder(embeds, input.ids.len(), &mut seq.cache)?;
+        Ok((seq, logits))
+    }
+
+    fn decode(&mut self, seq: &mut SmolVlmSeq, token: u32) -> Result<Vec<f32>, ModelError> {
+        let embeds = self.embed(&[token])?;
+        self.run_decoder(embeds, 1, &mut seq.cache)
+    }
+}
