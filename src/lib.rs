@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod frontend;
 pub mod inspect;
+pub mod metrics;
 pub mod models;
 pub mod openai;
 pub mod pipeline;

@@ -8,7 +8,7 @@ use onnx_chat::{app, inspect, shutdown, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(&cli.log, cli.log_json);
+    telemetry::init(&cli.log, cli.log_json || cli.log_format == "json");
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

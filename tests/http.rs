@@ -238,7 +238,7 @@ async fn bad_input_gets_openai_errors() {
 #[tokio::test(flavor = "multi_thread")]
 async fn side_endpoints_and_auth() {
     let cfg = onnx_chat::frontend::FrontendConfig {
-        api_key: Some("sekret".into()),
+        api_keys: vec!["other".into(), "sekret".into()],
         ..Default::default()
     };
     let s = Server::start_with(vec![model("FP32")], cfg).await;
@@ -305,6 +305,25 @@ async fn side_endpoints_and_auth() {
         "{m}"
     );
     assert!(m.contains("onnxchat_completion_tokens_total 32"), "{m}");
+    // The series move: one request timed, one worker job succeeded, slots and queue reported.
+    assert!(
+        m.contains("onnxchat_request_duration_seconds_count 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("onnxchat_time_to_first_token_seconds_count 1"),
+        "{m}"
+    );
+    assert!(m.contains("onnxchat_inter_token_seconds_count "), "{m}");
+    assert!(m.contains("onnxchat_worker_jobs_succeeded_total 1"), "{m}");
+    assert!(
+        m.contains("onnxchat_worker_generated_tokens_total 32"),
+        "{m}"
+    );
+    assert!(m.contains("onnxchat_worker_slots 4"), "{m}");
+    assert!(m.contains("onnxchat_queue_depth 0"), "{m}");
+    assert!(m.contains("onnxchat_encoder_cache_misses_total 0"), "{m}");
+    assert!(m.contains("onnxchat_job_migrations_total 0"), "{m}");
     let r = c.get(s.url("/nope")).send().await.unwrap();
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();

@@ -19,6 +19,8 @@ struct Cluster {
     nats: NatsServer,
     frontend: Proc,
     workers: Vec<Proc>,
+    /// Each worker's `--metrics-port`.
+    metrics_ports: Vec<u16>,
     base: String,
     _dir: tempfile::TempDir,
 }
@@ -40,10 +42,14 @@ fn start_cluster(workers: usize, extra_frontend: &[&str], extra_worker: &[&str])
     fargs.extend_from_slice(extra_frontend);
     let frontend = Proc::spawn("frontend", &bin(), &fargs, dir.path());
     let fixture = fixture_dir();
+    let metrics_ports: Vec<u16> = (0..workers).map(|_| free_port()).collect();
+    let metrics_port_s: Vec<String> = metrics_ports.iter().map(|p| p.to_string()).collect();
     let workers = (0..workers)
         .map(|i| {
             let mut wargs = vec![
                 "worker",
+                "--metrics-port",
+                metrics_port_s[i].as_str(),
                 "--nats-url",
                 nats.url.as_str(),
                 "--model",
@@ -63,6 +69,7 @@ fn start_cluster(workers: usize, extra_frontend: &[&str], extra_worker: &[&str])
         nats,
         frontend,
         workers,
+        metrics_ports,
         base: format!("http://127.0.0.1:{port}"),
         _dir: dir,
     }
@@ -268,6 +275,23 @@ async fn frontend_and_two_workers_over_nats() {
         assert!(hb["version"].is_string());
     }
     let total: u64 = hbs.values().map(|h| h["completed"].as_u64().unwrap()).sum();
+    // Each worker's own /metrics agrees with its heartbeat.
+    let mut succeeded = 0;
+    for port in &cluster.metrics_ports {
+        let m = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("onnxchat_worker_jobs_succeeded_total "))
+            .unwrap();
+        succeeded += line.split(' ').nth(1).unwrap().parse::<u64>().unwrap();
+        assert!(m.contains("onnxchat_worker_slots 4"), "{m}");
+    }
+    assert_eq!(succeeded, total);
     assert_eq!(total, 42);
     assert_eq!(stream_messages(&cluster.nats.url).await, 0);
 

@@ -73,6 +73,7 @@ fn sample_job() -> Job {
         },
         max_tokens: Some(8),
         stop: vec!["\n".into()],
+        ignore_eos: true,
         deadline_ms: Some(2),
     }
 }

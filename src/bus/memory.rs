@@ -199,6 +199,10 @@ impl Bus for MemoryBus {
             .boxed())
     }
 
+    async fn queue_depth(&self) -> Option<u64> {
+        Some(self.inner.depth.load(std::sync::atomic::Ordering::Relaxed) as u64)
+    }
+
     async fn announce(&self, hb: &WorkerHeartbeat) -> Result<(), BusError> {
         self.inner
             .heartbeats
@@ -311,6 +315,7 @@ mod tests {
             sampling: SamplingOverrides::default(),
             max_tokens: None,
             stop: vec![],
+            ignore_eos: false,
             deadline_ms: None,
         }
     }

@@ -89,6 +89,11 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Announces a worker.
     async fn announce(&self, hb: &WorkerHeartbeat) -> Result<(), BusError>;
+
+    /// Jobs queued and not yet acknowledged, where the bus can tell cheaply.
+    async fn queue_depth(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Where a worker gets jobs from.

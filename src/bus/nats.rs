@@ -77,7 +77,7 @@ impl Default for NatsSettings {
             url: "nats://127.0.0.1:4222".into(),
             auth: NatsAuth::default(),
             stream: "ONNXCHAT_JOBS".into(),
-            ack_wait: Duration::from_secs(30),
+            ack_wait: Duration::from_secs(10),
             max_deliver: 3,
             max_age: Duration::from_secs(3600),
             max_jobs: 10_000,
@@ -415,6 +415,17 @@ impl Bus for NatsBus {
         Ok(sub
             .filter_map(|m| async move { serde_json::from_slice::<CancelRequest>(&m.payload).ok() })
             .boxed())
+    }
+
+    async fn queue_depth(&self) -> Option<u64> {
+        let lookup = async {
+            let mut s = self.js.get_stream(&self.settings.stream).await.ok()?;
+            Some(s.info().await.ok()?.state.messages)
+        };
+        tokio::time::timeout(Duration::from_millis(500), lookup)
+            .await
+            .ok()
+            .flatten()
     }
 
     async fn announce(&self, hb: &WorkerHeartbeat) -> Result<(), BusError> {

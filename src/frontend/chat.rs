@@ -140,17 +140,10 @@ async fn start(
         &job_id,
         state.cfg.request_timeout,
         state.cfg.idle_timeout,
+        state.metrics.clone(),
     );
     // The first event decides between an HTTP error and a successful answer.
     let first = reader.next().await?;
-    if let Event::Delta { text, .. } = &first {
-        if !text.is_empty() {
-            state
-                .metrics
-                .first_token_seconds
-                .observe(t0.elapsed().as_secs_f64());
-        }
-    }
     let (stream, include_usage, return_ids) = flags;
     if stream {
         Ok(sse(
@@ -189,9 +182,11 @@ async fn collect(
         }
         ev = reader.next().await?;
     };
-    state
-        .metrics
-        .tokens(done.usage.prompt_tokens, done.usage.completion_tokens);
+    state.metrics.finished(
+        done.usage.prompt_tokens,
+        done.usage.completion_tokens,
+        done.timings.decode_ms,
+    );
     state
         .metrics
         .request_seconds
@@ -281,9 +276,11 @@ fn sse(
                     }
                 }
                 Ok(Event::Done(done)) => {
-                    state
-                        .metrics
-                        .tokens(done.usage.prompt_tokens, done.usage.completion_tokens);
+                    state.metrics.finished(
+                        done.usage.prompt_tokens,
+                        done.usage.completion_tokens,
+                        done.timings.decode_ms,
+                    );
                     let last = meta.chunk(
                         vec![ChunkChoice {
                             index: 0,

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
+use super::metrics::Metrics;
 use crate::bus::{Bus, FrameStream};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::protocol::{CancelRequest, DoneBody, FrameBody};
@@ -23,6 +24,12 @@ pub enum Event {
 pub struct FrameReader {
     stream: FrameStream,
     next_seq: u64,
+    /// Delivery attempt of the first frame; a later one means the job moved to another worker.
+    first_attempt: Option<u32>,
+    last_text_at: Option<std::time::Instant>,
+    metrics: Arc<Metrics>,
+    /// When the request arrived (for time to first token).
+    started: std::time::Instant,
     first_timeout: Duration,
     idle_timeout: Duration,
     finished: bool,
@@ -58,10 +65,15 @@ impl FrameReader {
         job_id: &str,
         first_timeout: Duration,
         idle_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             stream,
             next_seq: 0,
+            first_attempt: None,
+            last_text_at: None,
+            metrics,
+            started: std::time::Instant::now(),
             first_timeout,
             idle_timeout,
             finished: false,
@@ -120,6 +132,17 @@ impl FrameReader {
                 }
                 Ok(Some(f)) => f,
             };
+            match self.first_attempt {
+                None => self.first_attempt = Some(frame.attempt),
+                Some(a) if frame.attempt > a => {
+                    self.metrics
+                        .migrations
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.first_attempt = Some(frame.attempt);
+                    tracing::info!(attempt = frame.attempt, "the job moved to another worker");
+                }
+                Some(_) => {}
+            }
             if frame.seq < self.next_seq {
                 continue; // a redelivered copy
             }
@@ -135,7 +158,22 @@ impl FrameReader {
             }
             self.next_seq += 1;
             return match frame.body {
-                FrameBody::Delta { text, token_ids } => Ok(Event::Delta { text, token_ids }),
+                FrameBody::Delta { text, token_ids } => {
+                    if !text.is_empty() {
+                        let now = std::time::Instant::now();
+                        match self.last_text_at.replace(now) {
+                            Some(prev) => self
+                                .metrics
+                                .inter_token_seconds
+                                .observe((now - prev).as_secs_f64()),
+                            None => self
+                                .metrics
+                                .first_token_seconds
+                                .observe((now - self.started).as_secs_f64()),
+                        }
+                    }
+                    Ok(Event::Delta { text, token_ids })
+                }
                 FrameBody::Done(d) => {
                     self.end();
                     Ok(Event::Done(d))

@@ -1,66 +1,26 @@
-//! Prometheus metrics of the front end, in the text exposition format at `/metrics`. Names carry the
-//! `onnxchat_` prefix; labels stay low-cardinality (status code only).
+//! Prometheus metrics of the front end, in the text exposition format at `/metrics`: responses by
+//! status, requests in flight, queue depth, time to first token, inter-token latency, tokens per
+//! second, token counts, and jobs that moved to another worker.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-const LATENCY_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
-
-pub struct Histogram {
-    counts: Vec<AtomicU64>,
-    sum_micros: AtomicU64,
-    total: AtomicU64,
-}
-
-impl Histogram {
-    fn new() -> Self {
-        Self {
-            counts: LATENCY_BUCKETS.iter().map(|_| AtomicU64::new(0)).collect(),
-            sum_micros: AtomicU64::new(0),
-            total: AtomicU64::new(0),
-        }
-    }
-
-    pub fn observe(&self, seconds: f64) {
-        for (b, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
-            if seconds <= *b {
-                c.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.sum_micros
-            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-        self.total.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (b, c) in LATENCY_BUCKETS.iter().zip(&self.counts) {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                c.load(Ordering::Relaxed)
-            );
-        }
-        let total = self.total.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {total}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {total}");
-    }
-}
+use crate::metrics::{
+    counter, gauge, load, load_i, Histogram, LATENCY_BUCKETS, RATE_BUCKETS, TOKEN_BUCKETS,
+};
 
 pub struct Metrics {
     responses: Mutex<BTreeMap<u16, u64>>,
     pub in_flight: AtomicI64,
     pub prompt_tokens: AtomicU64,
     pub completion_tokens: AtomicU64,
+    /// Jobs whose frames came from a later delivery attempt (a worker died or lost its lease).
+    pub migrations: AtomicU64,
     pub request_seconds: Histogram,
     pub first_token_seconds: Histogram,
+    pub inter_token_seconds: Histogram,
+    pub tokens_per_second: Histogram,
 }
 
 impl Default for Metrics {
@@ -70,10 +30,21 @@ impl Default for Metrics {
             in_flight: AtomicI64::new(0),
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
-            request_seconds: Histogram::new(),
-            first_token_seconds: Histogram::new(),
+            migrations: AtomicU64::new(0),
+            request_seconds: Histogram::new(LATENCY_BUCKETS),
+            first_token_seconds: Histogram::new(LATENCY_BUCKETS),
+            inter_token_seconds: Histogram::new(TOKEN_BUCKETS),
+            tokens_per_second: Histogram::new(RATE_BUCKETS),
         }
     }
+}
+
+/// What the bus and the registry report at scrape time.
+pub struct Snapshot {
+    pub workers: usize,
+    pub models: usize,
+    pub free_slots: u32,
+    pub queue_depth: Option<u64>,
 }
 
 impl Metrics {
@@ -86,60 +57,77 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    pub fn tokens(&self, prompt: u32, completion: u32) {
+    /// Records a finished generation: token counts and its decode speed.
+    pub fn finished(&self, prompt: u32, completion: u32, decode_ms: f64) {
         self.prompt_tokens
             .fetch_add(prompt as u64, Ordering::Relaxed);
         self.completion_tokens
             .fetch_add(completion as u64, Ordering::Relaxed);
+        if completion > 1 && decode_ms > 0.0 {
+            self.tokens_per_second
+                .observe((completion - 1) as f64 / (decode_ms / 1e3));
+        }
     }
 
-    pub fn render(&self, workers: usize, models: usize) -> String {
+    pub fn render(&self, s: &Snapshot) -> String {
         let mut out = String::new();
-        out.push_str("# HELP onnxchat_chat_responses_total Chat completion responses by HTTP status.\n# TYPE onnxchat_chat_responses_total counter\n");
+        out.push_str(
+            "# HELP onnxchat_chat_responses_total Chat completion responses by HTTP status.\n# TYPE onnxchat_chat_responses_total counter\n",
+        );
         for (status, n) in self.responses.lock().expect("metrics lock").iter() {
-            let _ = writeln!(
-                out,
-                "onnxchat_chat_responses_total{{status=\"{status}\"}} {n}"
-            );
+            out.push_str(&format!(
+                "onnxchat_chat_responses_total{{status=\"{status}\"}} {n}\n"
+            ));
         }
-        let gauge = |out: &mut String, name: &str, help: &str, v: i64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        let counter = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
         gauge(
             &mut out,
             "onnxchat_requests_in_flight",
             "Chat requests being answered.",
-            self.in_flight.load(Ordering::Relaxed),
+            load_i(&self.in_flight),
         );
         gauge(
             &mut out,
             "onnxchat_workers",
             "Live workers seen through heartbeats.",
-            workers as i64,
+            s.workers as i64,
         );
         gauge(
             &mut out,
             "onnxchat_models",
             "Models served by live workers.",
-            models as i64,
+            s.models as i64,
         );
+        gauge(
+            &mut out,
+            "onnxchat_worker_free_slots",
+            "Free job slots over live workers.",
+            s.free_slots as i64,
+        );
+        if let Some(d) = s.queue_depth {
+            gauge(
+                &mut out,
+                "onnxchat_queue_depth",
+                "Jobs waiting for or held by a worker.",
+                d as i64,
+            );
+        }
         counter(
             &mut out,
             "onnxchat_prompt_tokens_total",
             "Prompt tokens of completed requests.",
-            self.prompt_tokens.load(Ordering::Relaxed),
+            load(&self.prompt_tokens),
         );
         counter(
             &mut out,
             "onnxchat_completion_tokens_total",
             "Generated tokens of completed requests.",
-            self.completion_tokens.load(Ordering::Relaxed),
+            load(&self.completion_tokens),
+        );
+        counter(
+            &mut out,
+            "onnxchat_job_migrations_total",
+            "Requests continued by another worker after a failure.",
+            load(&self.migrations),
         );
         self.request_seconds.render(
             &mut out,
@@ -150,6 +138,16 @@ impl Metrics {
             &mut out,
             "onnxchat_time_to_first_token_seconds",
             "Time from request to the first generated text.",
+        );
+        self.inter_token_seconds.render(
+            &mut out,
+            "onnxchat_inter_token_seconds",
+            "Time between consecutive streamed deltas.",
+        );
+        self.tokens_per_second.render(
+            &mut out,
+            "onnxchat_generation_tokens_per_second",
+            "Decode speed of completed requests.",
         );
         out
     }

@@ -32,8 +32,11 @@ use registry::Registry;
 /// Front-end settings.
 #[derive(Clone)]
 pub struct FrontendConfig {
-    /// Required `Authorization: Bearer` key for `/v1/*`; `None` = open.
-    pub api_key: Option<String>,
+    /// Accepted `Authorization: Bearer` keys for `/v1/*`; empty = open.
+    pub api_keys: Vec<String>,
+    /// Origins allowed by CORS (`*` = any); empty = no CORS headers (browsers then allow only the
+    /// server's own page).
+    pub cors_allow_origins: Vec<String>,
     pub max_body_bytes: usize,
     /// Requests answered at once; more get 429.
     pub max_in_flight: usize,
@@ -42,6 +45,8 @@ pub struct FrontendConfig {
     /// Longest silence between two frames of a running job.
     pub idle_timeout: Duration,
     pub limits: RequestLimits,
+    /// More metrics to append to `/metrics` (the in-process worker's, under `serve`).
+    pub extra_metrics: Option<Arc<dyn Fn() -> String + Send + Sync>>,
     /// Fetching of `http(s)://` image URLs; `None` = refused (the default).
     pub remote_media: Option<media::RemoteMediaConfig>,
 }
@@ -49,7 +54,8 @@ pub struct FrontendConfig {
 impl std::fmt::Debug for FrontendConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FrontendConfig")
-            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("api_keys", &format!("<{} redacted>", self.api_keys.len()))
+            .field("cors_allow_origins", &self.cors_allow_origins)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("request_timeout", &self.request_timeout)
             .field("idle_timeout", &self.idle_timeout)
@@ -61,13 +67,15 @@ impl std::fmt::Debug for FrontendConfig {
 impl Default for FrontendConfig {
     fn default() -> Self {
         Self {
-            api_key: None,
+            api_keys: vec![],
+            cors_allow_origins: vec![],
             max_body_bytes: 64 * 1024 * 1024,
             max_in_flight: 512,
             request_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(120),
             limits: RequestLimits::default(),
             remote_media: None,
+            extra_metrics: None,
         }
     }
 }
@@ -75,7 +83,7 @@ impl Default for FrontendConfig {
 pub struct AppState {
     pub bus: Arc<dyn Bus>,
     pub registry: Arc<Registry>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     pub cfg: FrontendConfig,
 }
 
@@ -152,14 +160,14 @@ fn with_auth(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Rejectio
         .and_then(move |auth: Option<String>| {
             let state = state.clone();
             async move {
-                let Some(key) = &state.cfg.api_key else {
+                if state.cfg.api_keys.is_empty() {
                     return Ok(());
-                };
+                }
                 let given = auth
                     .as_deref()
                     .and_then(|a| a.strip_prefix("Bearer "))
                     .map(str::trim);
-                if given == Some(key.as_str()) {
+                if given.is_some_and(|g| key_matches(&state.cfg.api_keys, g)) {
                     Ok(())
                 } else {
                     Err(reject(ClassifiedError::new(
@@ -170,6 +178,23 @@ fn with_auth(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Rejectio
             }
         })
         .untuple_one()
+}
+
+/// Compares the SHA-256 digests of the keys in constant time: neither the content nor the length of
+/// a valid key can be learnt from response timing. Every key is compared.
+fn key_matches(keys: &[String], given: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    let g = Sha256::digest(given.as_bytes());
+    let mut ok = 0u8;
+    for k in keys {
+        let d = Sha256::digest(k.as_bytes());
+        let diff = d
+            .iter()
+            .zip(g.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        ok |= (diff == 0) as u8;
+    }
+    ok == 1
 }
 
 fn model_cards(state: &AppState) -> Vec<ModelCard> {
@@ -258,15 +283,25 @@ pub fn routes(
                 &body,
             )
         });
-    let metrics = warp::path!("metrics")
-        .and(warp::get())
-        .and(st)
-        .map(|s: Arc<AppState>| {
-            let (workers, _) = s.registry.workers();
-            let text = s.metrics.render(workers, s.registry.models().len());
-            warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
-                .into_response()
-        });
+    let metrics =
+        warp::path!("metrics")
+            .and(warp::get())
+            .and(st)
+            .then(|s: Arc<AppState>| async move {
+                let (workers, free_slots) = s.registry.workers();
+                let snapshot = metrics::Snapshot {
+                    workers,
+                    models: s.registry.models().len(),
+                    free_slots,
+                    queue_depth: s.bus.queue_depth().await,
+                };
+                let mut text = s.metrics.render(&snapshot);
+                if let Some(extra) = &s.cfg.extra_metrics {
+                    text.push_str(&extra());
+                }
+                warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
+                    .into_response()
+            });
     chat.or(models)
         .unify()
         .or(model)
@@ -342,16 +377,48 @@ pub async fn run(
     let state = Arc::new(AppState {
         bus,
         registry,
-        metrics: Metrics::default(),
+        metrics: Arc::default(),
         cfg,
     });
     let addr: SocketAddr = listener.local_addr()?;
     tracing::info!(%addr, "front end listening");
-    warp::serve(routes(state))
-        .incoming(listener)
-        .graceful(async move { shutdown.cancelled().await })
-        .run()
-        .await;
+    let origins = state.cfg.cors_allow_origins.clone();
+    let graceful = async move { shutdown.cancelled().await };
+    if origins.is_empty() {
+        warp::serve(routes(state))
+            .incoming(listener)
+            .graceful(graceful)
+            .run()
+            .await;
+    } else {
+        let cors = warp::cors()
+            .allow_methods(["GET", "POST", "OPTIONS"])
+            .allow_headers(["authorization", "content-type"]);
+        let cors = if origins.iter().any(|o| o == "*") {
+            cors.allow_any_origin()
+        } else {
+            cors.allow_origins(origins.iter().map(String::as_str))
+        };
+        warp::serve(routes(state).with(cors))
+            .incoming(listener)
+            .graceful(graceful)
+            .run()
+            .await;
+    }
     follower.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn api_keys_match_exactly() {
+        let keys = vec!["alpha".to_string(), "beta-key".to_string()];
+        assert!(super::key_matches(&keys, "alpha"));
+        assert!(super::key_matches(&keys, "beta-key"));
+        assert!(!super::key_matches(&keys, "alph"));
+        assert!(!super::key_matches(&keys, "alphaa"));
+        assert!(!super::key_matches(&keys, ""));
+        assert!(!super::key_matches(&[], "alpha"));
+    }
 }

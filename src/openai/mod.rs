@@ -32,6 +32,7 @@ impl ValidChatRequest {
             sampling,
             max_tokens: self.max_tokens,
             stop: self.stop,
+            ignore_eos: self.ignore_eos,
             deadline_ms,
         }
     }

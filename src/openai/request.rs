@@ -45,6 +45,8 @@ pub struct ValidChatRequest {
     pub include_usage: bool,
     /// Extension (as vLLM): return the generated token ids.
     pub return_token_ids: bool,
+    /// Extension (as vLLM): do not stop at end-of-sequence ids.
+    pub ignore_eos: bool,
 }
 
 fn is_remote(url: &str) -> bool {
@@ -322,6 +324,7 @@ pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest
         stream,
         include_usage,
         return_token_ids: boolean(o, "return_token_ids")?,
+        ignore_eos: boolean(o, "ignore_eos")?,
     })
 }
 

@@ -25,6 +25,10 @@ pub struct Job {
     /// Stop strings (at most 4), matched on the generated text.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence ids (until `max_tokens` or a stop string), as vLLM's
+    /// `ignore_eos`; for benchmarks and tests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_eos: bool,
     /// Time after which the job is no longer worth running (ms since epoch); absent = no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,

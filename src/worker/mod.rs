@@ -12,11 +12,14 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+pub mod metrics;
+
 use crate::bus::{Bus, Delivery};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::generate::GenEvent;
 use crate::models::loaded::LoadedModel;
 use crate::protocol::{now_ms, DoneBody, Frame, FrameBody, Job, Timings, Usage, WorkerHeartbeat};
+pub use metrics::WorkerMetrics;
 
 /// Worker settings.
 #[derive(Debug, Clone)]
@@ -29,6 +32,8 @@ pub struct WorkerConfig {
     pub progress_interval: Duration,
     /// On shutdown, how long running jobs may take to finish before they are handed back.
     pub drain_timeout: Duration,
+    /// Shared with whoever serves `/metrics`.
+    pub metrics: Arc<WorkerMetrics>,
 }
 
 impl Default for WorkerConfig {
@@ -37,8 +42,9 @@ impl Default for WorkerConfig {
             worker_id: format!("worker-{}", uuid::Uuid::new_v4().simple()),
             max_concurrent: 4,
             heartbeat_interval: Duration::from_secs(2),
-            progress_interval: Duration::from_secs(10),
+            progress_interval: Duration::from_secs(3),
             drain_timeout: Duration::from_secs(30),
+            metrics: Arc::default(),
         }
     }
 }
@@ -99,6 +105,12 @@ pub async fn run(
         completed: Default::default(),
         draining: AtomicBool::new(false),
     });
+    cfg.metrics
+        .slots
+        .store(cfg.max_concurrent as i64, Ordering::Relaxed);
+    for m in &models {
+        cfg.metrics.watch_cache(m.cache_stats.clone());
+    }
     let mut source = bus.job_source(&names, &cfg.worker_id).await?;
     let background = CancellationToken::new();
     tokio::spawn(cancel_task(state.clone(), background.clone()));
@@ -208,6 +220,7 @@ struct Publisher {
     reply_to: String,
     attempt: u32,
     seq: u64,
+    metrics: Arc<WorkerMetrics>,
 }
 
 impl Publisher {
@@ -223,6 +236,7 @@ impl Publisher {
     }
 
     async fn error(&mut self, e: ClassifiedError) {
+        self.metrics.jobs_failed.fetch_add(1, Ordering::Relaxed);
         tracing::info!(job_id = %self.job_id, class = ?e.class, error = %e.message, "job failed");
         let _ = self.send(FrameBody::Error { error: e.into() }).await;
     }
@@ -239,6 +253,7 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
         reply_to: job.reply_to.clone(),
         attempt,
         seq: 0,
+        metrics: state.cfg.metrics.clone(),
     };
     let Some(model) = state.models.get(&job.model).cloned() else {
         out.error(ClassifiedError::new(
@@ -259,12 +274,20 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
         return;
     }
     state.active.fetch_add(1, Ordering::Relaxed);
+    let m = &state.cfg.metrics;
+    m.jobs_started.fetch_add(1, Ordering::Relaxed);
+    m.active.fetch_add(1, Ordering::Relaxed);
+    if attempt > 1 {
+        m.jobs_redelivered.fetch_add(1, Ordering::Relaxed);
+    }
     let cancel = Arc::new(AtomicBool::new(false));
     state
         .running
         .lock()
         .expect("running lock")
         .insert(job.job_id.clone(), cancel.clone());
+    // Announce the taken slot at once, so front ends (and operators) see it before the next tick.
+    let _ = state.bus.announce(&state.heartbeat()).await;
     let finished = run_job(&state, &model, &job, &mut out, cancel.clone(), ack.as_ref()).await;
     state
         .running
@@ -272,6 +295,7 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
         .expect("running lock")
         .remove(&job.job_id);
     state.active.fetch_sub(1, Ordering::Relaxed);
+    state.cfg.metrics.active.fetch_sub(1, Ordering::Relaxed);
     state.completed.fetch_add(1, Ordering::Relaxed);
     tracing::info!(seconds = t0.elapsed().as_secs_f64(), finished, "job ended");
     if finished {
@@ -347,16 +371,29 @@ async fn run_job(
                 completion_tokens,
                 prefill_ms,
                 decode_ms,
-            } => FrameBody::Done(DoneBody {
-                finish_reason,
-                usage: Usage::new(prompt_tokens as u32, completion_tokens as u32),
-                timings: Timings {
-                    queued_ms,
-                    preprocess_ms,
+            } => {
+                state.cfg.metrics.generation(
+                    prompt_tokens,
+                    completion_tokens,
                     prefill_ms,
                     decode_ms,
-                },
-            }),
+                );
+                state
+                    .cfg
+                    .metrics
+                    .jobs_succeeded
+                    .fetch_add(1, Ordering::Relaxed);
+                FrameBody::Done(DoneBody {
+                    finish_reason,
+                    usage: Usage::new(prompt_tokens as u32, completion_tokens as u32),
+                    timings: Timings {
+                        queued_ms,
+                        preprocess_ms,
+                        prefill_ms,
+                        decode_ms,
+                    },
+                })
+            }
             GenEvent::Error(e) => {
                 out.error(e).await;
                 return true;

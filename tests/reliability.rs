@@ -1,0 +1,371 @@
+//! Reliability with real processes and a real nats-server: a worker killed with SIGKILL mid-stream
+//! costs the client nothing (same text as an uninterrupted run), a NATS restart during a burst ends
+//! every request within its deadline and the system recovers by itself, and SIGTERM drains.
+//!
+//! Mechanism under test: the front end gives every request a seed; a dead worker's unacknowledged job
+//! is redelivered by JetStream after `--ack-wait` to another worker, which regenerates the same tokens
+//! and republishes frames from `seq` 0 with the next `attempt`; the front end drops the `seq`s it has
+//! already passed on, so the client's stream continues where it stopped.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+const MODEL: &str = "tiny-gemma3n";
+
+fn spawn_worker(nats: &str, id: &str, dir: &std::path::Path, extra: &[&str]) -> Proc {
+    let fixture = fixture_dir();
+    let mut args = vec![
+        "worker",
+        "--nats-url",
+        nats,
+        "--model",
+        fixture.to_str().unwrap(),
+        "--quant",
+        "FP32",
+        "--served-model-name",
+        MODEL,
+        "--threads",
+        "1",
+        "--worker-id",
+        id,
+        "--ack-wait",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(id, &bin(), &args, dir)
+}
+
+fn spawn_frontend(nats: &str, port: u16, dir: &std::path::Path) -> Proc {
+    let port = port.to_string();
+    Proc::spawn(
+        "frontend",
+        &bin(),
+        &[
+            "frontend",
+            "--nats-url",
+            nats,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--ack-wait",
+            "2",
+            "--idle-timeout",
+            "30",
+        ],
+        dir,
+    )
+}
+
+fn long_request(stream: bool) -> Value {
+    json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "temperature": 1.0, "top_p": 0.95, "seed": 7, "max_tokens": 2500, "ignore_eos": true, "stream": stream})
+}
+
+/// Reads an SSE response to the end; calls `on_chunk(n)` after each content chunk.
+async fn read_stream(
+    resp: reqwest::Response,
+    mut on_chunk: impl FnMut(usize),
+) -> (String, Option<String>) {
+    let mut s = resp.bytes_stream();
+    let mut buf = String::new();
+    let (mut text, mut finish, mut n) = (String::new(), None, 0);
+    while let Some(chunk) = s.next().await {
+        buf.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        while let Some(i) = buf.find("\n\n") {
+            let ev: String = buf.drain(..i + 2).collect();
+            let Some(data) = ev.lines().find_map(|l| l.strip_prefix("data:")) else {
+                continue;
+            };
+            let data = data.trim();
+            if data == "[DONE]" {
+                return (text, finish);
+            }
+            let v: Value = serde_json::from_str(data).unwrap();
+            assert!(v.get("error").is_none(), "stream error: {v}");
+            if let Some(t) = v["choices"][0]["delta"]["content"].as_str() {
+                text.push_str(t);
+                n += 1;
+                on_chunk(n);
+            }
+            if let Some(f) = v["choices"][0]["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    panic!("stream ended without [DONE]");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killed_workers_cost_the_client_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path());
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let frontend = spawn_frontend(&nats.url, port, dir.path());
+    let mut workers: HashMap<String, Proc> = (0..3)
+        .map(|i| {
+            let id = format!("w{i}");
+            let p = spawn_worker(&nats.url, &id, dir.path(), &["--max-concurrent", "1"]);
+            (id, p)
+        })
+        .collect();
+    let procs: Vec<&Proc> = workers.values().chain([&frontend]).collect();
+    wait_workers(&base, 3, &procs).await;
+    let client = reqwest::Client::new();
+
+    // The uninterrupted answer.
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&long_request(true))
+        .send()
+        .await
+        .unwrap();
+    let (reference, finish) = read_stream(r, |_| {}).await;
+    assert_eq!(finish.as_deref(), Some("length"));
+    assert!(reference.chars().count() > 500);
+
+    let nc = async_nats::connect(nats.url.as_str()).await.unwrap();
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let iterations = std::env::var("KILL_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let mut failovers = 0;
+    for it in 0..iterations {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let kill_after = 1 + (rng % 60) as usize;
+        let mut hb = nc.subscribe("onnxchat.v1.workers.heartbeat").await.unwrap();
+        let resp = client
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&long_request(true))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        // Learn which worker took the job (workers announce when they start one).
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+        let reader = tokio::spawn(read_stream(resp, move |n| {
+            let _ = tx.send(n);
+        }));
+        let mut busy = None;
+        let t0 = Instant::now();
+        while busy.is_none() && t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), hb.next()).await {
+                let v: Value = serde_json::from_slice(&m.payload).unwrap();
+                if v["active"] == 1 {
+                    busy = Some(v["worker_id"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        let busy = busy.expect("a worker announced the job");
+        while let Some(n) = rx.recv().await {
+            if n >= kill_after {
+                break;
+            }
+        }
+        let finished_before_kill = reader.is_finished();
+        let mut victim = workers.remove(&busy).unwrap();
+        victim.child.kill().unwrap();
+        let _ = victim.child.wait();
+        if !finished_before_kill {
+            failovers += 1;
+        }
+        // Keep three workers: the replacement loads while the others carry on.
+        workers.insert(
+            busy.clone(),
+            spawn_worker(&nats.url, &busy, dir.path(), &["--max-concurrent", "1"]),
+        );
+        let (text, finish) = tokio::time::timeout(Duration::from_secs(90), reader)
+            .await
+            .unwrap_or_else(|_| panic!("iteration {it}: the client hung after {busy} was killed"))
+            .unwrap();
+        assert_eq!(finish.as_deref(), Some("length"), "iteration {it}");
+        assert!(
+            text == reference,
+            "iteration {it}: text differs after killing {busy} after {kill_after} chunks"
+        );
+    }
+    assert!(
+        failovers * 2 >= iterations,
+        "most kills must land mid-stream ({failovers}/{iterations})"
+    );
+    drop(frontend);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_restart_during_a_burst_ends_every_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path());
+    let (nats_port, store) = (nats.port, nats.store.clone());
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let frontend = spawn_frontend(&nats.url, port, dir.path());
+    let w0 = spawn_worker(&nats.url, "w0", dir.path(), &[]);
+    let w1 = spawn_worker(&nats.url, "w1", dir.path(), &[]);
+    wait_workers(&base, 2, &[&frontend, &w0, &w1]).await;
+
+    let deadline = Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let base = base.clone();
+        tasks.push(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20 * i)).await;
+            let body = json!({"model": MODEL, "messages": [{"role": "user", "content": format!("request {i}")}],
+                "max_tokens": 64, "temperature": 0});
+            let t0 = Instant::now();
+            let r = reqwest::Client::new()
+                .post(format!("{base}/v1/chat/completions"))
+                .timeout(deadline)
+                .json(&body)
+                .send()
+                .await;
+            let out = match r {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let v: Value = r.json().await.unwrap_or(Value::Null);
+                    (status, v)
+                }
+                Err(e) => panic!("request {i} got no HTTP answer: {e}"),
+            };
+            (out, t0.elapsed())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(nats); // kill -9 nats-server mid-burst
+    let ready = reqwest::get(format!("{base}/ready")).await.unwrap();
+    assert_eq!(ready.status(), 503, "/ready reflects the outage");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let nats2 = NatsServer::start_on(dir.path(), nats_port, &store);
+    let (mut ok, mut errors) = (0, 0);
+    for t in tasks {
+        let ((status, v), took) = t.await.unwrap();
+        assert!(took < deadline, "a request ran past its deadline");
+        if status == 200 {
+            ok += 1;
+        } else {
+            errors += 1;
+            assert!(
+                v["error"]["message"].is_string(),
+                "an error must be clear: {status} {v}"
+            );
+            assert!(status >= 500 || status == 429, "{status} {v}");
+        }
+    }
+    eprintln!("burst during restart: {ok} answered, {errors} clear errors");
+    // The system serves again without restarting our processes.
+    let body = json!({"model": MODEL, "messages": [{"role": "user", "content": "after"}], "max_tokens": 8});
+    let mut recovered = false;
+    for _ in 0..60 {
+        if let Ok(r) = reqwest::Client::new()
+            .post(format!("{base}/v1/chat/completions"))
+            .json(&body)
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                recovered = true;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(recovered, "not serving after the NATS restart");
+    drop((w0, w1, frontend, nats2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_drains_workers_and_front_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path());
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut frontend = spawn_frontend(&nats.url, port, dir.path());
+    let mut w0 = spawn_worker(&nats.url, "w0", dir.path(), &["--drain-timeout", "30"]);
+    wait_workers(&base, 1, &[&frontend, &w0]).await;
+    let client = reqwest::Client::new();
+    let mut req = long_request(true);
+    req["max_tokens"] = json!(1500);
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let reader = tokio::spawn(read_stream(r, move |n| {
+        let _ = tx.send(n);
+    }));
+    while let Some(n) = rx.recv().await {
+        if n >= 5 {
+            break;
+        }
+    }
+    // SIGTERM on the worker: it finishes the job it runs, then exits.
+    w0.terminate();
+    let (text, finish) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(finish.as_deref(), Some("length"));
+    assert!(!text.is_empty());
+    let exited = tokio::task::spawn_blocking(move || {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(status)) = w0.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    })
+    .await
+    .unwrap();
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "the worker exits cleanly after draining"
+    );
+
+    // SIGTERM on the front end: an open stream finishes, then it stops accepting and exits.
+    let w1 = spawn_worker(&nats.url, "w1", dir.path(), &[]);
+    wait_workers(&base, 1, &[&frontend, &w1]).await;
+    let r = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&req)
+        .send()
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<usize>();
+    let reader = tokio::spawn(read_stream(r, move |n| {
+        let _ = tx.send(n);
+    }));
+    while let Some(n) = rx.recv().await {
+        if n >= 5 {
+            break;
+        }
+    }
+    frontend.terminate();
+    let (_, finish) = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        finish.as_deref(),
+        Some("length"),
+        "the open stream completed"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        client.get(format!("{base}/health")).send().await.is_err(),
+        "no longer accepting"
+    );
+    drop(w1);
+}
