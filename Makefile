@@ -46,3 +46,13 @@ fixtures:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The browser test of the chat page (tests/ui_browser.rs) needs Debian's chromium and playwright-core
+# (pinned in tests/ui/package-lock.json, installed into tests/ui/node_modules); `make test` installs them.
+.PHONY: ui-deps test-ui
+test: ui-deps
+ui-deps:
+	@./scripts/install-chromium.sh
+
+test-ui: setup ui-deps
+	cargo test --test ui_browser

@@ -10,6 +10,7 @@ mod frames;
 pub mod media;
 pub mod metrics;
 pub mod registry;
+mod ui;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -311,6 +312,8 @@ pub fn routes(
         .or(ready)
         .unify()
         .or(metrics)
+        .unify()
+        .or(ui::routes())
         .unify()
         .recover(handle_rejection)
         .unify()
