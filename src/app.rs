@@ -170,8 +170,7 @@ pub async fn run_worker(
     let models = load_from_args(&args.model, &args.runtime, &args.worker).await?;
     let mut cfg = args.worker.worker_config();
     let settings = args.nats.settings();
-    // Report progress three times per ack-wait period, so a live job never looks dead.
-    cfg.progress_interval = (settings.ack_wait / 3).max(Duration::from_millis(200));
+    cfg.progress_interval = progress_interval(settings.ack_wait);
     let bus = NatsBus::connect(settings, &cfg.worker_id).await?;
     if let Some(port) = args.worker.metrics_port {
         let listener = tokio::net::TcpListener::bind((args.worker.metrics_host.as_str(), port))
@@ -205,8 +204,13 @@ pub async fn run_serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let models = load_from_args(&args.model, &args.runtime, &args.worker).await?;
+    let mut worker_cfg = args.worker.worker_config();
     let bus: Arc<dyn Bus> = match &args.nats.nats_url {
-        Some(_) => Arc::new(NatsBus::connect(args.nats.settings(), "onnx-chat-serve").await?),
+        Some(_) => {
+            let settings = args.nats.settings();
+            worker_cfg.progress_interval = progress_interval(settings.ack_wait);
+            Arc::new(NatsBus::connect(settings, "onnx-chat-serve").await?)
+        }
         None => Arc::new(MemoryBus::new().with_max_queued(args.http.max_queued)),
     };
     let listener = tokio::net::TcpListener::bind((args.http.host.as_str(), args.http.port))
@@ -228,11 +232,16 @@ pub async fn run_serve(
         bus,
         models,
         args.http.frontend_config()?,
-        args.worker.worker_config(),
+        worker_cfg,
         listener,
         shutdown,
     )
     .await
+}
+
+/// Progress acks three times per ack-wait period, so a live job never looks dead.
+fn progress_interval(ack_wait: Duration) -> Duration {
+    (ack_wait / 3).max(Duration::from_millis(200))
 }
 
 /// A worker's own `/metrics` and `/health` (`worker --metrics-port`).
