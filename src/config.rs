@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::session::SessionOptions;
 use crate::frontend::FrontendConfig;
 use crate::models::catalog::DEFAULT_MODEL;
 use crate::models::loaded::LoadOptions;
@@ -27,7 +29,7 @@ pub struct Cli {
     #[arg(long, global = true, env = "ONNX_CHAT_LOG", default_value = "info")]
     pub log: String,
     /// Log as JSON lines (same as `--log-format json`).
-    #[arg(long, global = true, env = "ONNX_CHAT_LOG_JSON")]
+    #[arg(long, global = true, env = "ONNX_CHAT_LOG_JSON", value_parser = BoolishValueParser::new())]
     pub log_json: bool,
     /// Log format: `text` or `json`.
     #[arg(long, global = true, env = "ONNX_CHAT_LOG_FORMAT", value_parser = ["text", "json"], default_value = "text")]
@@ -158,6 +160,34 @@ pub struct RuntimeArgs {
     /// Intra-op threads per ONNX session (default: all cores).
     #[arg(long, env = "ONNX_CHAT_THREADS")]
     pub threads: Option<usize>,
+    /// Set `accuracy_level` on every 4-bit MatMulNBits node at load: 4 = int8 compute (much faster
+    /// prefill and decode on CPUs with VNNI/AMX; logits move by a few percent of the 4-bit
+    /// quantization's own error, see BENCHMARKS.md), 0 = fp32 compute. Default: as exported
+    /// (fp32 compute for the onnx-community q4 files), exact to the reference.
+    #[arg(long, env = "ONNX_CHAT_MATMUL_ACCURACY_LEVEL", value_parser = clap::value_parser!(i64).range(0..=4))]
+    pub matmul_accuracy_level: Option<i64>,
+    /// Keep the decoder's logits for every prompt position (by default a load-time rewrite computes
+    /// only the last position's, so prefill never allocates prompt × vocabulary floats).
+    #[arg(long, env = "ONNX_CHAT_FULL_LOGITS", value_parser = BoolishValueParser::new())]
+    pub full_logits: bool,
+    /// Let ONNX Runtime's intra-op threads spin-wait between operators (off by default: the
+    /// spinning threads starve the server's own work between decode steps; see BENCHMARKS.md).
+    #[arg(long, env = "ONNX_CHAT_ORT_SPINNING", value_parser = BoolishValueParser::new())]
+    pub ort_spinning: bool,
+}
+
+impl RuntimeArgs {
+    /// Session options from these flags (the rest at their defaults).
+    pub fn session_options(&self) -> SessionOptions {
+        let mut opts = SessionOptions::default();
+        if let Some(t) = self.threads {
+            opts.intra_threads = t;
+        }
+        opts.matmul_accuracy_level = self.matmul_accuracy_level;
+        opts.last_logits = !self.full_logits;
+        opts.spin = self.ort_spinning;
+        opts
+    }
 }
 
 #[derive(Clone, Args)]
@@ -200,7 +230,7 @@ pub struct HttpArgs {
     pub max_audio_clips: usize,
     /// Fetch `http(s)://` image URLs in requests (off: only data URLs and base64 are accepted).
     /// Private, loopback and link-local addresses are refused unless their host is allow-listed.
-    #[arg(long, env = "ONNX_CHAT_ALLOW_REMOTE_MEDIA")]
+    #[arg(long, env = "ONNX_CHAT_ALLOW_REMOTE_MEDIA", value_parser = BoolishValueParser::new())]
     pub allow_remote_media: bool,
     /// Hosts remote media may come from (comma-separated names or addresses); empty = any public host.
     #[arg(
@@ -327,10 +357,10 @@ impl WorkerOpts {
     }
 
     pub fn load_options(&self, rt: &RuntimeArgs) -> LoadOptions {
-        let mut opts = LoadOptions::default();
-        if let Some(t) = rt.threads {
-            opts.session.intra_threads = t;
-        }
+        let mut opts = LoadOptions {
+            session: rt.session_options(),
+            ..LoadOptions::default()
+        };
         opts.max_prompt_tokens = self.max_prompt_tokens;
         opts.encoder_cache_bytes = self.encoder_cache_mb * 1024 * 1024;
         opts.media = MediaLimits {
@@ -368,7 +398,7 @@ pub struct NatsArgs {
     #[arg(long, env = "ONNX_CHAT_NATS_TLS_CA")]
     pub nats_tls_ca: Option<PathBuf>,
     /// Require TLS to NATS.
-    #[arg(long, env = "ONNX_CHAT_NATS_TLS")]
+    #[arg(long, env = "ONNX_CHAT_NATS_TLS", value_parser = BoolishValueParser::new())]
     pub nats_tls: bool,
     /// Seconds without an ack or progress before JetStream redelivers a job to another worker (a
     /// running job reports progress three times per period, so this is how long a dead worker's job
@@ -558,5 +588,50 @@ mod model_args_tests {
             ModelArgs::single("m").choices().unwrap(),
             vec![choice("m", None, None)]
         );
+    }
+
+    fn runtime(args: &[&str]) -> SessionOptions {
+        let mut argv = vec!["onnx-chat", "serve"];
+        argv.extend_from_slice(args);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Serve(s) => s.runtime.session_options(),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn runtime_flags_reach_the_session_options() {
+        let d = runtime(&[]);
+        assert_eq!(d.matmul_accuracy_level, None);
+        assert!(d.last_logits && !d.spin);
+        let o = runtime(&[
+            "--threads",
+            "3",
+            "--matmul-accuracy-level",
+            "4",
+            "--full-logits",
+            "--ort-spinning",
+        ]);
+        assert_eq!(
+            (
+                o.intra_threads,
+                o.matmul_accuracy_level,
+                o.last_logits,
+                o.spin
+            ),
+            (3, Some(4), false, true)
+        );
+        let mut argv = vec!["onnx-chat", "serve", "--matmul-accuracy-level", "5"];
+        assert!(Cli::try_parse_from(&argv).is_err(), "levels are 0..=4");
+        // In the environment, 1/0 (and yes/no, on/off) are booleans too. No other test reads this
+        // variable.
+        argv.truncate(2);
+        unsafe { std::env::set_var("ONNX_CHAT_ORT_SPINNING", "1") };
+        let parsed = Cli::try_parse_from(&argv);
+        unsafe { std::env::remove_var("ONNX_CHAT_ORT_SPINNING") };
+        match parsed.unwrap().command {
+            Command::Serve(s) => assert!(s.runtime.session_options().spin),
+            _ => unreachable!(),
+        }
     }
 }

@@ -43,10 +43,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             )
             .await?;
             onnx_chat::engine::runtime::init(args.runtime.ort_lib.as_deref())?;
-            let mut opts = onnx_chat::engine::session::SessionOptions::default();
-            if let Some(t) = args.runtime.threads {
-                opts.intra_threads = t;
-            }
+            let opts = args.runtime.session_options();
             let hub = matches!(
                 spec.source,
                 onnx_chat::models::resolve::ModelSource::Hub { .. }

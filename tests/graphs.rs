@@ -8,6 +8,7 @@ use std::process::Command;
 use common::{fixture_dir, init_ort};
 use onnx_chat::engine::kv::KvLayout;
 use onnx_chat::engine::session::{ElemType, GraphSession, SessionOptions};
+use ort::value::DynValue;
 
 const COMPONENTS: &[&str] = &[
     "embed_tokens",
@@ -25,7 +26,10 @@ fn io(s: &GraphSession, input: bool) -> Vec<(String, ElemType)> {
 #[test]
 fn all_sixteen_graphs_load_with_the_documented_interface() {
     init_ort();
-    let opts = SessionOptions { intra_threads: 1 };
+    let opts = SessionOptions {
+        intra_threads: 1,
+        ..Default::default()
+    };
     for c in COMPONENTS {
         for sfx in SUFFIXES {
             let path = fixture_dir().join("onnx").join(format!("{c}{sfx}.onnx"));
@@ -165,4 +169,114 @@ fn missing_onnxruntime_is_one_clear_error() {
     );
     assert!(err.contains("make setup"), "names the fix: {err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Runs a Gemma-3n decoder once on `n` positions with an empty cache; returns `logits`' shape and values.
+fn decoder_logits(s: &mut GraphSession, n: usize) -> (Vec<i64>, Vec<f32>) {
+    use ort::session::SessionInputValue;
+    use ort::value::Tensor;
+    use std::borrow::Cow;
+    let kv = KvLayout::from_decoder(s).unwrap();
+    let cache = kv.empty().unwrap();
+    let hidden = s.input("inputs_embeds").unwrap().dims[2].unwrap();
+    let ple = s.input("per_layer_inputs").unwrap().dims.clone();
+    let (layers, ple_dim) = (ple[2].unwrap(), ple[3].unwrap());
+    let n = n as i64;
+    // Deterministic, varied inputs, so that every position matters.
+    let wave =
+        |len: i64, k: f32| -> Vec<f32> { (0..len).map(|i| (i as f32 * k).sin() * 0.5).collect() };
+    let embeds: DynValue = Tensor::from_array((vec![1, n, hidden], wave(n * hidden, 0.37)))
+        .unwrap()
+        .into_dyn();
+    let ple: DynValue = Tensor::from_array((
+        vec![1, n, layers, ple_dim],
+        wave(n * layers * ple_dim, 0.11),
+    ))
+    .unwrap()
+    .into_dyn();
+    let pos: DynValue = Tensor::from_array((vec![1, n], (0..n).collect::<Vec<i64>>()))
+        .unwrap()
+        .into_dyn();
+    let mut feed: Vec<(Cow<'static, str>, SessionInputValue)> = vec![
+        (Cow::Borrowed("inputs_embeds"), embeds.into()),
+        (Cow::Borrowed("per_layer_inputs"), ple.into()),
+        (Cow::Borrowed("position_ids"), pos.into()),
+    ];
+    for (slot, v) in kv.slots.iter().zip(cache.values.iter()) {
+        feed.push((Cow::Owned(slot.past.clone()), v.into()));
+    }
+    let out = s.session.run(feed).unwrap();
+    let (shape, data) = out["logits"].try_extract_tensor::<f32>().unwrap();
+    (shape.to_vec(), data.to_vec())
+}
+
+#[test]
+fn load_time_rewrites_keep_the_last_logits_and_set_the_accuracy_level() {
+    init_ort();
+    let base = SessionOptions {
+        intra_threads: 1,
+        last_logits: false,
+        ..Default::default()
+    };
+    let last = SessionOptions {
+        last_logits: true,
+        ..base.clone()
+    };
+    let n = 9;
+    // fp32 (external data: the rewritten graph loads from memory and still finds its .onnx_data),
+    // int8 (the slice goes after DynamicQuantizeLinear) and q4.
+    for sfx in ["", "_quantized", "_q4"] {
+        let path = fixture_dir()
+            .join("onnx")
+            .join(format!("decoder_model_merged{sfx}.onnx"));
+        let mut full =
+            GraphSession::load_decoder("decoder_model_merged", &path, &base, "logits").unwrap();
+        assert!(!full.rewrite.changed());
+        let mut cut =
+            GraphSession::load_decoder("decoder_model_merged", &path, &last, "logits").unwrap();
+        assert!(
+            cut.rewrite.last_logits_before.is_some(),
+            "{sfx}: {:?}",
+            cut.rewrite
+        );
+        let (fs, fl) = decoder_logits(&mut full, n);
+        let (cs, cl) = decoder_logits(&mut cut, n);
+        let vocab = *fs.last().unwrap() as usize;
+        assert_eq!(fs, [1, n as i64, vocab as i64], "{sfx}");
+        assert_eq!(
+            cs,
+            [1, 1, vocab as i64],
+            "{sfx}: only the last position is computed"
+        );
+        let tail = &fl[fl.len() - vocab..];
+        let diff = tail
+            .iter()
+            .zip(&cl)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(diff <= 1e-4, "{sfx}: last-position logits differ by {diff}");
+    }
+    // accuracy_level=4 on the q4 decoder: every MatMulNBits node, and the logits move a little.
+    let path = fixture_dir()
+        .join("onnx")
+        .join("decoder_model_merged_q4.onnx");
+    let int8 = SessionOptions {
+        matmul_accuracy_level: Some(4),
+        ..last.clone()
+    };
+    let mut a = GraphSession::load_decoder("decoder_model_merged", &path, &last, "logits").unwrap();
+    let mut b = GraphSession::load_decoder("decoder_model_merged", &path, &int8, "logits").unwrap();
+    assert_eq!(a.rewrite.matmulnbits, 0);
+    assert!(b.rewrite.matmulnbits > 0, "{:?}", b.rewrite);
+    let (_, la) = decoder_logits(&mut a, n);
+    let (_, lb) = decoder_logits(&mut b, n);
+    let diff = la
+        .iter()
+        .zip(&lb)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(
+        diff > 0.0 && diff < 1.0,
+        "int8 compute moved the logits by {diff}"
+    );
 }

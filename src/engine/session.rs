@@ -11,6 +11,7 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 
+use super::rewrite::{rewrite_model, GraphEdits, RewriteReport};
 use super::EngineError;
 
 /// Element types the engine feeds or reads. Anything else is reported by name and rejected where used.
@@ -120,12 +121,24 @@ impl IoSpec {
 pub struct SessionOptions {
     /// Intra-op threads per session (0 = ONNX Runtime's default: one per physical core).
     pub intra_threads: usize,
+    /// `accuracy_level` written into every MatMulNBits node at load ([`super::rewrite`]); `None`
+    /// keeps the graph's own (the q4 exports leave it unset: fp32 compute, exact to the reference).
+    pub matmul_accuracy_level: Option<i64>,
+    /// Reduce the decoder's `logits` to the last position at load ([`super::rewrite`]).
+    pub last_logits: bool,
+    /// Let ONNX Runtime's intra-op threads spin between operators. Off by default: between decode
+    /// steps the spinning threads take the cores the server's own threads (sampling, streaming,
+    /// other requests) need; BENCHMARKS.md has the measurements.
+    pub spin: bool,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
         Self {
             intra_threads: default_threads(),
+            matmul_accuracy_level: None,
+            last_logits: true,
+            spin: false,
         }
     }
 }
@@ -146,6 +159,8 @@ pub struct GraphSession {
     pub session: Session,
     pub inputs: Vec<IoSpec>,
     pub outputs: Vec<IoSpec>,
+    /// What the load-time rewrite changed (empty when the graph runs as exported).
+    pub rewrite: RewriteReport,
 }
 
 impl fmt::Debug for GraphSession {
@@ -162,12 +177,45 @@ impl fmt::Debug for GraphSession {
 impl GraphSession {
     /// Loads `path` with the process environment (see [`super::runtime::init`]).
     pub fn load(component: &str, path: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
+        Self::load_with_logits(component, path, opts, None)
+    }
+
+    /// Loads a decoder: as [`Self::load`], and where `opts.last_logits` is set, the output named
+    /// `logits` is reduced to the last position by a load-time rewrite (see [`super::rewrite`]).
+    pub fn load_decoder(
+        component: &str,
+        path: &Path,
+        opts: &SessionOptions,
+        logits: &str,
+    ) -> Result<Self, EngineError> {
+        Self::load_with_logits(
+            component,
+            path,
+            opts,
+            Some(logits).filter(|_| opts.last_logits),
+        )
+    }
+
+    fn load_with_logits(
+        component: &str,
+        path: &Path,
+        opts: &SessionOptions,
+        logits: Option<&str>,
+    ) -> Result<Self, EngineError> {
         let env = super::runtime::init(None).map_err(|e| EngineError::Runtime(e.to_string()))?;
-        let session = build_session(env, path, opts).map_err(|e| EngineError::Load {
+        let load_err = |message: String| EngineError::Load {
             component: component.to_string(),
             path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+            message,
+        };
+        let edits = GraphEdits {
+            accuracy_level: opts.matmul_accuracy_level,
+            last_logits: logits.map(str::to_string),
+        };
+        let (session, rewrite) = build_session(env, path, opts, &edits).map_err(load_err)?;
+        if rewrite.changed() || rewrite.last_logits_skipped.is_some() {
+            tracing::info!(component, rewrite = %rewrite.describe(), "graph rewritten at load");
+        }
         let inputs = session
             .inputs()
             .iter()
@@ -190,6 +238,7 @@ impl GraphSession {
             session,
             inputs,
             outputs,
+            rewrite,
         })
     }
 
@@ -257,16 +306,51 @@ impl GraphSession {
     }
 }
 
+/// Builds the session; when `edits` change the graph, from the rewritten bytes in memory, with
+/// external data (`*.onnx_data`) still read from the graph's directory.
 fn build_session(
     env: &ort::environment::Environment,
     path: &Path,
     opts: &SessionOptions,
-) -> ort::Result<Session> {
-    let mut builder = Session::builder(env)?
-        .with_optimization_level(GraphOptimizationLevel::All)?
-        .with_memory_pattern(true)?;
+    edits: &GraphEdits,
+) -> Result<(Session, RewriteReport), String> {
+    let s = |e: ort::Error| e.to_string();
+    let b = |e: ort::Error<ort::session::builder::SessionBuilder>| e.to_string();
+    let mut builder = Session::builder(env)
+        .map_err(s)?
+        .with_optimization_level(GraphOptimizationLevel::All)
+        .map_err(b)?
+        .with_memory_pattern(true)
+        .map_err(b)?;
     if opts.intra_threads > 0 {
-        builder = builder.with_intra_threads(opts.intra_threads)?;
+        builder = builder.with_intra_threads(opts.intra_threads).map_err(b)?;
     }
-    builder.commit_from_file(path)
+    builder = builder
+        .with_config_entry(
+            "session.intra_op.allow_spinning",
+            if opts.spin { "1" } else { "0" },
+        )
+        .map_err(b)?;
+    if edits.is_empty() {
+        return Ok((
+            builder.commit_from_file(path).map_err(s)?,
+            RewriteReport::default(),
+        ));
+    }
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    let (rewritten, report) = rewrite_model(&bytes, edits).map_err(|e| e.to_string())?;
+    drop(bytes);
+    let Some(rewritten) = rewritten else {
+        return Ok((builder.commit_from_file(path).map_err(s)?, report));
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        builder = builder
+            .with_config_entry(
+                "session.model_external_initializers_file_folder_path",
+                dir.to_string_lossy(),
+            )
+            .map_err(b)?;
+    }
+    let session = builder.commit_from_memory(rewritten.model()).map_err(s)?;
+    Ok((session, report))
 }

@@ -24,6 +24,7 @@ pub mod media;
 pub mod resolve;
 pub mod smolvlm;
 
+use crate::engine::session::{GraphSession, SessionOptions};
 use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 
@@ -115,4 +116,21 @@ pub trait ChatModel: Send + 'static {
 
     /// Feeds one generated token; returns the logits for the next position.
     fn decode(&mut self, seq: &mut Self::Seq, token: u32) -> Result<Vec<f32>, ModelError>;
+}
+
+/// Loads one graph of a resolved model, `None` when the model has no file for it. The decoder is
+/// loaded with its `logits` reduced to the last position where `opts.last_logits` says so.
+pub(crate) fn load_graph(
+    model: &resolve::ResolvedModel,
+    c: catalog::Component,
+    opts: &SessionOptions,
+) -> Result<Option<GraphSession>, ModelError> {
+    let Some(p) = model.graph_path(c) else {
+        return Ok(None);
+    };
+    Ok(Some(if c == catalog::Component::DecoderModelMerged {
+        GraphSession::load_decoder(c.file_stem(), &p, opts, "logits")?
+    } else {
+        GraphSession::load(c.file_stem(), &p, opts)?
+    }))
 }

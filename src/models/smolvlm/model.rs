@@ -129,12 +129,7 @@ impl SmolVlmModel {
         opts: &SessionOptions,
         cache: EncoderCache,
     ) -> Result<Self, ModelError> {
-        let load = |c: Component| -> Result<Option<GraphSession>, ModelError> {
-            match model.graph_path(c) {
-                Some(p) => Ok(Some(GraphSession::load(c.file_stem(), &p, opts)?)),
-                None => Ok(None),
-            }
-        };
+        let load = |c: Component| super::super::load_graph(model, c, opts);
         let missing = |c: Component| ModelError::Config(format!("no {c} graph"));
         let embed = load(Component::EmbedTokens)?.ok_or_else(|| missing(Component::EmbedTokens))?;
         let decoder = load(Component::DecoderModelMerged)?

@@ -1,0 +1,785 @@
+//! Load-time rewrites of an ONNX graph, done on the protobuf wire format: only node records are
+//! decoded; everything else (weights embedded in the file included) is copied through as bytes.
+//!
+//! - **MatMulNBits accuracy level** ([`GraphEdits::accuracy_level`]): sets `accuracy_level` on every
+//!   `com.microsoft.MatMulNBits` node. The q4 exports leave it unset, which makes ONNX Runtime
+//!   dequantize the 4-bit weights and compute in fp32; 4 quantizes activations to int8 per block and
+//!   uses integer dot products (VNNI/AMX where the CPU has them), much faster, slightly different numbers.
+//! - **Last-position logits** ([`GraphEdits::last_logits`]): puts a `Slice` to the last position
+//!   (axis -2) in front of the MatMul that produces the decoder's logits, so a prompt of P tokens computes
+//!   and allocates `[1, 1, vocab]` instead of `[1, P, vocab]` (real Gemma-3n: 262k vocabulary). The
+//!   last row's numbers are those of the full computation. The path from that MatMul to the output may
+//!   only pass through element-wise ops (soft-capping, casts, int8 rescaling); otherwise the rewrite is
+//!   not applied and the reason is reported.
+
+use std::collections::HashMap;
+
+/// What to change in a graph.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GraphEdits {
+    /// `accuracy_level` for every MatMulNBits node (`None` = leave as exported).
+    pub accuracy_level: Option<i64>,
+    /// Name of the logits output to reduce to its last position (`None` = leave).
+    pub last_logits: Option<String>,
+}
+
+impl GraphEdits {
+    pub fn is_empty(&self) -> bool {
+        self.accuracy_level.is_none() && self.last_logits.is_none()
+    }
+}
+
+/// What a rewrite did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RewriteReport {
+    /// MatMulNBits nodes whose accuracy level was set (subgraphs included).
+    pub matmulnbits: usize,
+    /// The op type of the node the last-position slice was put in front of.
+    pub last_logits_before: Option<String>,
+    /// Why the last-position rewrite was not applied, when it was asked for.
+    pub last_logits_skipped: Option<String>,
+}
+
+impl RewriteReport {
+    pub fn changed(&self) -> bool {
+        self.matmulnbits > 0 || self.last_logits_before.is_some()
+    }
+
+    /// One line for logs and `inspect`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if self.matmulnbits > 0 {
+            parts.push(format!(
+                "accuracy_level set on {} MatMulNBits",
+                self.matmulnbits
+            ));
+        }
+        if let Some(op) = &self.last_logits_before {
+            parts.push(format!(
+                "logits of the last position only (Slice before {op})"
+            ));
+        }
+        if let Some(why) = &self.last_logits_skipped {
+            parts.push(format!("last-position logits not applied: {why}"));
+        }
+        parts.join("; ")
+    }
+}
+
+/// A rewritten model: the protobuf is `bytes[offset..]`.
+pub struct Rewritten {
+    pub bytes: Vec<u8>,
+    pub offset: usize,
+    pub report: RewriteReport,
+}
+
+impl Rewritten {
+    pub fn model(&self) -> &[u8] {
+        &self.bytes[self.offset..]
+    }
+}
+
+/// Malformed protobuf (or an ONNX file this rewriter does not understand).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot rewrite the ONNX graph: {0}")]
+pub struct RewriteError(String);
+
+fn err<T>(m: impl Into<String>) -> Result<T, RewriteError> {
+    Err(RewriteError(m.into()))
+}
+
+// ModelProto / GraphProto / NodeProto / AttributeProto / TensorProto field numbers (onnx.proto3).
+const MODEL_GRAPH: u32 = 7;
+const GRAPH_NODE: u32 = 1;
+const NODE_INPUT: u32 = 1;
+const NODE_OUTPUT: u32 = 2;
+const NODE_NAME: u32 = 3;
+const NODE_OP_TYPE: u32 = 4;
+const NODE_ATTRIBUTE: u32 = 5;
+const NODE_DOMAIN: u32 = 7;
+const ATTR_NAME: u32 = 1;
+const ATTR_I: u32 = 3;
+const ATTR_T: u32 = 5;
+const ATTR_G: u32 = 6;
+const ATTR_GRAPHS: u32 = 11;
+const ATTR_TYPE: u32 = 20;
+const ATTR_TYPE_INT: u64 = 2;
+const ATTR_TYPE_TENSOR: u64 = 4;
+const TENSOR_DIMS: u32 = 1;
+const TENSOR_DATA_TYPE: u32 = 2;
+const TENSOR_INT64_DATA: u32 = 7;
+const TENSOR_INT64: u64 = 7;
+
+const WIRE_VARINT: u8 = 0;
+const WIRE_I64: u8 = 1;
+const WIRE_LEN: u8 = 2;
+const WIRE_I32: u8 = 5;
+
+/// One field of a message: its number, wire type, the whole record (tag included) and its payload.
+struct Field<'a> {
+    num: u32,
+    wire: u8,
+    raw: &'a [u8],
+    /// Length-delimited payload (empty for other wire types).
+    body: &'a [u8],
+}
+
+fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, RewriteError> {
+    let mut v = 0u64;
+    for shift in (0..70).step_by(7) {
+        let Some(&b) = buf.get(*pos) else {
+            return err("truncated varint");
+        };
+        *pos += 1;
+        if shift == 63 && b > 1 {
+            return err("varint overflow");
+        }
+        v |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    err("varint too long")
+}
+
+struct Fields<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+fn fields(buf: &[u8]) -> Fields<'_> {
+    Fields { buf, pos: 0 }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = Result<Field<'a>, RewriteError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.buf.len() {
+            return None;
+        }
+        let start = self.pos;
+        let r = (|| {
+            let tag = read_varint(self.buf, &mut self.pos)?;
+            let (num, wire) = ((tag >> 3) as u32, (tag & 7) as u8);
+            if num == 0 {
+                return err("field number 0");
+            }
+            let mut body: &[u8] = &[];
+            match wire {
+                WIRE_VARINT => {
+                    read_varint(self.buf, &mut self.pos)?;
+                }
+                WIRE_I64 | WIRE_I32 => {
+                    let n = if wire == WIRE_I64 { 8 } else { 4 };
+                    if self.pos + n > self.buf.len() {
+                        return err("truncated fixed-width field");
+                    }
+                    self.pos += n;
+                }
+                WIRE_LEN => {
+                    let len = read_varint(self.buf, &mut self.pos)? as usize;
+                    let end = self.pos.checked_add(len).filter(|&e| e <= self.buf.len());
+                    let Some(end) = end else {
+                        return err("length-delimited field runs past its message");
+                    };
+                    body = &self.buf[self.pos..end];
+                    self.pos = end;
+                }
+                w => return err(format!("unsupported wire type {w}")),
+            }
+            Ok(Field {
+                num,
+                wire,
+                raw: &self.buf[start..self.pos],
+                body,
+            })
+        })();
+        if r.is_err() {
+            self.pos = self.buf.len();
+        }
+        Some(r)
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_tag(out: &mut Vec<u8>, num: u32, wire: u8) {
+    put_varint(out, (u64::from(num) << 3) | u64::from(wire));
+}
+
+fn put_bytes(out: &mut Vec<u8>, num: u32, bytes: &[u8]) {
+    put_tag(out, num, WIRE_LEN);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+fn put_uint(out: &mut Vec<u8>, num: u32, v: u64) {
+    put_tag(out, num, WIRE_VARINT);
+    put_varint(out, v);
+}
+
+fn text(b: &[u8]) -> Result<&str, RewriteError> {
+    std::str::from_utf8(b).map_err(|_| RewriteError("a name is not UTF-8".into()))
+}
+
+/// Applies `edits` to a serialized `ModelProto`. Returns `None` when nothing had to change (the
+/// report still says why a requested last-position rewrite was skipped).
+pub fn rewrite_model(
+    model: &[u8],
+    edits: &GraphEdits,
+) -> Result<(Option<Rewritten>, RewriteReport), RewriteError> {
+    let mut report = RewriteReport::default();
+    // Room in front for the graph's tag and length, written once the graph's size is known; the other
+    // ModelProto fields follow the graph (field order does not matter to protobuf).
+    const GAP: usize = 16;
+    let mut out = Vec::with_capacity(model.len() + GAP + 4096);
+    out.resize(GAP, 0);
+    let mut rest = Vec::new();
+    let mut graphs = 0;
+    for f in fields(model) {
+        let f = f?;
+        if f.num == MODEL_GRAPH && f.wire == WIRE_LEN {
+            graphs += 1;
+            if graphs > 1 {
+                return err("more than one graph in the model");
+            }
+            rewrite_graph(f.body, edits, true, &mut report, &mut out)?;
+        } else {
+            rest.extend_from_slice(f.raw);
+        }
+    }
+    if graphs == 0 {
+        return err("the model has no graph");
+    }
+    if !report.changed() {
+        return Ok((None, report));
+    }
+    let len = out.len() - GAP;
+    let mut head = Vec::with_capacity(GAP);
+    put_tag(&mut head, MODEL_GRAPH, WIRE_LEN);
+    put_varint(&mut head, len as u64);
+    let offset = GAP - head.len();
+    out[offset..GAP].copy_from_slice(&head);
+    out.extend_from_slice(&rest);
+    Ok((
+        Some(Rewritten {
+            bytes: out,
+            offset,
+            report: report.clone(),
+        }),
+        report,
+    ))
+}
+
+/// The parts of a node the rewrites look at.
+struct NodeInfo {
+    op: String,
+    domain: String,
+    inputs: Vec<String>,
+    outputs: Vec<String>,
+}
+
+fn node_info(body: &[u8]) -> Result<NodeInfo, RewriteError> {
+    let mut n = NodeInfo {
+        op: String::new(),
+        domain: String::new(),
+        inputs: Vec::new(),
+        outputs: Vec::new(),
+    };
+    for f in fields(body) {
+        let f = f?;
+        match (f.num, f.wire) {
+            (NODE_OP_TYPE, WIRE_LEN) => n.op = text(f.body)?.to_string(),
+            (NODE_DOMAIN, WIRE_LEN) => n.domain = text(f.body)?.to_string(),
+            (NODE_INPUT, WIRE_LEN) => n.inputs.push(text(f.body)?.to_string()),
+            (NODE_OUTPUT, WIRE_LEN) => n.outputs.push(text(f.body)?.to_string()),
+            _ => {}
+        }
+    }
+    Ok(n)
+}
+
+const MATMULS: [&str; 4] = ["MatMul", "MatMulNBits", "MatMulInteger", "FusedMatMul"];
+/// Ops that keep the position axis where it is, element by element.
+const ELEMENTWISE: [&str; 9] = [
+    "Cast", "Tanh", "Identity", "Mul", "Div", "Add", "Sub", "Softcap", "Neg",
+];
+
+/// The index of the MatMul whose output flows to `logits` through element-wise ops only, or why not.
+fn find_lm_head(nodes: &[NodeInfo], logits: &str) -> Result<usize, String> {
+    let producer: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let Some(&first) = producer.get(logits) else {
+        return Err(format!("no node produces {logits:?} in the main graph"));
+    };
+    let mut stack = vec![first];
+    let mut seen = std::collections::HashSet::new();
+    let mut found: Option<usize> = None;
+    while let Some(i) = stack.pop() {
+        if !seen.insert(i) || seen.len() > 64 {
+            continue;
+        }
+        let n = &nodes[i];
+        let is_onnx = n.domain.is_empty() || n.domain == "ai.onnx";
+        let is_ms = n.domain == "com.microsoft";
+        if MATMULS.contains(&n.op.as_str()) && (is_onnx || is_ms) {
+            if found.is_some_and(|f| f != i) {
+                return Err("more than one MatMul feeds the logits".into());
+            }
+            found = Some(i);
+            continue;
+        }
+        if !(ELEMENTWISE.contains(&n.op.as_str()) && is_onnx) {
+            // Off the path to the lm_head (e.g. the int8 scale computation): fine if it is not what
+            // produces the logits themselves.
+            if i == first {
+                return Err(format!("the logits come from a {} node", n.op));
+            }
+            continue;
+        }
+        for inp in &n.inputs {
+            if let Some(&p) = producer.get(inp.as_str()) {
+                stack.push(p);
+            }
+        }
+    }
+    found.ok_or_else(|| "no MatMul found above the logits".into())
+}
+
+/// Rewrites one `GraphProto` body into `out` (as the body of a length-delimited field: the caller
+/// writes the tag and length). Subgraphs of If/Loop/Scan get the accuracy level too.
+fn rewrite_graph(
+    body: &[u8],
+    edits: &GraphEdits,
+    top: bool,
+    report: &mut RewriteReport,
+    out: &mut Vec<u8>,
+) -> Result<(), RewriteError> {
+    let mut lm_head = None;
+    if let (true, Some(logits)) = (top, edits.last_logits.as_deref()) {
+        let mut nodes = Vec::new();
+        for f in fields(body) {
+            let f = f?;
+            if f.num == GRAPH_NODE && f.wire == WIRE_LEN {
+                nodes.push(node_info(f.body)?);
+            }
+        }
+        match find_lm_head(&nodes, logits) {
+            Ok(i) => lm_head = Some((i, nodes.swap_remove(i))),
+            Err(why) => report.last_logits_skipped = Some(why),
+        }
+    }
+    let mut index = 0usize;
+    for f in fields(body) {
+        let f = f?;
+        if !(f.num == GRAPH_NODE && f.wire == WIRE_LEN) {
+            out.extend_from_slice(f.raw);
+            continue;
+        }
+        let mut node = rewrite_node(f.body, edits, report)?;
+        if let Some((i, info)) = &lm_head {
+            if *i == index {
+                let sliced = insert_last_slice(out, &info.inputs[0]);
+                node = Some(replace_first_input(
+                    node.as_deref().unwrap_or(f.body),
+                    &sliced,
+                )?);
+                report.last_logits_before = Some(info.op.clone());
+            }
+        }
+        match node {
+            Some(n) => put_bytes(out, GRAPH_NODE, &n),
+            None => out.extend_from_slice(f.raw),
+        }
+        index += 1;
+    }
+    Ok(())
+}
+
+/// Writes Constant nodes for starts/ends/axes and `Slice(x, -1, MAX, -2)`; returns the sliced name.
+fn insert_last_slice(out: &mut Vec<u8>, x: &str) -> String {
+    let prefix = format!("onnx_chat/last_position/{x}");
+    let sliced = format!("{prefix}/sliced");
+    let mut names = Vec::new();
+    for (what, v) in [("starts", -1i64), ("ends", i64::MAX), ("axes", -2)] {
+        let name = format!("{prefix}/{what}");
+        let mut tensor = Vec::new();
+        put_uint(&mut tensor, TENSOR_DIMS, 1);
+        put_uint(&mut tensor, TENSOR_DATA_TYPE, TENSOR_INT64);
+        let mut packed = Vec::new();
+        put_varint(&mut packed, v as u64);
+        put_bytes(&mut tensor, TENSOR_INT64_DATA, &packed);
+        let mut attr = Vec::new();
+        put_bytes(&mut attr, ATTR_NAME, b"value");
+        put_bytes(&mut attr, ATTR_T, &tensor);
+        put_uint(&mut attr, ATTR_TYPE, ATTR_TYPE_TENSOR);
+        let mut node = Vec::new();
+        put_bytes(&mut node, NODE_OUTPUT, name.as_bytes());
+        put_bytes(&mut node, NODE_NAME, name.as_bytes());
+        put_bytes(&mut node, NODE_OP_TYPE, b"Constant");
+        put_bytes(&mut node, NODE_ATTRIBUTE, &attr);
+        put_bytes(out, GRAPH_NODE, &node);
+        names.push(name);
+    }
+    let mut node = Vec::new();
+    put_bytes(&mut node, NODE_INPUT, x.as_bytes());
+    for n in &names {
+        put_bytes(&mut node, NODE_INPUT, n.as_bytes());
+    }
+    put_bytes(&mut node, NODE_OUTPUT, sliced.as_bytes());
+    put_bytes(&mut node, NODE_NAME, prefix.as_bytes());
+    put_bytes(&mut node, NODE_OP_TYPE, b"Slice");
+    put_bytes(out, GRAPH_NODE, &node);
+    sliced
+}
+
+fn replace_first_input(node: &[u8], name: &str) -> Result<Vec<u8>, RewriteError> {
+    let mut out = Vec::with_capacity(node.len() + name.len());
+    let mut first = true;
+    for f in fields(node) {
+        let f = f?;
+        if first && f.num == NODE_INPUT && f.wire == WIRE_LEN {
+            put_bytes(&mut out, NODE_INPUT, name.as_bytes());
+            first = false;
+        } else {
+            out.extend_from_slice(f.raw);
+        }
+    }
+    Ok(out)
+}
+
+/// A node with its edits applied, or `None` when it stays as it is.
+fn rewrite_node(
+    body: &[u8],
+    edits: &GraphEdits,
+    report: &mut RewriteReport,
+) -> Result<Option<Vec<u8>>, RewriteError> {
+    let (mut op, mut domain, mut subgraphs) = ("", "", false);
+    for f in fields(body) {
+        let f = f?;
+        match (f.num, f.wire) {
+            (NODE_OP_TYPE, WIRE_LEN) => op = text(f.body)?,
+            (NODE_DOMAIN, WIRE_LEN) => domain = text(f.body)?,
+            (NODE_ATTRIBUTE, WIRE_LEN) => {
+                subgraphs |= fields(f.body).any(|a| {
+                    a.is_ok_and(|a| matches!(a.num, ATTR_G | ATTR_GRAPHS) && a.wire == WIRE_LEN)
+                })
+            }
+            _ => {}
+        }
+    }
+    let level = edits
+        .accuracy_level
+        .filter(|_| op == "MatMulNBits" && domain == "com.microsoft");
+    if level.is_none() && !subgraphs {
+        return Ok(None);
+    }
+    let mut out = Vec::with_capacity(body.len() + 32);
+    for f in fields(body) {
+        let f = f?;
+        if f.num != NODE_ATTRIBUTE || f.wire != WIRE_LEN {
+            out.extend_from_slice(f.raw);
+            continue;
+        }
+        let mut name = "";
+        let mut has_graph = false;
+        for a in fields(f.body) {
+            let a = a?;
+            match (a.num, a.wire) {
+                (ATTR_NAME, WIRE_LEN) => name = text(a.body)?,
+                (ATTR_G | ATTR_GRAPHS, WIRE_LEN) => has_graph = true,
+                _ => {}
+            }
+        }
+        if level.is_some() && name == "accuracy_level" {
+            continue;
+        }
+        if !has_graph {
+            out.extend_from_slice(f.raw);
+            continue;
+        }
+        let mut attr = Vec::with_capacity(f.body.len());
+        for a in fields(f.body) {
+            let a = a?;
+            if matches!(a.num, ATTR_G | ATTR_GRAPHS) && a.wire == WIRE_LEN {
+                let mut g = Vec::with_capacity(a.body.len());
+                rewrite_graph(a.body, edits, false, report, &mut g)?;
+                put_bytes(&mut attr, a.num, &g);
+            } else {
+                attr.extend_from_slice(a.raw);
+            }
+        }
+        put_bytes(&mut out, NODE_ATTRIBUTE, &attr);
+    }
+    if let Some(level) = level {
+        let mut attr = Vec::new();
+        put_bytes(&mut attr, ATTR_NAME, b"accuracy_level");
+        put_uint(&mut attr, ATTR_I, level as u64);
+        put_uint(&mut attr, ATTR_TYPE, ATTR_TYPE_INT);
+        put_bytes(&mut out, NODE_ATTRIBUTE, &attr);
+        report.matmulnbits += 1;
+    }
+    Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(
+        op: &str,
+        domain: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attrs: &[Vec<u8>],
+    ) -> Vec<u8> {
+        let mut n = Vec::new();
+        for i in inputs {
+            put_bytes(&mut n, NODE_INPUT, i.as_bytes());
+        }
+        for o in outputs {
+            put_bytes(&mut n, NODE_OUTPUT, o.as_bytes());
+        }
+        put_bytes(&mut n, NODE_OP_TYPE, op.as_bytes());
+        if !domain.is_empty() {
+            put_bytes(&mut n, NODE_DOMAIN, domain.as_bytes());
+        }
+        for a in attrs {
+            put_bytes(&mut n, NODE_ATTRIBUTE, a);
+        }
+        n
+    }
+
+    fn int_attr(name: &str, v: i64) -> Vec<u8> {
+        let mut a = Vec::new();
+        put_bytes(&mut a, ATTR_NAME, name.as_bytes());
+        put_uint(&mut a, ATTR_I, v as u64);
+        put_uint(&mut a, ATTR_TYPE, ATTR_TYPE_INT);
+        a
+    }
+
+    fn model(nodes: &[Vec<u8>]) -> Vec<u8> {
+        let mut g = Vec::new();
+        for n in nodes {
+            put_bytes(&mut g, GRAPH_NODE, n);
+        }
+        put_bytes(&mut g, 2, b"graph");
+        let mut m = Vec::new();
+        put_uint(&mut m, 1, 8);
+        put_bytes(&mut m, MODEL_GRAPH, &g);
+        put_bytes(&mut m, 2, b"producer");
+        m
+    }
+
+    fn graph_nodes(m: &[u8]) -> Vec<NodeInfo> {
+        let g = fields(m)
+            .map(Result::unwrap)
+            .find(|f| f.num == MODEL_GRAPH)
+            .unwrap();
+        fields(g.body)
+            .map(Result::unwrap)
+            .filter(|f| f.num == GRAPH_NODE)
+            .map(|f| node_info(f.body).unwrap())
+            .collect()
+    }
+
+    fn attr_ints(m: &[u8], op: &str, name: &str) -> Vec<i64> {
+        let g = fields(m)
+            .map(Result::unwrap)
+            .find(|f| f.num == MODEL_GRAPH)
+            .unwrap();
+        let mut v = Vec::new();
+        for n in fields(g.body).map(Result::unwrap) {
+            if n.num != GRAPH_NODE || node_info(n.body).unwrap().op != op {
+                continue;
+            }
+            for a in fields(n.body).map(Result::unwrap) {
+                if a.num != NODE_ATTRIBUTE {
+                    continue;
+                }
+                let fs: Vec<_> = fields(a.body).map(Result::unwrap).collect();
+                if fs
+                    .iter()
+                    .any(|f| f.num == ATTR_NAME && f.body == name.as_bytes())
+                {
+                    let raw = fs.iter().find(|f| f.num == ATTR_I).unwrap().raw;
+                    let mut p = 0;
+                    read_varint(raw, &mut p).unwrap();
+                    v.push(read_varint(raw, &mut p).unwrap() as i64);
+                }
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn varints_round_trip() {
+        for v in [0u64, 1, 127, 128, 300, u32::MAX as u64, u64::MAX] {
+            let mut b = Vec::new();
+            put_varint(&mut b, v);
+            let mut p = 0;
+            assert_eq!(read_varint(&b, &mut p).unwrap(), v);
+            assert_eq!(p, b.len());
+        }
+        assert!(read_varint(&[0x80, 0x80], &mut 0).is_err());
+    }
+
+    #[test]
+    fn accuracy_level_is_set_once_and_other_fields_survive() {
+        let m = model(&[
+            node(
+                "MatMulNBits",
+                "com.microsoft",
+                &["x", "w", "s"],
+                &["y"],
+                &[int_attr("K", 64), int_attr("accuracy_level", 0)],
+            ),
+            node(
+                "MatMulNBits",
+                "com.microsoft",
+                &["y", "w2", "s2"],
+                &["z"],
+                &[],
+            ),
+            node("MatMul", "", &["z", "w3"], &["logits"], &[]),
+        ]);
+        let edits = GraphEdits {
+            accuracy_level: Some(4),
+            last_logits: None,
+        };
+        let (r, report) = rewrite_model(&m, &edits).unwrap();
+        let r = r.unwrap();
+        assert_eq!(report.matmulnbits, 2);
+        assert_eq!(
+            attr_ints(r.model(), "MatMulNBits", "accuracy_level"),
+            [4, 4]
+        );
+        assert_eq!(attr_ints(r.model(), "MatMulNBits", "K"), [64]);
+        let nodes = graph_nodes(r.model());
+        assert_eq!(nodes.len(), 3);
+        assert_eq!(nodes[2].op, "MatMul");
+        // the model's other fields are still there
+        let nums: Vec<u32> = fields(r.model()).map(|f| f.unwrap().num).collect();
+        assert_eq!(nums, [7, 1, 2]);
+    }
+
+    #[test]
+    fn nothing_to_change_gives_none() {
+        let m = model(&[node("MatMul", "", &["z", "w3"], &["out"], &[])]);
+        let edits = GraphEdits {
+            accuracy_level: Some(4),
+            last_logits: Some("logits".into()),
+        };
+        let (r, report) = rewrite_model(&m, &edits).unwrap();
+        assert!(r.is_none());
+        assert!(report
+            .last_logits_skipped
+            .unwrap()
+            .contains("no node produces"));
+    }
+
+    #[test]
+    fn last_logits_slice_goes_in_front_of_the_lm_head_through_softcap_and_int8_rescale() {
+        let m = model(&[
+            node(
+                "DynamicQuantizeLinear",
+                "",
+                &["h"],
+                &["hq", "hs", "hz"],
+                &[],
+            ),
+            node("MatMulInteger", "", &["hq", "w", "hz", "wz"], &["acc"], &[]),
+            node("Cast", "", &["acc"], &["accf"], &[]),
+            node("Mul", "", &["hs", "ws"], &["scale"], &[]),
+            node("Mul", "", &["accf", "scale"], &["raw"], &[]),
+            node("Div", "", &["raw", "cap"], &["d"], &[]),
+            node("Tanh", "", &["d"], &["t"], &[]),
+            node("Mul", "", &["t", "cap"], &["logits"], &[]),
+        ]);
+        let edits = GraphEdits {
+            accuracy_level: None,
+            last_logits: Some("logits".into()),
+        };
+        let (r, report) = rewrite_model(&m, &edits).unwrap();
+        assert_eq!(report.last_logits_before.as_deref(), Some("MatMulInteger"));
+        let nodes = graph_nodes(r.unwrap().model());
+        let ops: Vec<&str> = nodes.iter().map(|n| n.op.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "DynamicQuantizeLinear",
+                "Constant",
+                "Constant",
+                "Constant",
+                "Slice",
+                "MatMulInteger",
+                "Cast",
+                "Mul",
+                "Mul",
+                "Div",
+                "Tanh",
+                "Mul"
+            ]
+        );
+        assert_eq!(nodes[4].inputs[0], "hq");
+        assert_eq!(nodes[5].inputs[0], nodes[4].outputs[0]);
+        assert_eq!(nodes[5].inputs[1..], ["w", "hz", "wz"]);
+    }
+
+    #[test]
+    fn last_logits_refuses_paths_that_are_not_element_wise() {
+        let m = model(&[
+            node("MatMul", "", &["h", "w"], &["y"], &[]),
+            node("Transpose", "", &["y"], &["logits"], &[]),
+        ]);
+        let edits = GraphEdits {
+            accuracy_level: None,
+            last_logits: Some("logits".into()),
+        };
+        let (r, report) = rewrite_model(&m, &edits).unwrap();
+        assert!(r.is_none());
+        assert!(report.last_logits_skipped.unwrap().contains("Transpose"));
+    }
+
+    #[test]
+    fn subgraphs_get_the_accuracy_level() {
+        let mut inner = Vec::new();
+        put_bytes(
+            &mut inner,
+            GRAPH_NODE,
+            &node("MatMulNBits", "com.microsoft", &["a"], &["b"], &[]),
+        );
+        let mut attr = Vec::new();
+        put_bytes(&mut attr, ATTR_NAME, b"then_branch");
+        put_bytes(&mut attr, ATTR_G, &inner);
+        put_uint(&mut attr, ATTR_TYPE, 5);
+        let m = model(&[node("If", "", &["c"], &["o"], &[attr])]);
+        let edits = GraphEdits {
+            accuracy_level: Some(4),
+            last_logits: None,
+        };
+        let (_, report) = rewrite_model(&m, &edits).unwrap();
+        assert_eq!(report.matmulnbits, 1);
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        let edits = GraphEdits {
+            accuracy_level: Some(4),
+            last_logits: Some("logits".into()),
+        };
+        for bad in [&b"\x3a\xff\xff\xff\xff\x0f"[..], b"\x07", b"", b"\x08"] {
+            assert!(rewrite_model(bad, &edits).is_err(), "{bad:?}");
+        }
+    }
+}
