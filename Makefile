@@ -47,6 +47,25 @@ fixtures:
 clean-venv:
 	rm -rf $(VENV)
 
+# Benchmarks (not run by CI; see BENCHMARKS.md). `make bench-model` generates the bench-size random Gemma-3n once
+# (~1.1 B parameters, fp32 + _quantized + _q4, ~8 GB on disk, ~25 min on 2 cores; needs the fixture generator's
+# venv, created when missing). `make bench` then prints one table: onnx-chat vs the Python onnxruntime loop, media
+# preprocessing vs transformers, NATS vs in-process latency, 1 vs 2 workers. BENCH_ARGS are passed to
+# tools/bench/bench.py (e.g. BENCH_ARGS="--quants Q4_MIXED --repeats 5 --sections gen").
+BENCH_MODEL ?= target/bench-model/bench-gemma3n
+BENCH_ARGS  ?=
+
+.PHONY: bench-model
+bench-model: $(BENCH_MODEL)/.complete
+
+$(BENCH_MODEL)/.complete:
+	tools/bench/make_bench_model.sh $(BENCH_MODEL)
+
+bench: setup
+	@test -f $(BENCH_MODEL)/.complete || echo "note: $(BENCH_MODEL) missing (make bench-model): tiny-model rows only"
+	cargo build --release
+	$(VENV)/bin/python tools/bench/bench.py --model $(BENCH_MODEL) $(BENCH_ARGS)
+
 # The browser test of the chat page (tests/ui_browser.rs) needs Debian's chromium and playwright-core
 # (pinned in tests/ui/package-lock.json, installed into tests/ui/node_modules); `make test` installs them.
 .PHONY: ui-deps test-ui

@@ -183,8 +183,9 @@ def export(module, args, path, input_names, output_names, dynamic_shapes, extern
     t = time.time()
     prog = torch.onnx.export(module, args, dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
                              output_names=output_names, opset_version=18)
-    if os.path.exists(path + "_data"):
-        os.remove(path + "_data")
+    for stale in (path + "_data", path + ".data"):
+        if os.path.exists(stale):
+            os.remove(stale)
     prog.save(path, external_data=external)
     del prog
     m = onnx.load(path, load_external_data=False)
@@ -192,6 +193,12 @@ def export(module, args, path, input_names, output_names, dynamic_shapes, extern
         del node.metadata_props[:]
         node.doc_string = ""
     del m.graph.value_info[:]
+    if os.path.exists(path + ".data"):  # torch names it <name>.onnx.data; the hub layout says <name>.onnx_data
+        os.rename(path + ".data", path + "_data")
+        for init in m.graph.initializer:
+            for e in init.external_data:
+                if e.key == "location":
+                    e.value = os.path.basename(path) + "_data"
     onnx.save(m, path)
     size = os.path.getsize(path) + (os.path.getsize(path + "_data") if os.path.exists(path + "_data") else 0)
     print(f"exported {os.path.basename(path)} in {time.time() - t:.0f}s, {size / 1e6:.0f} MB", flush=True)
@@ -235,30 +242,29 @@ def export_all(model, out):
 COMPS = ["embed_tokens", "vision_encoder", "audio_encoder", "decoder_model_merged"]
 
 
-def make_variants(src, dst):
-    """_quantized and _q4 with make_variants.py's recipes; fp32 moved over with its external data."""
+def make_variants(src, dst, comp):
+    """_quantized and _q4 of one graph with make_variants.py's recipes; fp32 moved over with its external data."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     import make_variants as mv
 
-    for comp in COMPS:
-        sp = f"{src}/{comp}.onnx"
-        t = time.time()
-        m = onnx.load(sp, load_external_data=False)
-        has_conv = any(n.op_type == "Conv" for n in m.graph.node)
-        del m
-        quantize_dynamic(sp, f"{dst}/{comp}_quantized.onnx",
-                         weight_type=QuantType.QUInt8 if has_conv else QuantType.QInt8,
-                         per_channel=False, reduce_range=False, extra_options={"MatMulConstBOnly": True})
-        print(f"{comp}_quantized in {time.time() - t:.0f}s", flush=True)
-        t = time.time()
-        q4 = mv.to_q4(onnx.load(sp))
-        onnx.save(q4, f"{dst}/{comp}_q4.onnx")
-        del q4
-        print(f"{comp}_q4 in {time.time() - t:.0f}s", flush=True)
-        for f in (f"{comp}.onnx", f"{comp}.onnx_data"):
-            if os.path.exists(f"{src}/{f}"):
-                shutil.move(f"{src}/{f}", f"{dst}/{f}")
+    sp = f"{src}/{comp}.onnx"
+    t = time.time()
+    m = onnx.load(sp, load_external_data=False)
+    has_conv = any(n.op_type == "Conv" for n in m.graph.node)
+    del m
+    quantize_dynamic(sp, f"{dst}/{comp}_quantized.onnx",
+                     weight_type=QuantType.QUInt8 if has_conv else QuantType.QInt8,
+                     per_channel=False, reduce_range=False, extra_options={"MatMulConstBOnly": True})
+    print(f"{comp}_quantized in {time.time() - t:.0f}s", flush=True)
+    t = time.time()
+    q4 = mv.to_q4(onnx.load(sp))
+    onnx.save(q4, f"{dst}/{comp}_q4.onnx")
+    del q4
+    print(f"{comp}_q4 in {time.time() - t:.0f}s", flush=True)
+    for f in (f"{comp}.onnx", f"{comp}.onnx_data"):
+        if os.path.exists(f"{src}/{f}"):
+            shutil.move(f"{src}/{f}", f"{dst}/{f}")
 
 
 def check(dst):
@@ -290,46 +296,64 @@ def check(dst):
     return graphs
 
 
+def stage(name, *args):
+    """Each step in its own process, so that peak memory is one step's, not the sum of what Python keeps."""
+    import subprocess
+    t = time.time()
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--stage", name, *args])
+    if r.returncode:
+        sys.exit(f"stage {name} {args} failed ({r.returncode})")
+    return time.time() - t
+
+
+def stage_main(name, args):
+    if name == "export":
+        out, scratch, layers = args[0], args[1], int(args[2])
+        t = time.time()
+        cfg = bench_config(layers)
+        model = build_model(cfg)
+        n = {k: sum(p.numel() for p in mod.parameters()) for k, mod in
+             [("total", model), ("text", model.model.language_model), ("vision", model.model.vision_tower),
+              ("audio", model.model.audio_tower)]}
+        print(f"params (M): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in n.items()) +
+              f"; built in {time.time() - t:.0f}s", flush=True)
+        write_model_files(out, cfg, {"embed_tokens.onnx": 1, "decoder_model_merged.onnx": 1,
+                                     "vision_encoder.onnx": 1})
+        with open(f"{scratch}/params.json", "w") as f:
+            json.dump(n, f)
+        export_all(model, scratch)
+    elif name == "variants":
+        make_variants(args[0], args[1], args[2])
+    elif name == "check":
+        with open(f"{args[1]}/graphs.json", "w") as f:
+            json.dump(check(args[0]), f)
+
+
 def main():
+    if "--stage" in sys.argv:
+        i = sys.argv.index("--stage")
+        return stage_main(sys.argv[i + 1], sys.argv[i + 2:])
+    import resource
     out = os.path.abspath(sys.argv[1])
     layers = int(arg("--layers", "15"))
     t0 = time.time()
-    times = {}
     scratch = out + ".scratch"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
     os.makedirs(f"{out}/onnx")
-
-    t = time.time()
-    cfg = bench_config(layers)
-    model = build_model(cfg)
-    n = {k: sum(p.numel() for p in mod.parameters()) for k, mod in
-         [("total", model), ("text", model.model.language_model), ("vision", model.model.vision_tower),
-          ("audio", model.model.audio_tower)]}
-    times["build"] = time.time() - t
-    print(f"params (M): " + ", ".join(f"{k} {v / 1e6:.1f}" for k, v in n.items()), flush=True)
-
-    external = {"embed_tokens.onnx": 1, "decoder_model_merged.onnx": 1, "vision_encoder.onnx": 1}
-    write_model_files(out, cfg, external)
-
-    t = time.time()
-    export_all(model, scratch)
-    times["export"] = time.time() - t
-    del model
-    import gc
-    gc.collect()
-
-    t = time.time()
-    make_variants(scratch, f"{out}/onnx")
-    times["variants"] = time.time() - t
-    t = time.time()
-    graphs = check(f"{out}/onnx")
-    times["check"] = time.time() - t
+    times = {"export": stage("export", out, scratch, str(layers))}
+    times["variants"] = sum(stage("variants", scratch, f"{out}/onnx", c) for c in COMPS)
+    times["check"] = stage("check", f"{out}/onnx", scratch)
+    with open(f"{scratch}/params.json") as f:
+        params = json.load(f)
+    with open(f"{scratch}/graphs.json") as f:
+        graphs = json.load(f)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
     if "--keep-scratch" not in sys.argv:
         shutil.rmtree(scratch, ignore_errors=True)
     times["total"] = time.time() - t0
-    tc = cfg.text_config
+    tc = bench_config(layers).text_config
     summary = {
         "config": {"layers": tc.num_hidden_layers, "hidden": tc.hidden_size, "intermediate": tc.intermediate_size,
                    "heads": tc.num_attention_heads, "kv_heads": tc.num_key_value_heads, "head_dim": tc.head_dim,
@@ -337,11 +361,12 @@ def main():
                    "vocab_per_layer_input": tc.vocab_size_per_layer_input,
                    "ple": tc.hidden_size_per_layer_input, "sliding_window": tc.sliding_window,
                    "layer_types": tc.layer_types, "activation_sparsity": tc.activation_sparsity_pattern},
-        "params": n, "graphs": graphs, "seconds": {k: round(v) for k, v in times.items()},
+        "params": params, "graphs": graphs, "seconds": {k: round(v) for k, v in times.items()},
+        "peak_rss_gb": round(peak, 1),
     }
     with open(f"{out}/bench_model.json", "w") as f:
         json.dump(summary, f, indent=1)
-    print(json.dumps(summary["seconds"]))
+    print(json.dumps(summary["seconds"]), f"peak RSS of a step {peak:.1f} GB")
     print(f"done: {out} in {times['total']:.0f}s")
 
 
