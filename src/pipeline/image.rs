@@ -278,7 +278,8 @@ fn over_white(c: u8, a: u8) -> u8 {
 /// Per output pixel: first input index, and fixed-point weights.
 struct Coeffs {
     bounds: Vec<(usize, usize)>,
-    weights: Vec<i64>,
+    /// Fixed-point weights: 32-bit like Pillow's 8-bit path, so sums vectorize as 32-bit lanes.
+    weights: Vec<i32>,
     ksize: usize,
 }
 
@@ -291,7 +292,7 @@ fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
     let support = filter.support() * filterscale;
     let ksize = support.ceil() as usize * 2 + 1;
     let mut bounds = Vec::with_capacity(out_size);
-    let mut weights = vec![0i64; out_size * ksize];
+    let mut weights = vec![0i32; out_size * ksize];
     let mut k = vec![0f64; ksize];
     for xx in 0..out_size {
         let center = (xx as f64 + 0.5) * scale;
@@ -309,7 +310,7 @@ fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
         for (x, kx) in k.iter().enumerate().take(n) {
             let v = if ww != 0.0 { kx / ww } else { *kx };
             let fixed = v * (1u64 << PRECISION_BITS) as f64 + if v < 0.0 { -0.5 } else { 0.5 };
-            weights[xx * ksize + x] = fixed as i64;
+            weights[xx * ksize + x] = fixed as i32;
         }
         bounds.push((xmin, n));
     }
@@ -321,7 +322,7 @@ fn coeffs(in_size: usize, out_size: usize, filter: Filter) -> Coeffs {
 }
 
 #[inline]
-fn clip8(v: i64) -> u8 {
+fn clip8(v: i32) -> u8 {
     (v >> PRECISION_BITS).clamp(0, 255) as u8
 }
 
@@ -333,7 +334,9 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
         return RgbImage::new(width, height);
     }
     let src = img.as_raw();
-    let rounding = 1i64 << (PRECISION_BITS - 1);
+    // Pillow accumulates in 32-bit ints (255 × Σ|w| × 2^22 stays below 2^31 for its filters); wrapping
+    // adds keep its arithmetic for any input rather than panic.
+    let rounding = 1i32 << (PRECISION_BITS - 1);
     // Horizontal pass (skipped when the width does not change, as Pillow does).
     let (horiz, hw) = if w1 != w0 {
         let c = coeffs(w0, w1, filter);
@@ -346,9 +349,9 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
                 let mut acc = [rounding; 3];
                 for (i, &kw) in k.iter().enumerate() {
                     let p = (xmin + i) * 3;
-                    acc[0] += row[p] as i64 * kw;
-                    acc[1] += row[p + 1] as i64 * kw;
-                    acc[2] += row[p + 2] as i64 * kw;
+                    acc[0] = acc[0].wrapping_add((row[p] as i32).wrapping_mul(kw));
+                    acc[1] = acc[1].wrapping_add((row[p + 1] as i32).wrapping_mul(kw));
+                    acc[2] = acc[2].wrapping_add((row[p + 2] as i32).wrapping_mul(kw));
                 }
                 let o = (y * w1 + xx) * 3;
                 out[o] = clip8(acc[0]);
@@ -368,14 +371,14 @@ pub fn resize(img: &RgbImage, width: u32, height: u32, filter: Filter) -> RgbIma
     let mut out = vec![0u8; stride * h1];
     // Row by row (whole input rows times one weight each): the same integer sums as Pillow's per-pixel
     // loop, in an order that reads memory contiguously.
-    let mut acc = vec![0i64; stride];
+    let mut acc = vec![0i32; stride];
     for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
         let (ymin, n) = c.bounds[yy];
         let k = &c.weights[yy * c.ksize..yy * c.ksize + n];
         acc.fill(rounding);
         for (row, &kw) in horiz[ymin * stride..].chunks_exact(stride).zip(k) {
             for (a, &p) in acc.iter_mut().zip(row) {
-                *a += p as i64 * kw;
+                *a = a.wrapping_add((p as i32).wrapping_mul(kw));
             }
         }
         for (o, &a) in out_row.iter_mut().zip(&acc) {
