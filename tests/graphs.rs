@@ -202,9 +202,7 @@ fn decoder_logits(s: &mut GraphSession, n: usize) -> (Vec<i64>, Vec<f32>) {
         (Cow::Borrowed("per_layer_inputs"), ple.into()),
         (Cow::Borrowed("position_ids"), pos.into()),
     ];
-    for (slot, v) in kv.slots.iter().zip(cache.values.iter()) {
-        feed.push((Cow::Owned(slot.past.clone()), v.into()));
-    }
+    kv.push_feeds(s, &cache, &mut feed).unwrap();
     let out = s.session.run(feed).unwrap();
     let (shape, data) = out["logits"].try_extract_tensor::<f32>().unwrap();
     (shape.to_vec(), data.to_vec())

@@ -6,6 +6,9 @@
 //! cache-owning layers both work. The values returned by one run are moved into the next run's
 //! inputs; the cache is never copied through host memory.
 
+use std::borrow::Cow;
+
+use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
 use super::session::{ElemType, GraphSession};
@@ -124,6 +127,37 @@ impl KvCache {
             })?;
         }
         self.len += new_positions;
+        Ok(())
+    }
+}
+
+/// A run's feeds, by input name.
+pub type Feeds<'v> = Vec<(Cow<'static, str>, SessionInputValue<'v>)>;
+
+impl KvLayout {
+    /// Appends the cache-side feeds of one decoder step: `num_logits_to_keep` = 1 and
+    /// `use_cache_branch` where the graph declares them, then every `past_key_values.*` from `cache`.
+    pub fn push_feeds<'v>(
+        &self,
+        decoder: &GraphSession,
+        cache: &'v KvCache,
+        inputs: &mut Feeds<'v>,
+    ) -> Result<(), EngineError> {
+        if decoder.has_input("num_logits_to_keep") {
+            inputs.push((
+                Cow::Borrowed("num_logits_to_keep"),
+                tensor::i64_value(&[], vec![1])?.into(),
+            ));
+        }
+        if decoder.has_input("use_cache_branch") {
+            inputs.push((
+                Cow::Borrowed("use_cache_branch"),
+                tensor::bool_value(&[1], vec![cache.len > 0])?.into(),
+            ));
+        }
+        for (slot, value) in self.slots.iter().zip(cache.values.iter()) {
+            inputs.push((Cow::Owned(slot.past.clone()), value.into()));
+        }
         Ok(())
     }
 }

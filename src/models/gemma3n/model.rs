@@ -7,7 +7,6 @@
 
 use std::borrow::Cow;
 
-use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
 use super::config::Gemma3nConfig;
@@ -45,7 +44,7 @@ pub struct Gemma3nSeq {
     cache: KvCache,
 }
 
-type Inputs<'v> = Vec<(Cow<'static, str>, SessionInputValue<'v>)>;
+type Inputs<'v> = crate::engine::kv::Feeds<'v>;
 
 impl Gemma3nModel {
     pub fn load(
@@ -363,21 +362,7 @@ impl Gemma3nModel {
                 tensor::i64_value(&[1, total as i64], vec![1; total])?.into(),
             ));
         }
-        if self.decoder.has_input("num_logits_to_keep") {
-            inputs.push((
-                Cow::Borrowed("num_logits_to_keep"),
-                tensor::i64_value(&[], vec![1])?.into(),
-            ));
-        }
-        if self.decoder.has_input("use_cache_branch") {
-            inputs.push((
-                Cow::Borrowed("use_cache_branch"),
-                tensor::bool_value(&[1], vec![cache.len > 0])?.into(),
-            ));
-        }
-        for (slot, value) in self.kv.slots.iter().zip(cache.values.iter()) {
-            inputs.push((Cow::Owned(slot.past.clone()), value.into()));
-        }
+        self.kv.push_feeds(&self.decoder, cache, &mut inputs)?;
         let vocab = self.cfg.vocab_size;
         let mut out = self
             .decoder

@@ -11,7 +11,6 @@
 
 use std::borrow::Cow;
 
-use ort::session::SessionInputValue;
 use ort::value::DynValue;
 
 use super::config::SmolVlmConfig;
@@ -61,7 +60,7 @@ pub struct SmolVlmSeq {
     cache: KvCache,
 }
 
-type Inputs<'v> = Vec<(Cow<'static, str>, SessionInputValue<'v>)>;
+type Inputs<'v> = crate::engine::kv::Feeds<'v>;
 
 fn interface(g: &GraphSession, message: String) -> ModelError {
     EngineError::Interface {
@@ -383,21 +382,7 @@ impl SmolVlmModel {
                 int_value(ty, &[1, n as i64], (start..start + n as i64).collect())?.into(),
             ));
         }
-        if self.decoder.has_input("num_logits_to_keep") {
-            inputs.push((
-                Cow::Borrowed("num_logits_to_keep"),
-                tensor::i64_value(&[], vec![1])?.into(),
-            ));
-        }
-        if self.decoder.has_input("use_cache_branch") {
-            inputs.push((
-                Cow::Borrowed("use_cache_branch"),
-                tensor::bool_value(&[1], vec![cache.len > 0])?.into(),
-            ));
-        }
-        for (slot, value) in self.kv.slots.iter().zip(cache.values.iter()) {
-            inputs.push((Cow::Owned(slot.past.clone()), value.into()));
-        }
+        self.kv.push_feeds(&self.decoder, cache, &mut inputs)?;
         let mut out = self
             .decoder
             .session
