@@ -436,3 +436,103 @@ async fn full_queue_is_429_and_no_worker_is_503() {
     assert_eq!(r["error"]["type"], "rate_limit_error");
     assert_eq!(first.await.unwrap().0, 200);
 }
+
+/// A job that no worker finishes is given up by JetStream after `max_deliver` deliveries. Here a
+/// stand-in worker takes it, sends one frame and drops it unacked each time, as a worker that crashes
+/// on the job would. The client gets a 500 naming the deliveries as soon as JetStream gives up (not
+/// after the 120 s idle timeout), and the job leaves the work queue instead of filling it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_no_worker_finishes_fails_once_its_deliveries_are_used_up() {
+    use onnx_chat::bus::nats::{NatsBus, NatsSettings};
+    use onnx_chat::bus::Bus;
+    use onnx_chat::protocol::{Frame, FrameBody, WorkerHeartbeat, WorkerModel};
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    let cluster = start_cluster(0, &[], &[]);
+    let settings = NatsSettings {
+        url: cluster.nats.url.clone(),
+        ack_wait: Duration::from_secs(1),
+        max_deliver: 2,
+        ..Default::default()
+    };
+    let bus = NatsBus::connect(settings, "stand-in").await.unwrap();
+    let mut source = bus
+        .job_source(&[MODEL.to_string()], "stand-in")
+        .await
+        .unwrap();
+    let hb = WorkerHeartbeat {
+        worker_id: "stand-in".into(),
+        models: vec![WorkerModel {
+            name: MODEL.into(),
+            aliases: vec![],
+            context_length: 4096,
+            quant: None,
+            vision: false,
+            audio: false,
+            created: 0,
+        }],
+        max_concurrent: 1,
+        active: 0,
+        ttl_ms: 3000,
+        draining: false,
+        version: None,
+        completed: 0,
+    };
+    let announcer = tokio::spawn({
+        let bus = bus.clone();
+        async move {
+            loop {
+                let _ = bus.announce(&hb).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+        }
+    });
+    let deliveries = Arc::new(AtomicU32::new(0));
+    let taker = tokio::spawn({
+        let (bus, deliveries) = (bus.clone(), deliveries.clone());
+        async move {
+            loop {
+                for d in source.next(1, Duration::from_millis(500)).await.unwrap() {
+                    deliveries.fetch_add(1, Ordering::SeqCst);
+                    let frame = Frame {
+                        job_id: d.job.job_id.clone(),
+                        seq: 0,
+                        attempt: d.attempt,
+                        body: FrameBody::Delta {
+                            text: "partial".into(),
+                            token_ids: vec![1],
+                        },
+                    };
+                    bus.publish_frame(&d.job.reply_to, &frame).await.unwrap();
+                    drop(d); // neither acked nor handed back: the worker "died"
+                }
+            }
+        }
+    });
+    wait_workers(&cluster.base, 1, &[&cluster.frontend]).await;
+
+    let body =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let t0 = std::time::Instant::now();
+    let (status, r, _) = post(&cluster.base, &body).await;
+    let took = t0.elapsed();
+    assert_eq!(status, 500, "{r}");
+    assert_eq!(r["error"]["type"], "server_error", "{r}");
+    let msg = r["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("given up after 2 deliveries"), "{msg}");
+    assert_eq!(deliveries.load(Ordering::SeqCst), 2);
+    assert!(took < Duration::from_secs(30), "{took:?}");
+    // The given-up job was deleted from the work queue.
+    let mut left = u64::MAX;
+    for _ in 0..50 {
+        left = stream_messages(&cluster.nats.url).await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "the given-up job is still queued");
+    taker.abort();
+    announcer.abort();
+}

@@ -5,6 +5,9 @@
 //!   A worker fetches only as many jobs as it has free slots, so load follows capacity and nothing is
 //!   pushed to a busy worker. Running jobs send in-progress acks; a job is acked after its last frame.
 //!   Unacked jobs (a worker died) are redelivered after `ack_wait`, at most `max_deliver` times.
+//!   When JetStream gives a job up (its `MAX_DELIVERIES` advisory), the front end that submitted it
+//!   answers the client with an error at once, and front ends and workers delete the job from the
+//!   stream (a work queue keeps an unacked message forever, where it would count against `max_jobs`).
 //! - Frames: core NATS on the job's `reply_to` subject, which the front end subscribes to before it
 //!   publishes the job. Cancellations and worker heartbeats are core NATS too.
 //! - Large media: images and audio above [`NatsSettings::inline_limit`] go to the JetStream object
@@ -13,17 +16,22 @@
 //!
 //! Stream, consumers and bucket are created idempotently at start-up (settings in [`NatsSettings`]).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, object_store, stream};
 use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use tokio::io::AsyncReadExt;
+use tokio::sync::{oneshot, OnceCell};
 
 use super::{Acker, Bus, BusError, Delivery, FrameStream, JobSource};
+use crate::error::ErrorClass;
 use crate::protocol::{
-    subjects, CancelRequest, ContentPart, Frame, Job, MediaSource, WorkerHeartbeat,
+    subjects, CancelRequest, ContentPart, Frame, FrameBody, Job, MediaSource, WireError,
+    WorkerHeartbeat,
 };
 
 /// How to authenticate to NATS. Secrets are never logged (`Debug` redacts them).
@@ -94,6 +102,34 @@ pub struct NatsBus {
     js: jetstream::Context,
     settings: Arc<NatsSettings>,
     media: object_store::ObjectStore,
+    /// Jobs this process submitted and still reads, by stream sequence: told (with the number of
+    /// deliveries) when JetStream gives one up.
+    given_up: Arc<Mutex<HashMap<u64, oneshot::Sender<u64>>>>,
+    /// The `MAX_DELIVERIES` advisory subscription, started by the first submit or job source.
+    watching_given_up: Arc<OnceCell<()>>,
+}
+
+/// JetStream's `io.nats.jetstream.advisory.v1.max_deliver` advisory (the fields we use).
+#[derive(serde::Deserialize)]
+struct MaxDeliveriesAdvisory {
+    stream_seq: u64,
+    deliveries: u64,
+    #[serde(default)]
+    consumer: String,
+}
+
+/// Removes a job's entry from [`NatsBus::given_up`] when its frame stream is dropped.
+struct GivenUpEntry {
+    map: Arc<Mutex<HashMap<u64, oneshot::Sender<u64>>>>,
+    seq: u64,
+}
+
+impl Drop for GivenUpEntry {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(&self.seq);
+        }
+    }
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -183,7 +219,31 @@ impl NatsBus {
             js,
             settings: Arc::new(settings),
             media,
+            given_up: Arc::default(),
+            watching_given_up: Arc::default(),
         })
+    }
+
+    /// Subscribes (once) to the advisories JetStream sends when a job used up its `max_deliver`
+    /// deliveries: every worker that took it died or stopped before the end (a job that crashes its
+    /// worker, say). The job is deleted from the stream, and if this process submitted it, its reader
+    /// gets an error frame now instead of waiting out the idle timeout.
+    async fn watch_given_up(&self) {
+        self.watching_given_up
+            .get_or_init(|| async {
+                let subject = format!(
+                    "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.*",
+                    self.settings.stream
+                );
+                match self.client.subscribe(subject).await {
+                    Ok(sub) => {
+                        tokio::spawn(given_up_task(self.clone(), sub));
+                    }
+                    // Without it, such jobs end in the idle timeout as before.
+                    Err(e) => tracing::warn!(error = %e, "cannot watch for given-up jobs"),
+                }
+            })
+            .await;
     }
 
     fn consumer_name(model: &str) -> String {
@@ -335,7 +395,7 @@ impl Bus for NatsBus {
             .publish_with_headers(subjects::jobs(&job.model), headers, payload.into())
             .await
             .map_err(unavailable)?;
-        ack.await.map_err(|e| {
+        let ack = ack.await.map_err(|e| {
             let msg = e.to_string();
             if msg.contains("maximum messages") || msg.contains("resource limits") {
                 BusError::Overloaded(msg)
@@ -343,15 +403,59 @@ impl Bus for NatsBus {
                 unavailable(msg)
             }
         })?;
-        Ok(sub
-            .filter_map(|m| async move {
-                match serde_json::from_slice::<Frame>(&m.payload) {
-                    Ok(f) => Some(f),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "ignoring a malformed frame");
-                        None
+        self.watch_given_up().await;
+        let (given_up_tx, given_up_rx) = oneshot::channel();
+        if let Ok(mut m) = self.given_up.lock() {
+            m.insert(ack.sequence, given_up_tx);
+        }
+        let entry = GivenUpEntry {
+            map: self.given_up.clone(),
+            seq: ack.sequence,
+        };
+        // The error frame for a given-up job takes the next sequence number, so the reader accepts
+        // it after whatever frames the last attempt sent.
+        let next_seq = Arc::new(AtomicU64::new(0));
+        let frames = {
+            let next_seq = next_seq.clone();
+            sub.filter_map(move |m| {
+                let next_seq = next_seq.clone();
+                async move {
+                    match serde_json::from_slice::<Frame>(&m.payload) {
+                        Ok(f) => {
+                            next_seq.fetch_max(f.seq + 1, Ordering::Relaxed);
+                            Some(f)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignoring a malformed frame");
+                            None
+                        }
                     }
                 }
+            })
+        };
+        let job_id = job.job_id.clone();
+        let gave_up = futures::stream::once(given_up_rx).filter_map(move |r| {
+            let frame = r.ok().map(|deliveries| Frame {
+                job_id: job_id.clone(),
+                seq: next_seq.load(Ordering::Relaxed),
+                attempt: u32::try_from(deliveries).unwrap_or(u32::MAX),
+                body: FrameBody::Error {
+                    error: WireError {
+                        class: ErrorClass::Internal,
+                        message: format!(
+                            "the job was given up after {deliveries} deliveries: each worker that \
+                             took it stopped or died before finishing it"
+                        ),
+                        param: None,
+                    },
+                },
+            });
+            async move { frame }
+        });
+        Ok(futures::stream::select(frames, gave_up)
+            .map(move |f| {
+                let _ = &entry;
+                f
             })
             .boxed())
     }
@@ -386,6 +490,9 @@ impl Bus for NatsBus {
         for m in models {
             consumers.push(self.consumer(m).await?);
         }
+        // Workers delete given-up jobs too, so the queue stays clean for jobs that programs publish
+        // straight to NATS, with no front end running.
+        self.watch_given_up().await;
         tracing::info!(
             worker = worker_id,
             consumers = consumers.len(),
@@ -434,6 +541,34 @@ impl Bus for NatsBus {
             .publish(subjects::heartbeat(), payload.into())
             .await
             .map_err(unavailable)
+    }
+}
+
+async fn given_up_task(bus: NatsBus, mut sub: async_nats::Subscriber) {
+    while let Some(m) = sub.next().await {
+        let Ok(a) = serde_json::from_slice::<MaxDeliveriesAdvisory>(&m.payload) else {
+            continue;
+        };
+        tracing::warn!(
+            stream_seq = a.stream_seq,
+            deliveries = a.deliveries,
+            consumer = %a.consumer,
+            "a job used up its deliveries; giving it up"
+        );
+        // Every front end sees the advisory; the first delete wins, the others find nothing.
+        if let Ok(s) = bus.js.get_stream(&bus.settings.stream).await {
+            if let Err(e) = s.delete_message(a.stream_seq).await {
+                tracing::debug!(error = %e, stream_seq = a.stream_seq, "given-up job not deleted");
+            }
+        }
+        let reader = bus
+            .given_up
+            .lock()
+            .ok()
+            .and_then(|mut g| g.remove(&a.stream_seq));
+        if let Some(tx) = reader {
+            let _ = tx.send(a.deliveries);
+        }
     }
 }
 
