@@ -59,12 +59,7 @@ def main():
         ids = data["input_ids"]
         pixel_values = data["pixel_values"] if "pixel_values" in data else None
         max_new = cmd["max_new"]
-        past = {}
-        for i in dec.get_inputs():
-            if i.name.startswith("past_key_values."):
-                shp = [1 if not isinstance(d, int) else d for d in i.shape]
-                shp[0], shp[2] = 1, 0
-                past[i.name] = np.zeros(shp, dtype=ort_loop.NP[i.type])
+        past = ort_loop.empty_past(dec)
         position_ids = np.arange(ids.shape[1], dtype=np.int64)[None, :]
         toks = []
         run_acc = [0.0]
