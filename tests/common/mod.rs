@@ -348,7 +348,7 @@ impl NatsServer {
         );
         let url = format!("nats://127.0.0.1:{port}");
         for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if nats_greets(port) {
                 return Self {
                     proc,
                     url,
@@ -361,6 +361,20 @@ impl NatsServer {
         }
         panic!("nats-server did not start:\n{}", proc.output());
     }
+}
+
+/// Whether a NATS server answers on `port`: it must send its `INFO` greeting. A bare TCP connect is
+/// not enough: it also succeeds against another test's short-lived `free_port` listener, or against
+/// itself when the kernel picks the target port as the source port (TCP self-connect), and a test
+/// then connected too early got "connection refused".
+fn nats_greets(port: u16) -> bool {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(std::time::Duration::from_millis(500)));
+    let mut head = [0u8; 4];
+    s.read_exact(&mut head).is_ok() && &head == b"INFO"
 }
 
 pub fn bin() -> PathBuf {
