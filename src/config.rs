@@ -341,6 +341,20 @@ pub struct WorkerOpts {
     /// Largest audio clip, in bytes.
     #[arg(long, env = "ONNX_CHAT_MAX_AUDIO_BYTES", default_value_t = 25 * 1024 * 1024)]
     pub max_audio_bytes: usize,
+    /// Megabytes of finished conversations' KV kept per model for prefix reuse: a request whose
+    /// prompt starts like a cached one (its previous turn, a shared system prompt) computes only the
+    /// rest. Least recently used out first; 0 = off.
+    #[arg(long, env = "ONNX_CHAT_KV_CACHE_MB", default_value_t = crate::models::loaded::DEFAULT_KV_CACHE_MB)]
+    pub kv_cache_mb: usize,
+    /// Most prompt tokens one prefill step computes; other streams decode between steps, so a long
+    /// prompt no longer stalls them for its whole prefill.
+    #[arg(long, env = "ONNX_CHAT_PREFILL_CHUNK", default_value_t = crate::models::loaded::DEFAULT_PREFILL_CHUNK as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prefill_chunk: u64,
+    /// Also chunk prompts and reuse cached prefixes on decoders that quantize activations
+    /// dynamically (the `_quantized` exports), where that changes the numbers: faster, but outputs
+    /// can differ from a one-shot prefill. Off: such models prefill in one piece, without the cache.
+    #[arg(long, env = "ONNX_CHAT_ALLOW_INEXACT_REUSE", value_parser = BoolishValueParser::new())]
+    pub allow_inexact_reuse: bool,
 }
 
 impl WorkerOpts {
@@ -363,6 +377,9 @@ impl WorkerOpts {
         };
         opts.max_prompt_tokens = self.max_prompt_tokens;
         opts.encoder_cache_bytes = self.encoder_cache_mb * 1024 * 1024;
+        opts.kv_cache_bytes = self.kv_cache_mb.saturating_mul(1024 * 1024);
+        opts.prefill_chunk = self.prefill_chunk as usize;
+        opts.allow_inexact_reuse = self.allow_inexact_reuse;
         opts.media = MediaLimits {
             image: ImageLimits {
                 max_bytes: self.max_image_bytes,

@@ -471,6 +471,7 @@ async fn a_job_no_worker_finishes_fails_once_its_deliveries_are_used_up() {
             vision: false,
             audio: false,
             created: 0,
+            prefixes: vec![],
         }],
         max_concurrent: 1,
         active: 0,
@@ -502,6 +503,7 @@ async fn a_job_no_worker_finishes_fails_once_its_deliveries_are_used_up() {
                         body: FrameBody::Delta {
                             text: "partial".into(),
                             token_ids: vec![1],
+                            index: 0,
                         },
                     };
                     bus.publish_frame(&d.job.reply_to, &frame).await.unwrap();

@@ -55,7 +55,7 @@ async fn check_quant(quant: &str, kinds: &[&str]) {
         .into_iter()
         .filter(|g| kinds.contains(&g.kind.as_str()))
     {
-        let Some((ids, text, finish)) = g.generated(quant) else {
+        let Some((ids, text, finish)) = g.expected_for(quant) else {
             continue;
         };
         let mut body = g.request.clone();

@@ -75,6 +75,8 @@ fn sample_job() -> Job {
         stop: vec!["\n".into()],
         ignore_eos: true,
         deadline_ms: Some(2),
+        n: Some(2),
+        cache_scope: Some("0123abcd".into()),
     }
 }
 
@@ -85,11 +87,30 @@ fn code_output_validates() {
         FrameBody::Delta {
             text: "hi".into(),
             token_ids: vec![1, 2],
+            index: 1,
         },
         FrameBody::Done(DoneBody {
             finish_reason: FinishReason::Length,
             usage: Usage::new(3, 4),
             timings: Timings::default(),
+            choices: vec![],
+        }),
+        FrameBody::Done(DoneBody {
+            finish_reason: FinishReason::Stop,
+            usage: Usage::new(3, 9).with_cached(2),
+            timings: Timings::default(),
+            choices: vec![
+                ChoiceEnd {
+                    index: 0,
+                    finish_reason: FinishReason::Stop,
+                    completion_tokens: 4,
+                },
+                ChoiceEnd {
+                    index: 1,
+                    finish_reason: FinishReason::Length,
+                    completion_tokens: 5,
+                },
+            ],
         }),
         FrameBody::Error {
             error: WireError {
@@ -126,6 +147,7 @@ fn code_output_validates() {
             vision: true,
             audio: true,
             created: 1,
+            prefixes: vec!["0123456789abcdef".into()],
         }],
         max_concurrent: 4,
         active: 0,

@@ -317,6 +317,8 @@ mod tests {
             stop: vec![],
             ignore_eos: false,
             deadline_ms: None,
+            n: None,
+            cache_scope: None,
         }
     }
 
@@ -335,6 +337,7 @@ mod tests {
             body: FrameBody::Delta {
                 text: "x".into(),
                 token_ids: vec![],
+                index: 0,
             },
         };
         bus.publish_frame(&d.job.reply_to, &f).await.unwrap();

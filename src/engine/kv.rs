@@ -25,6 +25,8 @@ pub struct KvSlot {
     pub present: String,
     pub dtype: ElemType,
     pub empty_shape: Vec<i64>,
+    /// The axis that grows with the positions held (the non-batch symbolic dimension).
+    pub seq_axis: usize,
 }
 
 /// The cache layout a decoder graph declares.
@@ -61,7 +63,7 @@ impl KvLayout {
             }
             // transformers.js' rule: the batch dimension is 1, any other symbolic dimension is the
             // (empty) sequence dimension.
-            let empty_shape = input
+            let empty_shape: Vec<i64> = input
                 .dims
                 .iter()
                 .enumerate()
@@ -71,11 +73,26 @@ impl KvLayout {
                     None => 0,
                 })
                 .collect();
+            let seq_axes: Vec<usize> = (1..empty_shape.len())
+                .filter(|&i| empty_shape[i] == 0)
+                .collect();
+            let [seq_axis] = seq_axes[..] else {
+                return Err(EngineError::Interface {
+                    component: dec.component.clone(),
+                    path: dec.path.clone(),
+                    message: format!(
+                        "cache input {} has shape {}: expected exactly one symbolic (sequence) dimension besides the batch",
+                        input.name,
+                        input.shape_string()
+                    ),
+                });
+            };
             slots.push(KvSlot {
                 past: input.name.clone(),
                 present,
                 dtype: input.dtype,
                 empty_shape,
+                seq_axis,
             });
         }
         if !unmatched.is_empty() {
@@ -114,6 +131,40 @@ pub struct KvCache {
 }
 
 impl KvCache {
+    /// Bytes the cache's tensors hold.
+    pub fn bytes(&self) -> usize {
+        self.values
+            .iter()
+            .map(|v| {
+                tensor::value_info(v)
+                    .map(|(ty, shape)| {
+                        let n: i64 = shape.iter().product();
+                        n.max(0) as usize * ty.byte_size()
+                    })
+                    .unwrap_or(0)
+            })
+            .sum()
+    }
+
+    /// A copy holding only the first `len` positions (`len` ≤ `self.len`): the KV of a prefix, since a
+    /// position's keys and values depend only on the positions before it. Copies on the host, one
+    /// contiguous run per row of the dimensions before the sequence axis.
+    pub fn prefix(&self, layout: &KvLayout, len: usize) -> Result<KvCache, EngineError> {
+        if len > self.len {
+            return Err(EngineError::Tensor(format!(
+                "a prefix of {len} positions from a cache of {}",
+                self.len
+            )));
+        }
+        let values = layout
+            .slots
+            .iter()
+            .zip(&self.values)
+            .map(|(slot, v)| slice_seq(v, slot.seq_axis, len))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(KvCache { values, len })
+    }
+
     /// Replaces the cache with the `present*` values taken out of a run's outputs.
     pub fn update(
         &mut self,
@@ -129,6 +180,47 @@ impl KvCache {
         self.len += new_positions;
         Ok(())
     }
+}
+
+/// The first `len` entries of `v` along `axis`, copied straight from the value's buffer.
+fn slice_seq(v: &DynValue, axis: usize, len: usize) -> Result<DynValue, EngineError> {
+    let (ty, shape) = tensor::value_info(v)?;
+    let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
+    if axis >= dims.len() || len > dims[axis] {
+        return Err(EngineError::Tensor(format!(
+            "cannot take {len} positions along axis {axis} of a {shape:?} cache tensor"
+        )));
+    }
+    let outer: usize = dims[..axis].iter().product();
+    let inner: usize = dims[axis + 1..].iter().product();
+    let (from, to) = (dims[axis] * inner, len * inner);
+    fn take<T: Copy>(src: &[T], outer: usize, from: usize, to: usize) -> Vec<T> {
+        let mut out = Vec::with_capacity(outer * to);
+        for o in 0..outer {
+            out.extend_from_slice(&src[o * from..o * from + to]);
+        }
+        out
+    }
+    let sliced = match ty {
+        ElemType::F32 => {
+            let (_, d) = v.try_extract_tensor::<f32>().map_err(tensor::tensor_err)?;
+            tensor::FloatData::F32(take(d, outer, from, to))
+        }
+        ElemType::F16 => {
+            let (_, d) = v
+                .try_extract_tensor::<half::f16>()
+                .map_err(tensor::tensor_err)?;
+            tensor::FloatData::F16(take(d, outer, from, to))
+        }
+        other => {
+            return Err(EngineError::Tensor(format!(
+                "cannot slice a {other} cache tensor"
+            )))
+        }
+    };
+    let mut new_shape = shape.clone();
+    new_shape[axis] = len as i64;
+    sliced.into_value(&new_shape)
 }
 
 /// A run's feeds, by input name.

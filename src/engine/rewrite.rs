@@ -38,6 +38,10 @@ pub struct RewriteReport {
     pub last_logits_before: Option<String>,
     /// Why the last-position rewrite was not applied, when it was asked for.
     pub last_logits_skipped: Option<String>,
+    /// `DynamicQuantizeLinear` nodes seen (subgraphs included): activations quantized with a scale
+    /// computed over the whole tensor of a run, so a position's numbers depend on what else ran with
+    /// it (how a prompt is split, which sequences share a batch).
+    pub dynamic_quantize: usize,
 }
 
 impl RewriteReport {
@@ -477,6 +481,9 @@ fn rewrite_node(
             }
             _ => {}
         }
+    }
+    if op == "DynamicQuantizeLinear" {
+        report.dynamic_quantize += 1;
     }
     let level = edits
         .accuracy_level

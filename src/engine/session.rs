@@ -51,6 +51,17 @@ impl ElemType {
     pub fn is_float(&self) -> bool {
         matches!(self, Self::F32 | Self::F16)
     }
+
+    /// Bytes per element (0 for types this crate does not size).
+    pub fn byte_size(&self) -> usize {
+        match self {
+            Self::F32 | Self::I32 => 4,
+            Self::F16 => 2,
+            Self::I64 => 8,
+            Self::Bool => 1,
+            Self::Other(_) => 0,
+        }
+    }
 }
 
 impl fmt::Display for ElemType {
@@ -177,7 +188,7 @@ impl fmt::Debug for GraphSession {
 impl GraphSession {
     /// Loads `path` with the process environment (see [`super::runtime::init`]).
     pub fn load(component: &str, path: &Path, opts: &SessionOptions) -> Result<Self, EngineError> {
-        Self::load_with_logits(component, path, opts, None)
+        Self::load_with_logits(component, path, opts, None, false)
     }
 
     /// Loads a decoder: as [`Self::load`], and where `opts.last_logits` is set, the output named
@@ -193,6 +204,7 @@ impl GraphSession {
             path,
             opts,
             Some(logits).filter(|_| opts.last_logits),
+            true,
         )
     }
 
@@ -201,6 +213,7 @@ impl GraphSession {
         path: &Path,
         opts: &SessionOptions,
         logits: Option<&str>,
+        is_decoder: bool,
     ) -> Result<Self, EngineError> {
         let env = super::runtime::init(None).map_err(|e| EngineError::Runtime(e.to_string()))?;
         let load_err = |message: String| EngineError::Load {
@@ -212,7 +225,9 @@ impl GraphSession {
             accuracy_level: opts.matmul_accuracy_level,
             last_logits: logits.map(str::to_string),
         };
-        let (session, rewrite) = build_session(env, path, opts, &edits).map_err(load_err)?;
+        let (session, rewrite) =
+            build_session(env, path, opts, &edits, logits.is_some() || is_decoder)
+                .map_err(load_err)?;
         if rewrite.changed() || rewrite.last_logits_skipped.is_some() {
             tracing::info!(component, rewrite = %rewrite.describe(), "graph rewritten at load");
         }
@@ -313,6 +328,7 @@ fn build_session(
     path: &Path,
     opts: &SessionOptions,
     edits: &GraphEdits,
+    scan: bool,
 ) -> Result<(Session, RewriteReport), String> {
     let s = |e: ort::Error| e.to_string();
     let b = |e: ort::Error<ort::session::builder::SessionBuilder>| e.to_string();
@@ -332,10 +348,14 @@ fn build_session(
         )
         .map_err(b)?;
     if edits.is_empty() {
-        return Ok((
-            builder.commit_from_file(path).map_err(s)?,
-            RewriteReport::default(),
-        ));
+        // Nothing to change; a decoder is still read once for what its nodes say (dynamic quantization).
+        let report = if scan {
+            let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+            rewrite_model(&bytes, edits).map_err(|e| e.to_string())?.1
+        } else {
+            RewriteReport::default()
+        };
+        return Ok((builder.commit_from_file(path).map_err(s)?, report));
     }
     let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
     let (rewritten, report) = rewrite_model(&bytes, edits).map_err(|e| e.to_string())?;

@@ -57,6 +57,20 @@ impl FloatData {
         }
     }
 
+    /// Rows `lo..hi` (each `width` long) as a new tensor.
+    pub fn rows(&self, width: usize, lo: usize, hi: usize) -> Result<FloatData, EngineError> {
+        if lo > hi || hi * width > self.len() {
+            return Err(EngineError::Tensor(format!(
+                "rows {lo}..{hi} of width {width} from {} values",
+                self.len()
+            )));
+        }
+        Ok(match self {
+            Self::F32(v) => Self::F32(v[lo * width..hi * width].to_vec()),
+            Self::F16(v) => Self::F16(v[lo * width..hi * width].to_vec()),
+        })
+    }
+
     /// Copies `rows` (each `width` long) from `src` into rows `positions` of self.
     pub fn scatter_rows(
         &mut self,

@@ -42,9 +42,16 @@ impl Drop for InFlight {
     }
 }
 
-pub async fn handle(state: Arc<AppState>, body: Bytes) -> Response {
+pub async fn handle(state: Arc<AppState>, auth: Option<String>, body: Bytes) -> Response {
     let t0 = Instant::now();
-    let resp = match start(&state, body, t0).await {
+    // The key the request was let in with (only when keys are required) scopes its prefix cache.
+    let key = auth
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|_| !state.cfg.api_keys.is_empty())
+        .map(str::to_string);
+    let resp = match start(&state, key.as_deref(), body, t0).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
@@ -54,6 +61,7 @@ pub async fn handle(state: Arc<AppState>, body: Bytes) -> Response {
 
 async fn start(
     state: &Arc<AppState>,
+    api_key: Option<&str>,
     body: Bytes,
     t0: Instant,
 ) -> Result<Response, ClassifiedError> {
@@ -121,8 +129,16 @@ async fn start(
         ),
     };
     let flags = (req.stream, req.include_usage, req.return_token_ids);
+    let n = req.n;
     let deadline = created_ms + state.cfg.request_timeout.as_millis() as u64;
-    let job = ValidChatRequest::into_job(req, &job_id, &model.name, created_ms, Some(deadline));
+    let job = ValidChatRequest::into_job(
+        req,
+        &job_id,
+        &model.name,
+        created_ms,
+        Some(deadline),
+        api_key,
+    );
     let in_flight = InFlight::new(state.clone());
     if state.metrics.in_flight.load(Ordering::Relaxed) > state.cfg.max_in_flight as i64 {
         return Err(ClassifiedError::new(
@@ -151,14 +167,27 @@ async fn start(
             reader,
             first,
             meta,
-            include_usage,
-            return_ids,
+            SseOptions {
+                n,
+                include_usage,
+                return_ids,
+            },
             t0,
             in_flight,
         ))
     } else {
-        collect(state, reader, first, meta, return_ids, t0).await
+        collect(state, reader, first, meta, n, return_ids, t0).await
     }
+}
+
+/// How choice `i` ended, from the final frame.
+fn finish_of(done: &DoneBody, i: u32) -> &'static str {
+    done.choices
+        .iter()
+        .find(|c| c.index == i)
+        .map(|c| c.finish_reason)
+        .unwrap_or(done.finish_reason)
+        .as_str()
 }
 
 async fn collect(
@@ -166,17 +195,23 @@ async fn collect(
     mut reader: FrameReader,
     first: Event,
     meta: ResponseMeta,
+    n: u32,
     return_ids: bool,
     t0: Instant,
 ) -> Result<Response, ClassifiedError> {
-    let mut text = String::new();
-    let mut ids = Vec::new();
+    let mut texts = vec![String::new(); n as usize];
+    let mut ids = vec![Vec::new(); n as usize];
     let mut ev = first;
     let done: DoneBody = loop {
         match ev {
-            Event::Delta { text: t, token_ids } => {
-                text.push_str(&t);
-                ids.extend(token_ids);
+            Event::Delta {
+                index,
+                text: t,
+                token_ids,
+            } => {
+                let i = (index as usize).min(n as usize - 1);
+                texts[i].push_str(&t);
+                ids[i].extend(token_ids);
             }
             Event::Done(d) => break d,
         }
@@ -191,22 +226,28 @@ async fn collect(
         .metrics
         .request_seconds
         .observe(t0.elapsed().as_secs_f64());
+    let choices = texts
+        .into_iter()
+        .zip(ids)
+        .enumerate()
+        .map(|(i, (text, ids))| Choice {
+            index: i as u32,
+            message: AssistantMessage {
+                role: "assistant",
+                content: text,
+            },
+            logprobs: None,
+            finish_reason: finish_of(&done, i as u32),
+            token_ids: return_ids.then_some(ids),
+        })
+        .collect();
     let body = ChatCompletion {
         id: meta.id,
         object: "chat.completion",
         created: meta.created,
         model: meta.model,
         system_fingerprint: meta.fingerprint,
-        choices: vec![Choice {
-            index: 0,
-            message: AssistantMessage {
-                role: "assistant",
-                content: text,
-            },
-            logprobs: None,
-            finish_reason: done.finish_reason.as_str(),
-            token_ids: return_ids.then_some(ids),
-        }],
+        choices,
         usage: done.usage,
         timings: done.timings,
     };
@@ -217,51 +258,67 @@ fn data_event<T: serde::Serialize>(v: &T) -> warp::sse::Event {
     warp::sse::Event::default().data(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
 }
 
+struct SseOptions {
+    n: u32,
+    include_usage: bool,
+    return_ids: bool,
+}
+
 /// The SSE response. A task reads the frames and feeds the response through a channel; when the
 /// client goes away the channel closes, the task ends, and dropping the reader cancels the job.
-#[allow(clippy::too_many_arguments)]
+/// With `n > 1` every chunk carries one choice, by `index`; each choice opens with its role chunk.
 fn sse(
     state: Arc<AppState>,
     mut reader: FrameReader,
     first: Event,
     meta: ResponseMeta,
-    include_usage: bool,
-    return_ids: bool,
+    opts: SseOptions,
     t0: Instant,
     in_flight: InFlight,
 ) -> Response {
     let (tx, rx) = tokio::sync::mpsc::channel::<warp::sse::Event>(32);
+    let SseOptions {
+        n,
+        include_usage,
+        return_ids,
+    } = opts;
     let usage_field = include_usage.then_some(None);
     tokio::spawn(async move {
         let _in_flight = in_flight;
-        let role = meta.chunk(
-            vec![ChunkChoice {
-                index: 0,
-                delta: Delta {
-                    role: Some("assistant"),
-                    content: Some(String::new()),
-                    token_ids: None,
-                },
-                logprobs: None,
-                finish_reason: None,
-            }],
-            usage_field,
-        );
-        if tx.send(data_event(&role)).await.is_err() {
-            return;
+        for index in 0..n {
+            let role = meta.chunk(
+                vec![ChunkChoice {
+                    index,
+                    delta: Delta {
+                        role: Some("assistant"),
+                        content: Some(String::new()),
+                        token_ids: None,
+                    },
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                usage_field,
+            );
+            if tx.send(data_event(&role)).await.is_err() {
+                return;
+            }
         }
         let mut ev: Result<Event, ClassifiedError> = Ok(first);
         loop {
             let mut end = true;
             let out = match ev {
-                Ok(Event::Delta { text, token_ids }) => {
+                Ok(Event::Delta {
+                    index,
+                    text,
+                    token_ids,
+                }) => {
                     end = false;
                     if text.is_empty() && (!return_ids || token_ids.is_empty()) {
                         vec![]
                     } else {
                         let chunk = meta.chunk(
                             vec![ChunkChoice {
-                                index: 0,
+                                index,
                                 delta: Delta {
                                     role: None,
                                     content: Some(text),
@@ -281,16 +338,19 @@ fn sse(
                         done.usage.completion_tokens,
                         done.timings.decode_ms,
                     );
-                    let last = meta.chunk(
-                        vec![ChunkChoice {
-                            index: 0,
-                            delta: Delta::default(),
-                            logprobs: None,
-                            finish_reason: Some(done.finish_reason.as_str()),
-                        }],
-                        usage_field,
-                    );
-                    let mut v = vec![data_event(&last)];
+                    let mut v: Vec<warp::sse::Event> = (0..n)
+                        .map(|index| {
+                            data_event(&meta.chunk(
+                                vec![ChunkChoice {
+                                    index,
+                                    delta: Delta::default(),
+                                    logprobs: None,
+                                    finish_reason: Some(finish_of(&done, index)),
+                                }],
+                                usage_field,
+                            ))
+                        })
+                        .collect();
                     if include_usage {
                         v.push(data_event(&meta.chunk(vec![], Some(Some(done.usage)))));
                     }

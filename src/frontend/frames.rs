@@ -17,7 +17,11 @@ use crate::protocol::{CancelRequest, DoneBody, FrameBody};
 /// What the reader yields.
 #[derive(Debug)]
 pub enum Event {
-    Delta { text: String, token_ids: Vec<u32> },
+    Delta {
+        index: u32,
+        text: String,
+        token_ids: Vec<u32>,
+    },
     Done(DoneBody),
 }
 
@@ -158,7 +162,11 @@ impl FrameReader {
             }
             self.next_seq += 1;
             return match frame.body {
-                FrameBody::Delta { text, token_ids } => {
+                FrameBody::Delta {
+                    text,
+                    token_ids,
+                    index,
+                } => {
                     if !text.is_empty() {
                         let now = std::time::Instant::now();
                         match self.last_text_at.replace(now) {
@@ -172,7 +180,11 @@ impl FrameReader {
                                 .observe((now - self.started).as_secs_f64()),
                         }
                     }
-                    Ok(Event::Delta { text, token_ids })
+                    Ok(Event::Delta {
+                        index,
+                        text,
+                        token_ids,
+                    })
                 }
                 FrameBody::Done(d) => {
                     self.end();

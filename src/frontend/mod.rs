@@ -224,6 +224,7 @@ pub fn routes(
         .and(warp::post())
         .and(with_auth(state.clone()))
         .and(st.clone())
+        .and(warp::header::optional::<String>("authorization"))
         .and(body_limited(state.cfg.max_body_bytes))
         .then(chat::handle);
     let models = warp::path!("v1" / "models")

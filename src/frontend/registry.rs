@@ -129,6 +129,7 @@ mod tests {
                 vision: false,
                 audio: false,
                 created: 0,
+                prefixes: vec![],
             }],
             max_concurrent: 2,
             active: 1,

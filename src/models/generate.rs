@@ -1,6 +1,13 @@
-//! The generation loop, family-agnostic, as a [`StepTask`] on the model's owner thread: one step is the
-//! prefill or one decode token. Each step samples the next id, checks the end-of-sequence ids, turns ids
-//! into text incrementally, matches stop strings, and sends [`GenEvent`]s to whoever waits for them.
+//! The generation loop, family-agnostic, as a [`StepTask`] on the model's owner thread.
+//!
+//! One step is one decoder run (or the encoders): first the prefix cache is asked for the longest
+//! reusable prefix of the prompt and the media after it are encoded; then the rest of the prompt
+//! runs in chunks of at most `--prefill-chunk` positions, each its own step, so other streams' decode
+//! steps run between them; then each step feeds every unfinished choice its last token. After the
+//! prompt, `n > 1` choices fork the KV (a copy each). Each step samples the next id per choice,
+//! checks the end-of-sequence ids, turns ids into text incrementally, matches stop strings, and
+//! sends [`GenEvent`]s to whoever waits for them. When the generation ends (or is cancelled), each
+//! choice's KV goes into the prefix cache for later requests.
 //!
 //! Conventions (model_interface.md §7): greedy is a pure argmax; the returned text skips special
 //! tokens; `completion_tokens` counts every generated id including the end-of-sequence id that ended
@@ -13,38 +20,125 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{ChatModel, PreparedInput};
+use super::{ChatModel, MediaRows, ModelError, PreparedInput};
+use crate::engine::kv::KvCache;
+use crate::engine::prefix_cache::PrefixCache;
 use crate::engine::thread::{StepTask, TaskState};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::detok::IncrementalDecoder;
 use crate::pipeline::sampling::{Sampler, SamplingParams};
 use crate::pipeline::stop::{StopMatcher, StopOutcome};
+use crate::protocol::prefix::{self, ChainState};
 use crate::protocol::FinishReason;
 
 /// Everything about how to generate, resolved against the model's defaults.
 #[derive(Debug, Clone)]
 pub struct GenParams {
     pub sampling: SamplingParams,
+    /// Per choice.
     pub max_new_tokens: usize,
     pub stop: Vec<String>,
     pub eos_ids: Vec<u32>,
+    /// Choices generated from the one prompt (≥ 1).
+    pub n: usize,
+    /// Prefix-cache scope ("" = shared).
+    pub cache_scope: String,
+    /// The conversation digest chain after the job's messages: the cache entries this generation
+    /// leaves are tagged with the digests a front end routes by. `None` = no tags.
+    pub conversation: Option<ChainState>,
 }
 
-/// What a generation reports, in order: deltas, then one `Done` or `Error`.
+/// What a generation reports, in order: deltas (of any choice), then one `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
     Delta {
+        index: usize,
         text: String,
         token_ids: Vec<u32>,
     },
     Done {
-        finish_reason: FinishReason,
+        /// Per choice: why it ended and how many ids it generated.
+        choices: Vec<(FinishReason, usize)>,
         prompt_tokens: usize,
-        completion_tokens: usize,
+        /// Prompt positions served from the prefix cache.
+        cached_tokens: usize,
         prefill_ms: f64,
         decode_ms: f64,
     },
     Error(ClassifiedError),
+}
+
+impl GenEvent {
+    /// Generated ids over all choices, for a `Done`.
+    pub fn completion_tokens(choices: &[(FinishReason, usize)]) -> usize {
+        choices.iter().map(|c| c.1).sum()
+    }
+}
+
+/// What the owner thread holds for one model: the family's graphs, the prefix cache, and how
+/// prompts are split.
+pub struct ModelEngine<M> {
+    pub model: M,
+    pub prefix: PrefixCache,
+    /// Most prompt positions one prefill step feeds.
+    pub prefill_chunk: usize,
+    /// Split prompts and reuse prefixes even where that changes the arithmetic (decoders with
+    /// dynamic activation quantization): faster, not token-exact to a one-shot prefill.
+    pub allow_inexact: bool,
+}
+
+impl<M: ChatModel> ModelEngine<M> {
+    pub fn new(model: M, prefix: PrefixCache, prefill_chunk: usize, allow_inexact: bool) -> Self {
+        if !model.split_exact() {
+            if allow_inexact {
+                tracing::warn!("the decoder quantizes activations dynamically: chunked prefill and prefix reuse are on (--allow-inexact-reuse), so outputs can differ from a one-shot prefill");
+            } else {
+                tracing::info!("the decoder quantizes activations dynamically (a _quantized export): prompts run in one piece and the prefix cache is off for this model, so outputs stay exact (--allow-inexact-reuse changes this)");
+            }
+        }
+        Self {
+            model,
+            prefix,
+            prefill_chunk: prefill_chunk.max(1),
+            allow_inexact,
+        }
+    }
+
+    /// Whether prompts may be split and prefixes reused on this model.
+    pub fn splits(&self) -> bool {
+        self.allow_inexact || self.model.split_exact()
+    }
+}
+
+/// The seed of choice `i`: the request's seed for choice 0 (so `n = 1` is unchanged), and for
+/// `i > 0` SplitMix64's finalizer of `seed + i · 0x9E3779B97F4A7C15`.
+pub fn choice_seed(seed: u64, i: usize) -> u64 {
+    if i == 0 {
+        return seed;
+    }
+    let mut z = seed.wrapping_add((i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// One choice's state after the prompt.
+struct Choice {
+    cache: KvCache,
+    sampler: Sampler,
+    detok: IncrementalDecoder,
+    stop: StopMatcher,
+    generated: Vec<u32>,
+    unsent_ids: Vec<u32>,
+    /// Everything emitted so far (the answer a client sees).
+    text: String,
+    finish: Option<FinishReason>,
+}
+
+enum Phase {
+    Start,
+    Prefill { cache: KvCache, media: MediaRows },
+    Decode,
 }
 
 /// One request's generation.
@@ -54,14 +148,14 @@ pub struct Generation<M: ChatModel> {
     tokenizer: Arc<Tokenizer>,
     events: UnboundedSender<GenEvent>,
     cancel: Arc<AtomicBool>,
-    seq: Option<M::Seq>,
-    sampler: Sampler,
-    detok: IncrementalDecoder,
-    stop: StopMatcher,
-    generated: Vec<u32>,
-    unsent_ids: Vec<u32>,
+    phase: Phase,
+    /// Prefix-cache keys of the prompt positions (empty when the cache is not used).
+    keys: Vec<u64>,
+    cached: usize,
+    choices: Vec<Choice>,
     started: Option<Instant>,
     first_token_at: Option<Instant>,
+    _model: std::marker::PhantomData<fn() -> M>,
 }
 
 impl<M: ChatModel> Generation<M> {
@@ -72,22 +166,19 @@ impl<M: ChatModel> Generation<M> {
         events: UnboundedSender<GenEvent>,
         cancel: Arc<AtomicBool>,
     ) -> Self {
-        let sampler = Sampler::new(params.sampling.clone(), &input.ids);
-        let stop = StopMatcher::new(params.stop.clone());
         Self {
             input,
             params,
             tokenizer,
             events,
             cancel,
-            seq: None,
-            sampler,
-            detok: IncrementalDecoder::new(true),
-            stop,
-            generated: Vec::new(),
-            unsent_ids: Vec::new(),
+            phase: Phase::Start,
+            keys: Vec::new(),
+            cached: 0,
+            choices: Vec::new(),
             started: None,
             first_token_at: None,
+            _model: std::marker::PhantomData,
         }
     }
 
@@ -101,101 +192,250 @@ impl<M: ChatModel> Generation<M> {
         TaskState::Done
     }
 
-    fn emit(&mut self, text: String) {
-        let ids = std::mem::take(&mut self.unsent_ids);
+    /// Prefix lookup and media encoding.
+    fn start(&mut self, e: &mut ModelEngine<M>) -> Result<(), ModelError> {
+        let prompt = self.input.ids.len();
+        if prompt == 0 {
+            return Err(ModelError::Request(ClassifiedError::invalid(
+                "messages",
+                "the prompt is empty",
+            )));
+        }
+        let layout = e.model.kv_layout().clone();
+        let mut cache = layout.empty()?;
+        if e.prefix.enabled() && e.splits() {
+            self.keys = e.model.cache_keys(&self.input)?;
+            // At least the last prompt token is computed: its logits choose the first token.
+            if let Some(hit) =
+                e.prefix
+                    .lookup(&layout, &self.params.cache_scope, &self.keys, prompt - 1)?
+            {
+                self.cached = hit.len;
+                cache = hit.kv;
+            }
+            let stats = e.prefix.stats();
+            stats
+                .hit_tokens
+                .fetch_add(self.cached as u64, Ordering::Relaxed);
+            stats
+                .miss_tokens
+                .fetch_add((prompt - self.cached) as u64, Ordering::Relaxed);
+        }
+        let media = e.model.encode_media(&self.input, cache.len)?;
+        self.phase = Phase::Prefill { cache, media };
+        Ok(())
+    }
+
+    /// One prefill chunk; at the end of the prompt, the choices and their first tokens.
+    fn prefill_step(&mut self, e: &mut ModelEngine<M>) -> Result<(), ModelError> {
+        let Phase::Prefill { cache, media } = &mut self.phase else {
+            unreachable!("prefill_step outside the prefill phase");
+        };
+        let prompt = self.input.ids.len();
+        let done = cache.len;
+        let rest = prompt - done;
+        // Balanced chunks: 10 positions with a chunk of 8 run as 5 + 5, not 8 + 2.
+        let n = if e.splits() {
+            let chunks = rest.div_ceil(e.prefill_chunk);
+            rest.div_ceil(chunks)
+        } else {
+            rest
+        };
+        let logits = e
+            .model
+            .forward(&self.input.ids[done..done + n], Some(media), cache)?;
+        if cache.len < prompt {
+            return Ok(());
+        }
+        let Phase::Prefill { cache, .. } = std::mem::replace(&mut self.phase, Phase::Decode) else {
+            unreachable!()
+        };
+        let layout = e.model.kv_layout().clone();
+        let mut caches = Vec::with_capacity(self.params.n);
+        for _ in 1..self.params.n {
+            caches.push(cache.prefix(&layout, cache.len)?);
+        }
+        caches.insert(0, cache);
+        for (i, cache) in caches.into_iter().enumerate() {
+            let mut sampling = self.params.sampling.clone();
+            sampling.seed = choice_seed(sampling.seed, i);
+            self.choices.push(Choice {
+                cache,
+                sampler: Sampler::new(sampling, &self.input.ids),
+                detok: IncrementalDecoder::new(true),
+                stop: StopMatcher::new(self.params.stop.clone()),
+                generated: Vec::new(),
+                unsent_ids: Vec::new(),
+                text: String::new(),
+                finish: None,
+            });
+        }
+        for i in 0..self.choices.len() {
+            let mut l = logits.clone();
+            self.accept(i, &mut l)?;
+        }
+        self.first_token_at = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Feeds every unfinished choice its last token and samples the next.
+    fn decode_step(&mut self, e: &mut ModelEngine<M>) -> Result<(), ModelError> {
+        for i in 0..self.choices.len() {
+            let c = &mut self.choices[i];
+            if c.finish.is_some() {
+                continue;
+            }
+            let last = *c.generated.last().expect("a token follows the prefill");
+            let mut logits = e.model.forward(&[last], None, &mut c.cache)?;
+            self.accept(i, &mut logits)?;
+        }
+        Ok(())
+    }
+
+    /// Samples choice `i`'s next token from `logits` and emits what it adds.
+    fn accept(&mut self, i: usize, logits: &mut [f32]) -> Result<(), ModelError> {
+        let max = self.params.max_new_tokens;
+        let c = &mut self.choices[i];
+        let token = c.sampler.sample(logits);
+        c.generated.push(token);
+        c.unsent_ids.push(token);
+        if self.params.eos_ids.contains(&token) {
+            return self.finish_choice(i, FinishReason::Stop, true);
+        }
+        let piece = c
+            .detok
+            .push(&self.tokenizer, token)
+            .map_err(|e| internal(e.to_string()))?;
+        match c.stop.push(&piece) {
+            StopOutcome::Stopped { emit, .. } => {
+                self.emit(i, emit);
+                return self.finish_choice(i, FinishReason::Stop, false);
+            }
+            StopOutcome::Continue { emit } => self.emit(i, emit),
+        }
+        if self.choices[i].generated.len() >= max {
+            return self.finish_choice(i, FinishReason::Length, true);
+        }
+        Ok(())
+    }
+
+    fn emit(&mut self, i: usize, text: String) {
+        let c = &mut self.choices[i];
+        let ids = std::mem::take(&mut c.unsent_ids);
         if !text.is_empty() || !ids.is_empty() {
-            self.send(GenEvent::Delta {
+            c.text.push_str(&text);
+            let _ = self.events.send(GenEvent::Delta {
+                index: i,
                 text,
                 token_ids: ids,
             });
         }
     }
 
-    /// Ends the generation. `flush` = emit the text still held back (not after a stop string matched).
-    fn finish(&mut self, reason: FinishReason, flush: bool) -> TaskState {
+    /// Ends choice `i`. `flush` = emit the text still held back (not after a stop string matched).
+    fn finish_choice(
+        &mut self,
+        i: usize,
+        reason: FinishReason,
+        flush: bool,
+    ) -> Result<(), ModelError> {
         let mut reason = reason;
         let mut text = String::new();
-        match if flush {
-            self.detok.flush(&self.tokenizer)
+        let c = &mut self.choices[i];
+        let rest = if flush {
+            c.detok
+                .flush(&self.tokenizer)
+                .map_err(|e| internal(e.to_string()))?
         } else {
-            Ok(String::new())
-        } {
-            Ok(rest) => match self.stop.push(&rest) {
-                StopOutcome::Continue { emit } => {
-                    text.push_str(&emit);
-                    if flush {
-                        text.push_str(&self.stop.finish());
-                    }
+            String::new()
+        };
+        match c.stop.push(&rest) {
+            StopOutcome::Continue { emit } => {
+                text.push_str(&emit);
+                if flush {
+                    text.push_str(&c.stop.finish());
                 }
-                StopOutcome::Stopped { emit, .. } => {
-                    text.push_str(&emit);
-                    reason = FinishReason::Stop;
-                }
-            },
-            Err(e) => return self.fail(ClassifiedError::new(ErrorClass::Internal, e.to_string())),
+            }
+            StopOutcome::Stopped { emit, .. } => {
+                text.push_str(&emit);
+                reason = FinishReason::Stop;
+            }
         }
-        self.emit(text);
+        self.emit(i, text);
+        self.choices[i].finish = Some(reason);
+        Ok(())
+    }
+
+    fn all_finished(&self) -> bool {
+        !self.choices.is_empty() && self.choices.iter().all(|c| c.finish.is_some())
+    }
+
+    fn done(&mut self, e: &mut ModelEngine<M>) -> TaskState {
         let now = Instant::now();
         let started = self.started.unwrap_or(now);
         let first = self.first_token_at.unwrap_or(now);
+        let choices = self
+            .choices
+            .iter()
+            .map(|c| (c.finish.unwrap_or(FinishReason::Stop), c.generated.len()))
+            .collect();
         self.send(GenEvent::Done {
-            finish_reason: reason,
+            choices,
             prompt_tokens: self.input.ids.len(),
-            completion_tokens: self.generated.len(),
+            cached_tokens: self.cached,
             prefill_ms: (first - started).as_secs_f64() * 1e3,
             decode_ms: (now - first).as_secs_f64() * 1e3,
         });
+        self.store(e);
         TaskState::Done
+    }
+
+    /// Hands each choice's KV to the prefix cache (also for cancelled generations: the KV is valid).
+    fn store(&mut self, e: &mut ModelEngine<M>) {
+        if !e.prefix.enabled() || !e.splits() || self.keys.is_empty() {
+            return;
+        }
+        let prompt = self.input.ids.len();
+        for c in std::mem::take(&mut self.choices).into_iter().rev() {
+            let fed = c.cache.len.saturating_sub(prompt);
+            let mut keys = self.keys.clone();
+            keys.extend(c.generated.iter().take(fed).map(|&t| t as u64));
+            let mut tags = Vec::new();
+            if let Some(state) = &self.params.conversation {
+                if c.finish.is_some() {
+                    tags.push(prefix::answer_digest(state, &c.text));
+                }
+                tags.push(prefix::digest(state));
+            }
+            e.prefix
+                .insert(&self.params.cache_scope, keys, c.cache, tags);
+        }
     }
 }
 
-impl<M: ChatModel> StepTask<M> for Generation<M> {
-    fn step(&mut self, model: &mut M) -> TaskState {
+fn internal(message: String) -> ModelError {
+    ModelError::Request(ClassifiedError::new(ErrorClass::Internal, message))
+}
+
+impl<M: ChatModel> StepTask<ModelEngine<M>> for Generation<M> {
+    fn step(&mut self, e: &mut ModelEngine<M>) -> TaskState {
         if self.cancel.load(Ordering::Relaxed) || self.events.is_closed() {
+            self.store(e);
             return TaskState::Done;
         }
-        let logits = match self.seq.as_mut() {
-            None => {
+        let result = match self.phase {
+            Phase::Start => {
                 self.started = Some(Instant::now());
-                match model.prefill(&self.input) {
-                    Ok((seq, logits)) => {
-                        self.seq = Some(seq);
-                        logits
-                    }
-                    Err(e) => return self.fail(e.into_classified()),
-                }
+                self.start(e)
             }
-            Some(seq) => {
-                let last = *self.generated.last().expect("a token follows the prefill");
-                match model.decode(seq, last) {
-                    Ok(l) => l,
-                    Err(e) => return self.fail(e.into_classified()),
-                }
-            }
+            Phase::Prefill { .. } => self.prefill_step(e),
+            Phase::Decode => self.decode_step(e),
         };
-        let mut logits = logits;
-        let token = self.sampler.sample(&mut logits);
-        if self.first_token_at.is_none() {
-            self.first_token_at = Some(Instant::now());
+        if let Err(err) = result {
+            return self.fail(err.into_classified());
         }
-        self.generated.push(token);
-        self.unsent_ids.push(token);
-        if self.params.eos_ids.contains(&token) {
-            return self.finish(FinishReason::Stop, true);
-        }
-        let piece = match self.detok.push(&self.tokenizer, token) {
-            Ok(p) => p,
-            Err(e) => return self.fail(ClassifiedError::new(ErrorClass::Internal, e.to_string())),
-        };
-        match self.stop.push(&piece) {
-            StopOutcome::Stopped { emit, .. } => {
-                self.emit(emit);
-                return self.finish(FinishReason::Stop, false);
-            }
-            StopOutcome::Continue { emit } => self.emit(emit),
-        }
-        if self.generated.len() >= self.params.max_new_tokens {
-            return self.finish(FinishReason::Length, true);
+        if self.all_finished() {
+            return self.done(e);
         }
         TaskState::Continue
     }
@@ -205,5 +445,20 @@ impl<M: ChatModel> StepTask<M> for Generation<M> {
             ErrorClass::Internal,
             message,
         )));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn choice_seeds_differ_and_choice_zero_keeps_the_seed() {
+        use super::choice_seed;
+        assert_eq!(choice_seed(42, 0), 42);
+        let s: Vec<u64> = (0..8).map(|i| choice_seed(42, i)).collect();
+        let mut d = s.clone();
+        d.sort();
+        d.dedup();
+        assert_eq!(d.len(), 8);
+        assert_eq!(choice_seed(42, 3), choice_seed(42, 3));
     }
 }

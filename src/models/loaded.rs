@@ -14,15 +14,16 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::catalog::Family;
 use super::config_util::GenerationDefaults;
 use super::encoder_cache::CacheStats;
-use super::generate::{GenEvent, GenParams, Generation};
+use super::generate::{GenEvent, GenParams, Generation, ModelEngine};
 use super::media::MediaLimits;
 use super::resolve::ResolvedModel;
 use super::{ChatModel, ModelError, PreparedInput, Prompt};
+use crate::engine::prefix_cache::{PrefixCache, PrefixCacheStats};
 use crate::engine::session::SessionOptions;
 use crate::engine::thread::EngineThread;
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::sampling::SamplingParams;
-use crate::protocol::{ChatMessage, ContentPart, Job, WorkerModel};
+use crate::protocol::{prefix, ChatMessage, ContentPart, Job, WorkerModel, MAX_CHOICES};
 
 /// Load-time settings.
 #[derive(Debug, Clone)]
@@ -33,7 +34,18 @@ pub struct LoadOptions {
     pub max_prompt_tokens: Option<usize>,
     /// Bytes of encoder outputs kept for reuse (0 = no cache).
     pub encoder_cache_bytes: usize,
+    /// Bytes of finished sequences' KV kept for prefix reuse (0 = no prefix cache).
+    pub kv_cache_bytes: usize,
+    /// Most prompt positions one prefill step feeds (other streams decode between steps).
+    pub prefill_chunk: usize,
+    /// Chunk prompts and reuse prefixes also on decoders where that changes the numbers.
+    pub allow_inexact_reuse: bool,
 }
+
+/// `--kv-cache-mb` default.
+pub const DEFAULT_KV_CACHE_MB: usize = 2048;
+/// `--prefill-chunk` default (BENCHMARKS.md, run P).
+pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 impl Default for LoadOptions {
     fn default() -> Self {
@@ -42,6 +54,9 @@ impl Default for LoadOptions {
             media: MediaLimits::default(),
             max_prompt_tokens: None,
             encoder_cache_bytes: 256 * 1024 * 1024,
+            kv_cache_bytes: DEFAULT_KV_CACHE_MB * 1024 * 1024,
+            prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            allow_inexact_reuse: false,
         }
     }
 }
@@ -70,6 +85,7 @@ impl ModelInfo {
             vision: self.vision,
             audio: self.audio,
             created: self.created,
+            prefixes: Vec::new(),
         }
     }
 }
@@ -100,17 +116,38 @@ pub trait FamilyBackend: Send + Sync {
 /// The owner thread of a [`ChatModel`] and the tokenizer its generations detokenize with: the
 /// family-independent half of a backend.
 pub struct Runner<M: ChatModel> {
-    engine: EngineThread<M>,
+    engine: EngineThread<ModelEngine<M>>,
     tokenizer: Arc<Tokenizer>,
 }
 
+/// What the prefix cache of a loaded model shares with the worker: counters and the held tags.
+#[derive(Clone, Default)]
+pub struct PrefixShare {
+    pub stats: Arc<PrefixCacheStats>,
+    pub tags: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
 impl<M: ChatModel> Runner<M> {
-    /// Spawns the owner thread, builds the model on it, and waits until it is loaded.
+    /// Spawns the owner thread, builds the model on it (with its prefix cache), and waits until it
+    /// is loaded.
     pub fn spawn(
         name: &str,
         tokenizer: Arc<Tokenizer>,
+        opts: &LoadOptions,
+        share: &PrefixShare,
         make: impl FnOnce() -> Result<M, ModelError> + Send + 'static,
     ) -> Result<Self, ModelError> {
+        let (budget, chunk, inexact) = (
+            opts.kv_cache_bytes,
+            opts.prefill_chunk,
+            opts.allow_inexact_reuse,
+        );
+        let share = share.clone();
+        let make = move || -> Result<ModelEngine<M>, ModelError> {
+            let mut prefix = PrefixCache::new(budget, share.stats.clone());
+            prefix.share_tags(share.tags.clone());
+            Ok(ModelEngine::new(make()?, prefix, chunk, inexact))
+        };
         let (engine, ready) = EngineThread::spawn(&format!("engine-{name}"), make)
             .map_err(|e| ModelError::Config(format!("cannot start the engine thread: {e}")))?;
         match ready.recv() {
@@ -157,6 +194,8 @@ pub struct LoadedModel {
     max_prompt_tokens: Option<usize>,
     /// Encoder-cache hits and misses, for metrics.
     pub cache_stats: Arc<CacheStats>,
+    /// The prefix cache's counters and the conversation digests it holds (for heartbeats).
+    pub prefix: PrefixShare,
 }
 
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, ModelError> {
@@ -170,9 +209,10 @@ impl LoadedModel {
     pub fn load(model: &ResolvedModel, opts: &LoadOptions) -> Result<Self, ModelError> {
         let t0 = Instant::now();
         let cache_stats = Arc::new(CacheStats::default());
+        let prefix = PrefixShare::default();
         let loaded = match model.plan.family {
-            Family::Gemma3n => super::gemma3n::load(model, opts, cache_stats.clone())?,
-            Family::SmolVlm => super::smolvlm::load(model, opts, cache_stats.clone())?,
+            Family::Gemma3n => super::gemma3n::load(model, opts, cache_stats.clone(), &prefix)?,
+            Family::SmolVlm => super::smolvlm::load(model, opts, cache_stats.clone(), &prefix)?,
         };
         let info = ModelInfo {
             name: model.served_name.clone(),
@@ -192,6 +232,7 @@ impl LoadedModel {
             backend: loaded.backend,
             max_prompt_tokens: opts.max_prompt_tokens,
             cache_stats,
+            prefix,
         })
     }
 
@@ -262,6 +303,13 @@ impl LoadedModel {
             Some(m) => m as usize,
             None => room,
         };
+        let n = job.n.unwrap_or(1);
+        if n == 0 || n > MAX_CHOICES {
+            return Err(ClassifiedError::invalid(
+                "n",
+                format!("n must be between 1 and {MAX_CHOICES}, got {n}"),
+            ));
+        }
         let s = &job.sampling;
         let d = &self.defaults;
         Ok(GenParams {
@@ -282,6 +330,13 @@ impl LoadedModel {
             } else {
                 d.eos_token_ids.clone()
             },
+            n: n as usize,
+            cache_scope: job.cache_scope.clone().unwrap_or_default(),
+            conversation: Some(prefix::chain(
+                job.cache_scope.as_deref().unwrap_or(""),
+                &job.model,
+                &job.messages,
+            )),
         })
     }
 

@@ -10,8 +10,9 @@
 //!   run as a step task on the model's owner thread.
 //! - [`loaded`]: a loaded model as the worker sees it: preprocess a job, then stream its generation.
 //!
-//! A family implements [`ChatModel`] (prefill and one decode step, returning last-position logits);
-//! the loop does the rest.
+//! A family implements [`ChatModel`] (media encoding, cache keys, and a decoder step over any number
+//! of positions, returning last-position logits); the loop does the rest: prefix reuse, chunked
+//! prefill, `n` choices, sampling.
 
 pub mod catalog;
 pub mod config_util;
@@ -24,7 +25,9 @@ pub mod media;
 pub mod resolve;
 pub mod smolvlm;
 
+use crate::engine::kv::{KvCache, KvLayout};
 use crate::engine::session::{GraphSession, SessionOptions};
+use crate::engine::tensor::FloatData;
 use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 
@@ -106,16 +109,126 @@ pub struct PreparedInput {
 }
 
 /// What a family implements for the generation loop. Runs on the owner thread only.
+///
+/// A sequence is its [`KvCache`]: the prompt goes through [`ChatModel::forward`] in one or more
+/// chunks (after whatever prefix the prefix cache supplied), then one generated id per call.
 pub trait ChatModel: Send + 'static {
-    /// Per-sequence state (the KV cache and position).
-    type Seq: Send;
+    /// The decoder's cache layout (for empty caches and prefix copies).
+    fn kv_layout(&self) -> &KvLayout;
 
-    /// Runs the encoders and the prompt through the decoder; returns the state and the logits of the
-    /// last prompt position.
-    fn prefill(&mut self, input: &PreparedInput) -> Result<(Self::Seq, Vec<f32>), ModelError>;
+    /// Whether a prompt's numbers are the same however it is split into runs. False for decoders that
+    /// quantize activations dynamically per tensor (`_quantized` exports): their scale depends on
+    /// every position of a run, so chunked prefill and reused prefixes change the output.
+    fn split_exact(&self) -> bool;
 
-    /// Feeds one generated token; returns the logits for the next position.
-    fn decode(&mut self, seq: &mut Self::Seq, token: u32) -> Result<Vec<f32>, ModelError>;
+    /// One key per prompt position for the prefix cache: the token id, or at media soft-token
+    /// positions a value derived from the item's content hash.
+    fn cache_keys(&self, input: &PreparedInput) -> Result<Vec<u64>, ModelError>;
+
+    /// Encoder rows for the media items with soft tokens at positions `from..` (items wholly before
+    /// `from` are already in a reused prefix and are not encoded).
+    fn encode_media(&mut self, input: &PreparedInput, from: usize)
+        -> Result<MediaRows, ModelError>;
+
+    /// Feeds `ids` at positions `cache.len ..`, extending `cache`; returns the logits of the last
+    /// position. For prompt positions `media` holds the encoder rows, scattered at the soft-token
+    /// positions (all of which must be covered); generated ids (`None`) are embedded as they are.
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        media: Option<&MediaRows>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, ModelError>;
+}
+
+/// Encoder rows by absolute prompt position, for the items [`ChatModel::encode_media`] encoded.
+#[derive(Debug, Default)]
+pub struct MediaRows {
+    /// Per item: its positions (ascending) and one row per position.
+    items: Vec<(Vec<usize>, FloatData)>,
+}
+
+impl MediaRows {
+    pub fn push(&mut self, positions: Vec<usize>, rows: FloatData) {
+        self.items.push((positions, rows));
+    }
+
+    /// Writes the rows of positions `start .. start + n` into `embeds` (row `p - start`, each `hidden`
+    /// wide); returns how many rows were written.
+    pub fn scatter_into(
+        &self,
+        embeds: &mut FloatData,
+        hidden: usize,
+        start: usize,
+        n: usize,
+    ) -> Result<usize, ModelError> {
+        let mut written = 0;
+        for (positions, rows) in &self.items {
+            let lo = positions.partition_point(|&p| p < start);
+            let hi = positions.partition_point(|&p| p < start + n);
+            if lo == hi {
+                continue;
+            }
+            let local: Vec<usize> = positions[lo..hi].iter().map(|p| p - start).collect();
+            let part = rows.rows(hidden, lo, hi)?;
+            embeds.scatter_rows(hidden, &local, &part)?;
+            written += hi - lo;
+        }
+        Ok(written)
+    }
+}
+
+/// The positions of each media item of one kind: items take the positions holding `token`, in order,
+/// `rows[i]` each. Fails when the prompt holds another number of soft tokens.
+pub fn media_positions(
+    ids: &[u32],
+    token: u32,
+    rows: &[usize],
+    what: &str,
+) -> Result<Vec<Vec<usize>>, ModelError> {
+    let all: Vec<usize> = ids
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == token)
+        .map(|(i, _)| i)
+        .collect();
+    let want: usize = rows.iter().sum();
+    if all.len() != want {
+        return Err(ModelError::Request(ClassifiedError::new(
+            ErrorClass::Internal,
+            format!(
+                "the prompt has {} {what} soft tokens; its {} {what} item(s) take {want}",
+                all.len(),
+                rows.len()
+            ),
+        )));
+    }
+    let mut at = 0;
+    Ok(rows
+        .iter()
+        .map(|&n| {
+            let p = all[at..at + n].to_vec();
+            at += n;
+            p
+        })
+        .collect())
+}
+
+/// Prefix-cache keys: token ids, with each media item's positions set to a key from its content
+/// hash (top bit set, so it never equals a token id).
+pub fn cache_keys(ids: &[u32], media: &[(&[usize], &encoder_cache::MediaKey)]) -> Vec<u64> {
+    let mut keys: Vec<u64> = ids.iter().map(|&t| t as u64).collect();
+    for (positions, key) in media {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&key[..8]);
+        let k = u64::from_le_bytes(b) | 1 << 63;
+        for &p in positions.iter() {
+            if let Some(slot) = keys.get_mut(p) {
+                *slot = k;
+            }
+        }
+    }
+    keys
 }
 
 /// Loads one graph of a resolved model, `None` when the model has no file for it. The decoder is

@@ -11,14 +11,17 @@ use crate::protocol::{subjects, Job};
 
 impl ValidChatRequest {
     /// The job for this request. `seed` is assigned here when the client gave none, so the job is
-    /// reproducible wherever (and however often) it runs.
+    /// reproducible wherever (and however often) it runs. `api_key` is the key the request was
+    /// authenticated with: with `cache_salt` it makes the job's prefix-cache scope.
     pub fn into_job(
         self,
         job_id: &str,
         served_model: &str,
         created_ms: u64,
         deadline_ms: Option<u64>,
+        api_key: Option<&str>,
     ) -> Job {
+        let cache_scope = cache_scope(api_key, self.cache_salt.as_deref());
         let mut sampling = self.sampling;
         if sampling.seed.is_none() {
             sampling.seed = Some(rand_seed());
@@ -34,12 +37,58 @@ impl ValidChatRequest {
             stop: self.stop,
             ignore_eos: self.ignore_eos,
             deadline_ms,
+            n: (self.n > 1).then_some(self.n),
+            cache_scope,
         }
     }
+}
+
+/// The prefix-cache scope of a request: none (shared) without key and salt, else a hash of both, so
+/// neither travels in the clear and tenants (keys) and salts never share cached KV.
+pub fn cache_scope(api_key: Option<&str>, salt: Option<&str>) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    if api_key.is_none() && salt.is_none() {
+        return None;
+    }
+    let mut h = Sha256::new();
+    for part in [api_key, salt] {
+        match part {
+            Some(p) => {
+                h.update([1]);
+                h.update((p.len() as u64).to_le_bytes());
+                h.update(p.as_bytes());
+            }
+            None => h.update([0]),
+        }
+    }
+    Some(
+        h.finalize()[..16]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
 }
 
 /// A random seed from a fresh UUID's bits (no extra RNG dependency needed).
 fn rand_seed() -> u64 {
     let b = uuid::Uuid::new_v4().into_bytes();
     u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn scopes_separate_keys_and_salts() {
+        use super::cache_scope;
+        assert_eq!(cache_scope(None, None), None);
+        let a = cache_scope(Some("k1"), None);
+        assert_eq!(a, cache_scope(Some("k1"), None));
+        assert_ne!(a, cache_scope(Some("k2"), None));
+        assert_ne!(a, cache_scope(None, Some("k1")));
+        assert_ne!(a, cache_scope(Some("k1"), Some("s")));
+        assert_ne!(
+            cache_scope(Some("ab"), Some("c")),
+            cache_scope(Some("a"), Some("bc"))
+        );
+    }
 }

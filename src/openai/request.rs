@@ -47,6 +47,11 @@ pub struct ValidChatRequest {
     pub return_token_ids: bool,
     /// Extension (as vLLM): do not stop at end-of-sequence ids.
     pub ignore_eos: bool,
+    /// Choices to generate (1 ..= 8).
+    pub n: u32,
+    /// vLLM's `cache_salt`: requests reuse cached KV only from requests with the same salt (and the
+    /// same API key).
+    pub cache_salt: Option<String>,
 }
 
 fn is_remote(url: &str) -> bool {
@@ -200,11 +205,30 @@ pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest
     attach_images(o, &mut messages, limits.allow_remote_media)?;
     count_media(&messages, limits)?;
 
-    if let Some(n) = integer(o, "n")? {
-        if n != 1 {
-            return Err(invalid("n", format!("only n = 1 is supported, got {n}")));
+    let max_n = crate::protocol::MAX_CHOICES as i64;
+    let n = match integer(o, "n")? {
+        None => 1,
+        Some(n) if (1..=max_n).contains(&n) => n as u32,
+        Some(n) => {
+            return Err(invalid(
+                "n",
+                format!("n must be between 1 and {max_n}, got {n}"),
+            ))
         }
-    }
+    };
+    let cache_salt = match field(o, "cache_salt") {
+        None => None,
+        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+        Some(Value::String(_)) => {
+            return Err(invalid("cache_salt", "cache_salt must not be empty"))
+        }
+        Some(v) => {
+            return Err(invalid(
+                "cache_salt",
+                format!("cache_salt must be a string, got {}", type_name(v)),
+            ))
+        }
+    };
     if boolean(o, "logprobs")? {
         return Err(invalid(
             "logprobs",
@@ -325,6 +349,8 @@ pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest
         include_usage,
         return_token_ids: boolean(o, "return_token_ids")?,
         ignore_eos: boolean(o, "ignore_eos")?,
+        n,
+        cache_salt,
     })
 }
 
@@ -676,7 +702,16 @@ mod tests {
                 .as_deref(),
             Some("stop")
         );
-        assert_eq!(base("n", json!(2)).param.as_deref(), Some("n"));
+        assert_eq!(base("n", json!(9)).param.as_deref(), Some("n"));
+        assert_eq!(base("n", json!(0)).param.as_deref(), Some("n"));
+        assert_eq!(
+            base("cache_salt", json!(3)).param.as_deref(),
+            Some("cache_salt")
+        );
+        assert_eq!(
+            base("cache_salt", json!("")).param.as_deref(),
+            Some("cache_salt")
+        );
         assert_eq!(
             base("stream", json!("yes")).param.as_deref(),
             Some("stream")

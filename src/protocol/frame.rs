@@ -21,6 +21,10 @@ fn one() -> u32 {
     1
 }
 
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum FrameBody {
@@ -30,6 +34,9 @@ pub enum FrameBody {
         text: String,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         token_ids: Vec<u32>,
+        /// The choice (`0 .. n`) the text belongs to; absent = 0.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        index: u32,
     },
     Done(DoneBody),
     Error {
@@ -45,10 +52,23 @@ impl FrameBody {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DoneBody {
+    /// Why choice 0 ended.
     pub finish_reason: FinishReason,
+    /// Totals over all choices.
     pub usage: Usage,
     #[serde(default)]
     pub timings: Timings,
+    /// How each choice ended, when the job asked for `n > 1`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub choices: Vec<ChoiceEnd>,
+}
+
+/// How one choice of an `n > 1` job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChoiceEnd {
+    pub index: u32,
+    pub finish_reason: FinishReason,
+    pub completion_tokens: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +96,16 @@ pub struct Usage {
     pub prompt_tokens: u32,
     pub completion_tokens: u32,
     pub total_tokens: u32,
+    /// OpenAI's breakdown of the prompt: how many of its tokens came from the prefix cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV was reused rather than computed.
+    #[serde(default)]
+    pub cached_tokens: u32,
 }
 
 impl Usage {
@@ -84,7 +114,15 @@ impl Usage {
             prompt_tokens: prompt,
             completion_tokens: completion,
             total_tokens: prompt + completion,
+            prompt_tokens_details: None,
         }
+    }
+
+    pub fn with_cached(mut self, cached: u32) -> Self {
+        self.prompt_tokens_details = Some(PromptTokensDetails {
+            cached_tokens: cached,
+        });
+        self
     }
 }
 
@@ -147,6 +185,7 @@ mod tests {
             body: FrameBody::Delta {
                 text: "hi".into(),
                 token_ids: vec![5],
+                index: 0,
             },
         };
         let v = serde_json::to_value(&f).unwrap();

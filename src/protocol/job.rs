@@ -32,6 +32,27 @@ pub struct Job {
     /// Time after which the job is no longer worth running (ms since epoch); absent = no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
+    /// Answers to generate from the one prompt (1 ..= [`MAX_CHOICES`]); absent = 1. Choice `i > 0`
+    /// samples with its own seed derived from `sampling.seed` and `i`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// Isolation scope of the workers' prefix caches: a job reuses KV only from jobs with the same
+    /// scope (absent = the shared scope). The front end derives it from the API key and the
+    /// request's `cache_salt`; it is opaque to workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_scope: Option<String>,
+}
+
+/// Most choices (`n`) one job may ask for.
+pub const MAX_CHOICES: u32 = 8;
+
+/// A worker's answer to a job offered to it directly (`onnxchat.v1.workers.<id>.jobs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OfferReply {
+    /// True: the worker runs the job and publishes its frames; false: send it to the shared queue.
+    pub accepted: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// Sampling parameters as the request gave them. `None` means "the model's default".
@@ -172,4 +193,8 @@ pub struct WorkerModel {
     /// When the worker loaded the model (s since epoch), for `/v1/models`' `created`.
     #[serde(default)]
     pub created: u64,
+    /// Conversation digests ([`super::prefix`]) whose KV the worker's prefix cache holds for this
+    /// model, most recently used first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefixes: Vec<String>,
 }

@@ -5,12 +5,16 @@
 
 mod frame;
 mod job;
+pub mod prefix;
 pub mod subjects;
 
-pub use frame::{DoneBody, FinishReason, Frame, FrameBody, Timings, Usage, WireError};
+pub use frame::{
+    ChoiceEnd, DoneBody, FinishReason, Frame, FrameBody, PromptTokensDetails, Timings, Usage,
+    WireError,
+};
 pub use job::{
-    CancelRequest, ChatMessage, ContentPart, Job, MediaSource, Role, SamplingOverrides,
-    WorkerHeartbeat, WorkerModel,
+    CancelRequest, ChatMessage, ContentPart, Job, MediaSource, OfferReply, Role, SamplingOverrides,
+    WorkerHeartbeat, WorkerModel, MAX_CHOICES,
 };
 
 /// Version of the wire protocol; part of every subject.

@@ -18,7 +18,9 @@ use crate::bus::{Bus, Delivery};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::generate::GenEvent;
 use crate::models::loaded::LoadedModel;
-use crate::protocol::{now_ms, DoneBody, Frame, FrameBody, Job, Timings, Usage, WorkerHeartbeat};
+use crate::protocol::{
+    now_ms, ChoiceEnd, DoneBody, Frame, FrameBody, Job, Timings, Usage, WorkerHeartbeat,
+};
 pub use metrics::WorkerMetrics;
 
 /// Worker settings.
@@ -66,7 +68,11 @@ impl State {
             .models
             .values()
             .filter(|m| seen.insert(m.info.name.clone()))
-            .map(|m| m.info.wire())
+            .map(|m| {
+                let mut w = m.info.wire();
+                w.prefixes = m.prefix.tags.lock().map(|t| t.clone()).unwrap_or_default();
+                w
+            })
             .collect();
         WorkerHeartbeat {
             worker_id: self.cfg.worker_id.clone(),
@@ -364,14 +370,23 @@ async fn run_job(
             return true;
         };
         let body = match ev {
-            GenEvent::Delta { text, token_ids } => FrameBody::Delta { text, token_ids },
+            GenEvent::Delta {
+                index,
+                text,
+                token_ids,
+            } => FrameBody::Delta {
+                text,
+                token_ids,
+                index: index as u32,
+            },
             GenEvent::Done {
-                finish_reason,
+                choices,
                 prompt_tokens,
-                completion_tokens,
+                cached_tokens,
                 prefill_ms,
                 decode_ms,
             } => {
+                let completion_tokens = GenEvent::completion_tokens(&choices);
                 state.cfg.metrics.generation(
                     prompt_tokens,
                     completion_tokens,
@@ -383,15 +398,34 @@ async fn run_job(
                     .metrics
                     .jobs_succeeded
                     .fetch_add(1, Ordering::Relaxed);
+                let finish_reason = choices
+                    .first()
+                    .map(|c| c.0)
+                    .unwrap_or(crate::protocol::FinishReason::Stop);
+                let ends = if choices.len() > 1 {
+                    choices
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &(finish_reason, n))| ChoiceEnd {
+                            index: i as u32,
+                            finish_reason,
+                            completion_tokens: n as u32,
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 FrameBody::Done(DoneBody {
                     finish_reason,
-                    usage: Usage::new(prompt_tokens as u32, completion_tokens as u32),
+                    usage: Usage::new(prompt_tokens as u32, completion_tokens as u32)
+                        .with_cached(cached_tokens as u32),
                     timings: Timings {
                         queued_ms,
                         preprocess_ms,
                         prefill_ms,
                         decode_ms,
                     },
+                    choices: ends,
                 })
             }
             GenEvent::Error(e) => {

@@ -21,7 +21,9 @@ pub use prompt::Gemma3nPrompter;
 
 use super::encoder_cache::{CacheStats, EncoderCache};
 use super::generate::{GenEvent, GenParams};
-use super::loaded::{load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, Runner};
+use super::loaded::{
+    load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, PrefixShare, Runner,
+};
 use super::resolve::ResolvedModel;
 use super::{catalog::Component, ModelError, PreparedInput, Prompt};
 use crate::error::ClassifiedError;
@@ -80,6 +82,7 @@ pub fn load(
     model: &ResolvedModel,
     opts: &LoadOptions,
     stats: Arc<CacheStats>,
+    prefix: &PrefixShare,
 ) -> Result<LoadedFamily, ModelError> {
     let dir = &model.root;
     let cfg = Gemma3nConfig::load(dir)?;
@@ -92,9 +95,13 @@ pub fn load(
         let cfg = cfg.clone();
         let sess = opts.session.clone();
         let cache = EncoderCache::new(opts.encoder_cache_bytes, stats);
-        Runner::spawn(&model.served_name.clone(), tokenizer.clone(), move || {
-            Gemma3nModel::load(&model, cfg, &sess, cache)
-        })?
+        Runner::spawn(
+            &model.served_name.clone(),
+            tokenizer.clone(),
+            opts,
+            prefix,
+            move || Gemma3nModel::load(&model, cfg, &sess, cache),
+        )?
     };
     Ok(LoadedFamily {
         backend: Box::new(Backend {

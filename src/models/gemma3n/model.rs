@@ -1,8 +1,9 @@
 //! The four Gemma-3n graphs and how one sequence runs through them (model_interface.md §1.2, §1.8).
 //!
-//! Prefill: `embed_tokens(input_ids)` → scatter `vision_encoder` / `audio_encoder` rows into
-//! `inputs_embeds` at the soft-token positions → `decoder_model_merged` with an empty cache. Decode:
-//! one id through `embed_tokens`, then the decoder with the cache. Every input is fed by name and cast to
+//! A decoder step over positions `past ..`: `embed_tokens(input_ids)` → scatter `vision_encoder` /
+//! `audio_encoder` rows into `inputs_embeds` at the soft-token positions it holds →
+//! `decoder_model_merged` with the cache. The prompt takes one or more such steps (chunked prefill,
+//! after a reused prefix), each generated id one. Every input is fed by name and cast to
 //! the element type the receiving session declares; optional decoder inputs are fed only when declared.
 
 use std::borrow::Cow;
@@ -16,11 +17,17 @@ use crate::engine::tensor::{self, FloatData};
 use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::catalog::Component;
-use crate::models::encoder_cache::EncoderCache;
+use crate::models::encoder_cache::{EncoderCache, MediaKey};
 use crate::models::resolve::ResolvedModel;
-use crate::models::{ChatModel, ModelError, PreparedInput};
+use crate::models::{
+    cache_keys, media_positions, AudioInput, ChatModel, ImageInput, MediaRows, ModelError,
+    PreparedInput,
+};
 
 const IMAGE_OUT: &str = "image_features";
+
+/// Per media item, its soft-token positions.
+type ItemPositions = Vec<Vec<usize>>;
 const AUDIO_OUT: &str = "audio_features";
 
 /// Loaded sessions plus what was learnt about them at load time.
@@ -37,11 +44,6 @@ pub struct Gemma3nModel {
     /// Apply `tanh(x/cap)·cap` on the host: set when the warm-up run shows the graph does not.
     host_softcap: Option<f32>,
     cache: EncoderCache,
-}
-
-/// One sequence: its cache and the next position.
-pub struct Gemma3nSeq {
-    cache: KvCache,
 }
 
 type Inputs<'v> = crate::engine::kv::Feeds<'v>;
@@ -155,11 +157,8 @@ impl Gemma3nModel {
             return Ok(());
         };
         let bos = self.cfg.bos_token_id.unwrap_or(2);
-        let input = PreparedInput {
-            ids: vec![bos],
-            ..Default::default()
-        };
-        let (_, logits) = self.prefill(&input)?;
+        let mut cache = self.kv.empty()?;
+        let logits = self.forward(&[bos], None, &mut cache)?;
         let max = logits.iter().fold(0f32, |m, x| m.max(x.abs()));
         if max > cap * 1.0001 {
             tracing::info!(
@@ -219,17 +218,16 @@ impl Gemma3nModel {
         Ok(tensor::extract_floats(&v)?.0)
     }
 
-    /// Image features for every image of the request, in order: cached ones from the encoder cache,
-    /// the rest from one batched `vision_encoder` run.
-    fn encode_images(&mut self, input: &PreparedInput) -> Result<FloatData, ModelError> {
+    /// Image features for `images`, in order: cached ones from the encoder cache, the rest from one
+    /// batched `vision_encoder` run.
+    fn encode_images(&mut self, images: &[&ImageInput]) -> Result<Vec<Vec<f32>>, ModelError> {
         let Some(vision) = self.vision.as_mut() else {
             return Err(ModelError::Request(ClassifiedError::invalid(
                 "messages",
                 "this model has no vision encoder, so it cannot take images",
             )));
         };
-        let mut per_image: Vec<Option<Vec<f32>>> = input
-            .images
+        let mut per_image: Vec<Option<Vec<f32>>> = images
             .iter()
             .map(|img| self.cache.get(&img.key).map(|f| f.to_f32_vec()))
             .collect();
@@ -237,15 +235,15 @@ impl Gemma3nModel {
             .filter(|&i| per_image[i].is_none())
             .collect();
         if !missing.is_empty() {
-            let [c, h, w] = input.images[missing[0]].shape;
-            if missing.iter().any(|&i| input.images[i].shape != [c, h, w]) {
+            let [c, h, w] = images[missing[0]].shape;
+            if missing.iter().any(|&i| images[i].shape != [c, h, w]) {
                 return Err(ModelError::Config(
                     "images of different preprocessed sizes".into(),
                 ));
             }
             let mut data = Vec::with_capacity(missing.len() * c * h * w);
             for &i in &missing {
-                data.extend_from_slice(&input.images[i].pixel_values);
+                data.extend_from_slice(&images[i].pixel_values);
             }
             let ty = vision.input_type("pixel_values")?;
             let shape = [missing.len() as i64, c as i64, h as i64, w as i64];
@@ -259,19 +257,16 @@ impl Gemma3nModel {
             let each = rows.len() / missing.len();
             for (k, &i) in missing.iter().enumerate() {
                 let feats = rows[k * each..(k + 1) * each].to_vec();
-                self.cache
-                    .put(input.images[i].key, FloatData::F32(feats.clone()));
+                self.cache.put(images[i].key, FloatData::F32(feats.clone()));
                 per_image[i] = Some(feats);
             }
         }
-        Ok(FloatData::F32(
-            per_image.into_iter().flatten().flatten().collect(),
-        ))
+        Ok(per_image.into_iter().flatten().collect())
     }
 
-    /// Audio features for every clip, in order; one `audio_encoder` run per uncached clip (clips differ
+    /// Audio features for `clips`, in order; one `audio_encoder` run per uncached clip (clips differ
     /// in length, and the graph takes one clip at a time).
-    fn encode_audio(&mut self, input: &PreparedInput) -> Result<FloatData, ModelError> {
+    fn encode_audio(&mut self, clips: &[&AudioInput]) -> Result<Vec<Vec<f32>>, ModelError> {
         let Some(audio) = self.audio.as_mut() else {
             return Err(ModelError::Request(ClassifiedError::invalid(
                 "messages",
@@ -279,10 +274,10 @@ impl Gemma3nModel {
             )));
         };
         let ty = audio.input_type("input_features")?;
-        let mut rows = Vec::new();
-        for clip in &input.audio {
+        let mut out_rows = Vec::with_capacity(clips.len());
+        for clip in clips {
             if let Some(hit) = self.cache.get(&clip.key) {
-                rows.extend(hit.to_f32_vec());
+                out_rows.push(hit.to_f32_vec());
                 continue;
             }
             let shape = [1, clip.frames as i64, clip.mel_bins as i64];
@@ -305,38 +300,29 @@ impl Gemma3nModel {
                 )));
             }
             self.cache.put(clip.key, FloatData::F32(out.clone()));
-            rows.extend(out);
+            out_rows.push(out);
         }
-        Ok(FloatData::F32(rows))
+        Ok(out_rows)
     }
 
-    /// Scatters encoder rows into `inputs_embeds` at every position holding `token`.
-    fn scatter(
-        embeds: &mut FloatData,
-        ids: &[u32],
-        token: u32,
-        hidden: usize,
-        rows: &FloatData,
-        what: &str,
-    ) -> Result<(), ModelError> {
-        let positions: Vec<usize> = ids
-            .iter()
-            .enumerate()
-            .filter(|(_, &t)| t == token)
-            .map(|(i, _)| i)
-            .collect();
-        if rows.len() != positions.len() * hidden {
-            return Err(ModelError::Request(ClassifiedError::new(
-                ErrorClass::Internal,
-                format!(
-                    "the {what} encoder returned {} rows for {} {what} soft tokens in the prompt",
-                    rows.len() / hidden.max(1),
-                    positions.len()
-                ),
-            )));
-        }
-        embeds.scatter_rows(hidden, &positions, rows)?;
-        Ok(())
+    /// The soft-token positions of every image and every clip of a prompt, in order.
+    fn media_positions(
+        &self,
+        input: &PreparedInput,
+    ) -> Result<(ItemPositions, ItemPositions), ModelError> {
+        let images = media_positions(
+            &input.ids,
+            self.cfg.image_token_id,
+            &vec![self.cfg.image_seq_length; input.images.len()],
+            "image",
+        )?;
+        let audio = media_positions(
+            &input.ids,
+            self.cfg.audio_token_id,
+            &vec![self.cfg.audio_seq_length; input.audio.len()],
+            "audio",
+        )?;
+        Ok((images, audio))
     }
 
     /// The decoder on `embeds`/`ple` at positions `cache.len ..`; returns the last position's logits.
@@ -387,52 +373,94 @@ impl Gemma3nModel {
 }
 
 impl ChatModel for Gemma3nModel {
-    type Seq = Gemma3nSeq;
+    fn kv_layout(&self) -> &KvLayout {
+        &self.kv
+    }
 
-    fn prefill(&mut self, input: &PreparedInput) -> Result<(Gemma3nSeq, Vec<f32>), ModelError> {
-        if input.ids.is_empty() {
+    fn split_exact(&self) -> bool {
+        self.decoder.rewrite.dynamic_quantize == 0
+    }
+
+    fn cache_keys(&self, input: &PreparedInput) -> Result<Vec<u64>, ModelError> {
+        let (images, audio) = self.media_positions(input)?;
+        let media: Vec<(&[usize], &MediaKey)> = images
+            .iter()
+            .zip(&input.images)
+            .map(|(p, i)| (p.as_slice(), &i.key))
+            .chain(
+                audio
+                    .iter()
+                    .zip(&input.audio)
+                    .map(|(p, a)| (p.as_slice(), &a.key)),
+            )
+            .collect();
+        Ok(cache_keys(&input.ids, &media))
+    }
+
+    fn encode_media(
+        &mut self,
+        input: &PreparedInput,
+        from: usize,
+    ) -> Result<MediaRows, ModelError> {
+        let (image_pos, audio_pos) = self.media_positions(input)?;
+        let needed = |p: &Vec<usize>| p.last().is_some_and(|&l| l >= from);
+        let mut rows = MediaRows::default();
+        let (pos, items): (Vec<_>, Vec<_>) = image_pos
+            .into_iter()
+            .zip(&input.images)
+            .filter(|(p, _)| needed(p))
+            .unzip();
+        if !items.is_empty() {
+            for (p, r) in pos.into_iter().zip(self.encode_images(&items)?) {
+                rows.push(p, FloatData::F32(r));
+            }
+        }
+        let (pos, items): (Vec<_>, Vec<_>) = audio_pos
+            .into_iter()
+            .zip(&input.audio)
+            .filter(|(p, _)| needed(p))
+            .unzip();
+        if !items.is_empty() {
+            for (p, r) in pos.into_iter().zip(self.encode_audio(&items)?) {
+                rows.push(p, FloatData::F32(r));
+            }
+        }
+        Ok(rows)
+    }
+
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        media: Option<&MediaRows>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, ModelError> {
+        if ids.is_empty() {
             return Err(ModelError::Request(ClassifiedError::invalid(
                 "messages",
                 "the prompt is empty",
             )));
         }
-        let (mut embeds, ple) = self.embed(&input.ids)?;
-        if !input.images.is_empty() || !input.audio.is_empty() {
+        let (mut embeds, ple) = self.embed(ids)?;
+        let soft = ids
+            .iter()
+            .filter(|&&t| t == self.cfg.image_token_id || t == self.cfg.audio_token_id)
+            .count();
+        if let Some(media) = media.filter(|_| soft > 0) {
             let (mut host, shape) = tensor::extract_floats(&embeds)?;
-            let hidden = self.cfg.hidden_size;
-            if !input.images.is_empty() {
-                let rows = self.encode_images(input)?;
-                Self::scatter(
-                    &mut host,
-                    &input.ids,
-                    self.cfg.image_token_id,
-                    hidden,
-                    &rows,
-                    "image",
-                )?;
-            }
-            if !input.audio.is_empty() {
-                let rows = self.encode_audio(input)?;
-                Self::scatter(
-                    &mut host,
-                    &input.ids,
-                    self.cfg.audio_token_id,
-                    hidden,
-                    &rows,
-                    "audio",
-                )?;
+            let written =
+                media.scatter_into(&mut host, self.cfg.hidden_size, cache.len, ids.len())?;
+            if written != soft {
+                return Err(ModelError::Request(ClassifiedError::new(
+                    ErrorClass::Internal,
+                    format!(
+                        "{soft} media soft tokens at positions {}..{} but encoder rows for {written}",
+                        cache.len,
+                        cache.len + ids.len()
+                    ),
+                )));
             }
             embeds = host.into_value(&shape)?;
         }
-        let mut seq = Gemma3nSeq {
-            cache: self.kv.empty()?,
-        };
-        let logits = self.run_decoder(embeds, ple, input.ids.len(), &mut seq.cache)?;
-        Ok((seq, logits))
-    }
-
-    fn decode(&mut self, seq: &mut Gemma3nSeq, token: u32) -> Result<Vec<f32>, ModelError> {
-        let (embeds, ple) = self.embed(&[token])?;
-        self.run_decoder(embeds, ple, 1, &mut seq.cache)
+        self.run_decoder(embeds, ple, ids.len(), cache)
     }
 }

@@ -21,7 +21,9 @@ pub use prompt::SmolVlmPrompter;
 use super::config_util::GenerationDefaults;
 use super::encoder_cache::{CacheStats, EncoderCache};
 use super::generate::{GenEvent, GenParams};
-use super::loaded::{load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, Runner};
+use super::loaded::{
+    load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, PrefixShare, Runner,
+};
 use super::resolve::ResolvedModel;
 use super::{catalog::Component, ModelError, PreparedInput, Prompt};
 use crate::error::ClassifiedError;
@@ -90,6 +92,7 @@ pub fn load(
     model: &ResolvedModel,
     opts: &LoadOptions,
     stats: Arc<CacheStats>,
+    prefix: &PrefixShare,
 ) -> Result<LoadedFamily, ModelError> {
     let dir = &model.root;
     let cfg = SmolVlmConfig::load(dir)?;
@@ -111,9 +114,13 @@ pub fn load(
         let cfg = cfg.clone();
         let sess = opts.session.clone();
         let cache = EncoderCache::new(opts.encoder_cache_bytes, stats);
-        Runner::spawn(&model.served_name.clone(), tokenizer.clone(), move || {
-            SmolVlmModel::load(&model, cfg, tile, &sess, cache)
-        })?
+        Runner::spawn(
+            &model.served_name.clone(),
+            tokenizer.clone(),
+            opts,
+            prefix,
+            move || SmolVlmModel::load(&model, cfg, tile, &sess, cache),
+        )?
     };
     Ok(LoadedFamily {
         backend: Box::new(Backend {

@@ -20,9 +20,11 @@ use crate::engine::tensor::{self, FloatData};
 use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::catalog::Component;
-use crate::models::encoder_cache::EncoderCache;
+use crate::models::encoder_cache::{EncoderCache, MediaKey};
 use crate::models::resolve::ResolvedModel;
-use crate::models::{ChatModel, ImageInput, ModelError, PreparedInput};
+use crate::models::{
+    cache_keys, media_positions, ChatModel, ImageInput, MediaRows, ModelError, PreparedInput,
+};
 
 const IMAGE_OUT: &str = "image_features";
 const DECODER_INPUTS: &[&str] = &[
@@ -53,11 +55,6 @@ struct Vision {
     pixel_type: ElemType,
     /// Element type of `pixel_attention_mask` when the graph takes one.
     mask_type: Option<ElemType>,
-}
-
-/// One sequence: its cache (whose length is the next position).
-pub struct SmolVlmSeq {
-    cache: KvCache,
 }
 
 type Inputs<'v> = crate::engine::kv::Feeds<'v>;
@@ -304,9 +301,9 @@ impl SmolVlmModel {
             .ok_or_else(|| EngineError::run("embed_tokens", "no inputs_embeds output"))
     }
 
-    /// Image features for every image of the request, in order: cached ones from the encoder cache,
-    /// the rest from one `vision_encoder` run over all their frames.
-    fn encode_images(&mut self, images: &[ImageInput]) -> Result<FloatData, ModelError> {
+    /// Image features for `images`, in order (one `Vec` per image): cached ones from the encoder
+    /// cache, the rest from one `vision_encoder` run over all their frames.
+    fn encode_images(&mut self, images: &[&ImageInput]) -> Result<Vec<Vec<f32>>, ModelError> {
         let Some(vision) = self.vision.as_mut() else {
             return Err(ModelError::Request(ClassifiedError::invalid(
                 "messages",
@@ -321,7 +318,7 @@ impl SmolVlmModel {
             .iter()
             .zip(&per_image)
             .filter(|(_, hit)| hit.is_none())
-            .map(|(img, _)| img)
+            .map(|(img, _)| *img)
             .collect();
         if !missing.is_empty() {
             let rows = run_vision(vision, &missing)?;
@@ -353,9 +350,17 @@ impl SmolVlmModel {
                 }
             }
         }
-        Ok(FloatData::F32(
-            per_image.into_iter().flatten().flatten().collect(),
-        ))
+        Ok(per_image.into_iter().flatten().collect())
+    }
+
+    /// The `<image>` positions of every image of a prompt, in order (64 per frame).
+    fn image_positions(&self, input: &PreparedInput) -> Result<Vec<Vec<usize>>, ModelError> {
+        let rows: Vec<usize> = input
+            .images
+            .iter()
+            .map(|i| i.frames * self.cfg.image_seq_len)
+            .collect();
+        media_positions(&input.ids, self.cfg.image_token_id, &rows, "image")
     }
 
     /// The decoder on `embeds` at positions `cache.len ..`; returns the last position's logits.
@@ -471,50 +476,77 @@ fn run_vision(vision: &mut Vision, images: &[&ImageInput]) -> Result<Vec<f32>, M
 }
 
 impl ChatModel for SmolVlmModel {
-    type Seq = SmolVlmSeq;
+    fn kv_layout(&self) -> &KvLayout {
+        &self.kv
+    }
 
-    fn prefill(&mut self, input: &PreparedInput) -> Result<(SmolVlmSeq, Vec<f32>), ModelError> {
-        if input.ids.is_empty() {
+    fn split_exact(&self) -> bool {
+        self.decoder.rewrite.dynamic_quantize == 0
+    }
+
+    fn cache_keys(&self, input: &PreparedInput) -> Result<Vec<u64>, ModelError> {
+        let positions = self.image_positions(input)?;
+        let media: Vec<(&[usize], &MediaKey)> = positions
+            .iter()
+            .zip(&input.images)
+            .map(|(p, i)| (p.as_slice(), &i.key))
+            .collect();
+        Ok(cache_keys(&input.ids, &media))
+    }
+
+    fn encode_media(
+        &mut self,
+        input: &PreparedInput,
+        from: usize,
+    ) -> Result<MediaRows, ModelError> {
+        let (pos, items): (Vec<_>, Vec<_>) = self
+            .image_positions(input)?
+            .into_iter()
+            .zip(&input.images)
+            .filter(|(p, _)| p.last().is_some_and(|&l| l >= from))
+            .unzip();
+        let mut rows = MediaRows::default();
+        if !items.is_empty() {
+            for (p, r) in pos.into_iter().zip(self.encode_images(&items)?) {
+                rows.push(p, FloatData::F32(r));
+            }
+        }
+        Ok(rows)
+    }
+
+    fn forward(
+        &mut self,
+        ids: &[u32],
+        media: Option<&MediaRows>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, ModelError> {
+        if ids.is_empty() {
             return Err(ModelError::Request(ClassifiedError::invalid(
                 "messages",
                 "the prompt is empty",
             )));
         }
-        let mut embeds = self.embed(&input.ids)?;
-        if !input.images.is_empty() {
-            let rows = self.encode_images(&input.images)?;
+        let mut embeds = self.embed(ids)?;
+        let soft = ids
+            .iter()
+            .filter(|&&t| t == self.cfg.image_token_id)
+            .count();
+        if let Some(media) = media.filter(|_| soft > 0) {
             let (mut host, shape) = tensor::extract_floats(&embeds)?;
-            let hidden = self.cfg.hidden_size;
-            let token = self.cfg.image_token_id;
-            let positions: Vec<usize> = input
-                .ids
-                .iter()
-                .enumerate()
-                .filter(|(_, &t)| t == token)
-                .map(|(i, _)| i)
-                .collect();
-            if rows.len() != positions.len() * hidden {
+            let written =
+                media.scatter_into(&mut host, self.cfg.hidden_size, cache.len, ids.len())?;
+            if written != soft {
                 return Err(ModelError::Request(ClassifiedError::new(
                     ErrorClass::Internal,
                     format!(
-                        "the vision encoder returned {} rows for {} <image> tokens in the prompt",
-                        rows.len() / hidden.max(1),
-                        positions.len()
+                        "{soft} <image> tokens at positions {}..{} but encoder rows for {written}",
+                        cache.len,
+                        cache.len + ids.len()
                     ),
                 )));
             }
-            host.scatter_rows(hidden, &positions, &rows)?;
             embeds = host.into_value(&shape)?;
         }
-        let mut seq = SmolVlmSeq {
-            cache: self.kv.empty()?,
-        };
-        let logits = self.run_decoder(embeds, input.ids.len(), &mut seq.cache)?;
-        Ok((seq, logits))
-    }
-
-    fn decode(&mut self, seq: &mut SmolVlmSeq, token: u32) -> Result<Vec<f32>, ModelError> {
-        let embeds = self.embed(&[token])?;
-        self.run_decoder(embeds, 1, &mut seq.cache)
+        self.run_decoder(embeds, ids.len(), cache)
     }
 }
