@@ -141,6 +141,9 @@ async fn repeated_media_reuse_the_encoder_cache() {
     common::init_ort();
     let mut opts = LoadOptions::default();
     opts.session.intra_threads = 1;
+    // Without the prefix cache: with it, the second round reuses the whole prompt's KV and needs no
+    // encoder at all (tests/prefix_cache.rs).
+    opts.kv_cache_bytes = 0;
     let m =
         std::sync::Arc::new(LoadedModel::load(&common::resolve_fixture("FP32"), &opts).unwrap());
     let stats = m.cache_stats.clone();

@@ -494,3 +494,64 @@ async fn serve_command_takes_several_models() {
     names.sort();
     assert_eq!(names, ["smol", "tiny-gemma3n"], "{models}");
 }
+
+/// The prefix cache and chunked prefill on SmolVLM: for every golden, its next turn and a changed
+/// question, the ids with the cache on (chunks of 48, so boundaries fall inside images' 64-token
+/// blocks) equal one-shot prefill without a cache.
+async fn cache_on_off(quant: &str) -> u64 {
+    use common::{load_with, resolve_dir, EngineOpts};
+    let mut cached = 0;
+    let mut pairs: Vec<(String, Server, Server)> = Vec::new();
+    for g in goldens() {
+        let dir = snapshot_for(g.overrides());
+        let key = dir.display().to_string();
+        if !pairs.iter().any(|(k, _, _)| *k == key) {
+            let resolved = resolve_dir(&dir, NAME, quant);
+            let on = Server::start(vec![load_with(&resolved, EngineOpts::cached(48))]).await;
+            let off = Server::start(vec![load_with(&resolved, EngineOpts::ONE_SHOT)]).await;
+            pairs.push((key.clone(), on, off));
+        }
+        let (_, on, off) = pairs.iter().find(|(k, _, _)| *k == key).unwrap();
+        let mut turn1 = g.request.clone();
+        turn1["return_token_ids"] = Value::Bool(true);
+        turn1["max_tokens"] = serde_json::json!(12);
+        let (_, first) = on.chat(&turn1).await;
+        let answer = first["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{quant} {}: {first}", g.name))
+            .to_string();
+        let mut turn2 = turn1.clone();
+        let msgs = turn2["messages"].as_array_mut().unwrap();
+        msgs.push(serde_json::json!({"role": "assistant", "content": answer}));
+        msgs.push(serde_json::json!({"role": "user", "content": "And then?"}));
+        for (what, body) in [("turn 1", &turn1), ("turn 2", &turn2)] {
+            let (s1, a) = on.chat(body).await;
+            let (s2, b) = off.chat(body).await;
+            assert_eq!((s1, s2), (200, 200), "{quant} {} {what}: {a}", g.name);
+            assert_eq!(
+                Golden::ids(&a["choices"][0]["token_ids"]),
+                Golden::ids(&b["choices"][0]["token_ids"]),
+                "{quant} {} {what}: cache on vs off",
+                g.name
+            );
+            cached += a["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap();
+        }
+    }
+    for (_, on, off) in pairs {
+        on.shutdown().await;
+        off.shutdown().await;
+    }
+    cached
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_cache_and_chunked_prefill_are_exact_fp32() {
+    assert!(cache_on_off("FP32").await > 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prefix_cache_and_chunked_prefill_are_exact_uint8() {
+    cache_on_off("UINT8").await;
+}

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::engine::prefix_cache::PrefixCacheStats;
 use crate::metrics::{
     counter, gauge, load, load_i, Histogram, LATENCY_BUCKETS, RATE_BUCKETS, TOKEN_BUCKETS,
 };
@@ -24,6 +25,7 @@ pub struct WorkerMetrics {
     pub inter_token_seconds: Histogram,
     pub tokens_per_second: Histogram,
     caches: std::sync::Mutex<Vec<Arc<CacheStats>>>,
+    prefix: std::sync::Mutex<Vec<Arc<PrefixCacheStats>>>,
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -50,6 +52,7 @@ impl Default for WorkerMetrics {
             inter_token_seconds: Histogram::new(TOKEN_BUCKETS),
             tokens_per_second: Histogram::new(RATE_BUCKETS),
             caches: Default::default(),
+            prefix: Default::default(),
         }
     }
 }
@@ -57,6 +60,10 @@ impl Default for WorkerMetrics {
 impl WorkerMetrics {
     pub fn watch_cache(&self, stats: Arc<CacheStats>) {
         self.caches.lock().expect("metrics lock").push(stats);
+    }
+
+    pub fn watch_prefix_cache(&self, stats: Arc<PrefixCacheStats>) {
+        self.prefix.lock().expect("metrics lock").push(stats);
     }
 
     /// Records one finished generation.
@@ -139,6 +146,44 @@ impl WorkerMetrics {
             "onnxchat_encoder_cache_misses_total",
             "Image/audio encodings computed.",
             misses,
+        );
+        let (mut hit, mut miss, mut evicted, mut bytes, mut entries) = (0, 0, 0, 0, 0);
+        for c in self.prefix.lock().expect("metrics lock").iter() {
+            hit += load(&c.hit_tokens);
+            miss += load(&c.miss_tokens);
+            evicted += load(&c.evictions);
+            bytes += load_i(&c.bytes);
+            entries += load_i(&c.entries);
+        }
+        counter(
+            &mut out,
+            "onnxchat_prefix_cache_hit_tokens_total",
+            "Prompt tokens whose KV came from the prefix cache.",
+            hit,
+        );
+        counter(
+            &mut out,
+            "onnxchat_prefix_cache_miss_tokens_total",
+            "Prompt tokens computed (not in the prefix cache), where the cache is used.",
+            miss,
+        );
+        counter(
+            &mut out,
+            "onnxchat_prefix_cache_evictions_total",
+            "Prefix-cache entries dropped to stay within --kv-cache-mb.",
+            evicted,
+        );
+        gauge(
+            &mut out,
+            "onnxchat_prefix_cache_bytes",
+            "Bytes of KV the prefix cache holds.",
+            bytes,
+        );
+        gauge(
+            &mut out,
+            "onnxchat_prefix_cache_entries",
+            "Sequences the prefix cache holds.",
+            entries,
         );
         self.prefill_seconds.render(
             &mut out,

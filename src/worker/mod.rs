@@ -116,6 +116,7 @@ pub async fn run(
         .store(cfg.max_concurrent as i64, Ordering::Relaxed);
     for m in &models {
         cfg.metrics.watch_cache(m.cache_stats.clone());
+        cfg.metrics.watch_prefix_cache(m.prefix.stats.clone());
     }
     let mut source = bus.job_source(&names, &cfg.worker_id).await?;
     let background = CancellationToken::new();

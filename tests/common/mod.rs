@@ -164,6 +164,59 @@ pub fn resolve_fixture(quant: &str) -> ResolvedModel {
     .unwrap()
 }
 
+/// A local snapshot directory resolved under `quant`, served as `name`.
+pub fn resolve_dir(dir: &Path, name: &str, quant: &str) -> ResolvedModel {
+    let spec = ModelSpec::parse(dir.to_str().unwrap(), Some(quant)).unwrap();
+    let hub = onnx_chat::models::hub::HubConfig::from_vars(|_| None);
+    let name = name.to_string();
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(resolve::resolve(&spec, Some(&name), &hub))
+            .unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Engine settings a test varies: prefix cache budget, prefill chunk, inexact reuse.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineOpts {
+    pub kv_cache_bytes: usize,
+    pub prefill_chunk: usize,
+    pub allow_inexact: bool,
+}
+
+impl EngineOpts {
+    /// The reference way: no prefix cache, every prompt in one piece.
+    pub const ONE_SHOT: Self = Self {
+        kv_cache_bytes: 0,
+        prefill_chunk: 1 << 20,
+        allow_inexact: false,
+    };
+
+    pub fn cached(prefill_chunk: usize) -> Self {
+        Self {
+            kv_cache_bytes: 256 << 20,
+            prefill_chunk,
+            allow_inexact: false,
+        }
+    }
+}
+
+/// Loads a resolved model with `e` (one intra-op thread, like the other fixtures); not shared.
+pub fn load_with(model: &ResolvedModel, e: EngineOpts) -> Arc<LoadedModel> {
+    init_ort();
+    let mut opts = LoadOptions::default();
+    opts.session.intra_threads = 1;
+    opts.kv_cache_bytes = e.kv_cache_bytes;
+    opts.prefill_chunk = e.prefill_chunk;
+    opts.allow_inexact_reuse = e.allow_inexact;
+    Arc::new(LoadedModel::load(model, &opts).expect("fixture loads"))
+}
+
 /// Loads the fixture model once per quantization per test binary.
 pub fn model(quant: &str) -> Arc<LoadedModel> {
     static MODELS: OnceLock<std::sync::Mutex<std::collections::HashMap<String, Arc<LoadedModel>>>> =
