@@ -251,6 +251,11 @@ pub struct HttpArgs {
     /// Jobs waiting for a worker at most (in-process bus; over NATS see --max-queued-jobs); more get 429.
     #[arg(long, env = "ONNX_CHAT_MAX_QUEUED", default_value_t = 1024)]
     pub max_queued: usize,
+    /// Over NATS, send a conversation's next turn to the worker whose prefix cache holds its
+    /// longest prefix (from the workers' heartbeats) when that worker has a free slot; otherwise,
+    /// and with this off, jobs go to the shared queue.
+    #[arg(long, env = "ONNX_CHAT_PREFIX_ROUTING", default_value_t = true, value_parser = BoolishValueParser::new(), action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub prefix_routing: bool,
 }
 
 impl std::fmt::Debug for HttpArgs {
@@ -291,6 +296,7 @@ impl HttpArgs {
             extra_metrics: None,
             max_body_bytes: self.max_body_bytes,
             max_in_flight: self.max_in_flight.max(1),
+            prefix_routing: self.prefix_routing,
             request_timeout: Duration::from_secs(self.request_timeout.max(1)),
             idle_timeout: Duration::from_secs(self.idle_timeout.max(1)),
             remote_media: self.allow_remote_media.then(|| {

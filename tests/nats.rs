@@ -44,10 +44,13 @@ fn start_cluster(workers: usize, extra_frontend: &[&str], extra_worker: &[&str])
     let fixture = fixture_dir();
     let metrics_ports: Vec<u16> = (0..workers).map(|_| free_port()).collect();
     let metrics_port_s: Vec<String> = metrics_ports.iter().map(|p| p.to_string()).collect();
+    let ids: Vec<String> = (0..workers).map(|i| format!("worker{i}")).collect();
     let workers = (0..workers)
         .map(|i| {
             let mut wargs = vec![
                 "worker",
+                "--worker-id",
+                ids[i].as_str(),
                 "--metrics-port",
                 metrics_port_s[i].as_str(),
                 "--nats-url",
@@ -537,4 +540,163 @@ async fn a_job_no_worker_finishes_fails_once_its_deliveries_are_used_up() {
     assert_eq!(left, 0, "the given-up job is still queued");
     taker.abort();
     announcer.abort();
+}
+
+/// The worker process with id `worker_id` (`start_cluster` names them `worker<i>`, like the process).
+fn proc_of<'a>(cluster: &'a mut Cluster, worker_id: &str) -> &'a mut Proc {
+    cluster
+        .workers
+        .iter_mut()
+        .find(|p| p.name == worker_id)
+        .unwrap_or_else(|| panic!("no worker process {worker_id}"))
+}
+
+fn conversation(i: usize) -> Value {
+    json!({"model": MODEL, "temperature": 0, "max_tokens": 12, "return_token_ids": true,
+        "messages": [{"role": "user", "content": format!("Conversation {i}: describe the sea.")}]})
+}
+
+fn add_turn(body: &Value, answer: &str, question: &str) -> Value {
+    let mut b = body.clone();
+    let msgs = b["messages"].as_array_mut().unwrap();
+    msgs.push(json!({"role": "assistant", "content": answer}));
+    msgs.push(json!({"role": "user", "content": question}));
+    b
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing"))
+        .parse()
+        .unwrap()
+}
+
+/// Each next turn of a conversation goes to the worker whose prefix cache holds the previous one
+/// (announced in its heartbeats), so it reuses that KV: `cached_tokens > 0` on every later turn,
+/// with two workers that would otherwise take turns at random. The answers equal a cache-free run.
+#[tokio::test(flavor = "multi_thread")]
+async fn next_turns_are_routed_to_the_worker_holding_the_prefix() {
+    let cluster = start_cluster(2, &[], &["--max-concurrent", "2"]);
+    cluster.ready(2).await;
+    let mut turns = 0;
+    for i in 0..4 {
+        let mut body = conversation(i);
+        for turn in 0..3 {
+            let (status, r, _) = post(&cluster.base, &body).await;
+            assert_eq!(status, 200, "{r}");
+            let cached = r["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap();
+            if turn > 0 {
+                assert!(
+                    cached > 0,
+                    "conversation {i} turn {turn}: not routed to its prefix ({r})"
+                );
+                turns += 1;
+            }
+            // The same turn in a scope of its own (no cache to reuse): the same ids.
+            let mut fresh = body.clone();
+            fresh["cache_salt"] = json!(format!("fresh-{i}-{turn}"));
+            let (_, f, _) = post(&cluster.base, &fresh).await;
+            assert_eq!(
+                f["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+                "{f}"
+            );
+            assert_eq!(f["choices"][0]["token_ids"], r["choices"][0]["token_ids"]);
+            let answer = r["choices"][0]["message"]["content"].as_str().unwrap();
+            body = add_turn(&body, answer, "Go on.");
+        }
+    }
+    let m = reqwest::get(format!("{}/metrics", cluster.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(&m, "onnxchat_jobs_routed_total") >= turns as f64,
+        "{m}"
+    );
+}
+
+/// Killing the worker that holds a conversation's prefix while it streams the next turn costs the
+/// client nothing: the front end sees its heartbeats stop, queues the job, and another worker
+/// finishes it from the start (same tokens; frames already sent are dropped).
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_prefix_holder_mid_turn_still_gives_the_whole_answer() {
+    let mut cluster = start_cluster(2, &["--idle-timeout", "60"], &["--max-concurrent", "2"]);
+    cluster.ready(2).await;
+    let turn1 = conversation(99);
+    let (_, r, _) = post(&cluster.base, &turn1).await;
+    let answer = r["choices"][0]["message"]["content"].as_str().unwrap();
+    let mut turn2 = add_turn(&turn1, answer, "Now tell me a long story.");
+    turn2["max_tokens"] = json!(600);
+    turn2["ignore_eos"] = json!(true);
+    // The reference: the same turn in its own cache scope.
+    let mut reference = turn2.clone();
+    reference["cache_salt"] = json!("reference");
+    let (_, want, _) = post(&cluster.base, &reference).await;
+    let want_text = want["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let nc = async_nats::connect(cluster.nats.url.as_str())
+        .await
+        .unwrap();
+    let mut hb = nc.subscribe("onnxchat.v1.workers.heartbeat").await.unwrap();
+    let mut body = turn2.clone();
+    body["stream"] = json!(true);
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", cluster.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The worker running it (the only busy one).
+    let busy = loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), hb.next())
+            .await
+            .expect("heartbeats")
+            .unwrap();
+        let v: Value = serde_json::from_slice(&m.payload).unwrap();
+        if v["active"].as_u64().unwrap_or(0) > 0 {
+            break v["worker_id"].as_str().unwrap().to_string();
+        }
+    };
+    let mut stream = resp.bytes_stream();
+    let mut raw = String::new();
+    let mut killed = false;
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(90), stream.next())
+        .await
+        .expect("the stream stalled")
+    {
+        raw.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        if !killed && raw.matches("\"content\"").count() > 20 {
+            proc_of(&mut cluster, &busy).kill();
+            killed = true;
+        }
+    }
+    assert!(killed, "the answer ended before the kill");
+    let events: Vec<Value> = raw
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data:")))
+        .map(|d| serde_json::from_str(d.trim()).unwrap_or(Value::String(d.trim().into())))
+        .collect();
+    assert_eq!(events.last().unwrap(), &json!("[DONE]"), "{raw}");
+    let (text, finish, _, _) = collect_stream(&events);
+    assert_eq!(finish.as_deref(), Some("length"));
+    assert!(text == want_text, "the answer differs after the kill");
+    let m = reqwest::get(format!("{}/metrics", cluster.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metric(&m, "onnxchat_jobs_routed_total") >= 1.0,
+        "turn 2 was routed"
+    );
 }

@@ -63,9 +63,15 @@ fn spawn_frontend(nats: &str, port: u16, dir: &std::path::Path) -> Proc {
     )
 }
 
+/// A long sampled answer. Each call has a `cache_salt` of its own, so every run (reference,
+/// interrupted, resumed) prefills from scratch: a prefix reused from an earlier run moves fp32
+/// logits by float rounding (~1e-6), which over 2 500 sampled tokens could flip a draw.
 fn long_request(stream: bool) -> Value {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let salt = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     json!({"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
-        "temperature": 1.0, "top_p": 0.95, "seed": 7, "max_tokens": 2500, "ignore_eos": true, "stream": stream})
+        "temperature": 1.0, "top_p": 0.95, "seed": 7, "max_tokens": 2500, "ignore_eos": true, "stream": stream,
+        "cache_salt": format!("run-{salt}")})
 }
 
 /// Reads an SSE response to the end; calls `on_chunk(n)` after each content chunk.

@@ -12,7 +12,7 @@ pub mod nats;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::stream::BoxStream;
+use futures::stream::{BoxStream, StreamExt};
 
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::protocol::{CancelRequest, Frame, Job, WorkerHeartbeat};
@@ -94,6 +94,39 @@ pub trait Bus: Send + Sync + 'static {
     async fn queue_depth(&self) -> Option<u64> {
         None
     }
+
+    /// As [`Bus::submit`], but the job is first offered to `worker` directly (the one holding the
+    /// longest cached prefix of it); when that worker declines or does not answer at once, the job
+    /// goes to the shared queue. Returns the frames and whether the worker took it. A routed job
+    /// whose worker dies is put on the shared queue by the bus, so it still runs to the end.
+    async fn submit_preferring(
+        &self,
+        job: &Job,
+        worker: Option<&str>,
+    ) -> Result<(FrameStream, bool), BusError> {
+        let _ = worker;
+        Ok((self.submit(job).await?, false))
+    }
+
+    /// Jobs offered to this worker directly (see [`Bus::submit_preferring`]); never any on buses
+    /// that do not route.
+    async fn offers(&self, worker_id: &str) -> Result<BoxStream<'static, Offer>, BusError> {
+        let _ = worker_id;
+        Ok(futures::stream::pending().boxed())
+    }
+}
+
+/// A job offered to one worker: take it (and run it like a delivery) or decline it.
+pub struct Offer {
+    /// Attempt 1; its acker cleans up media, and hands the job to the shared queue on `nak`.
+    pub delivery: Delivery,
+    pub reply: Box<dyn OfferResponder>,
+}
+
+/// The answer to an [`Offer`].
+#[async_trait]
+pub trait OfferResponder: Send {
+    async fn reply(self: Box<Self>, accepted: bool, reason: Option<String>);
 }
 
 /// Where a worker gets jobs from.

@@ -17,7 +17,7 @@
 //! Stream, consumers and bucket are created idempotently at start-up (settings in [`NatsSettings`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,11 +27,11 @@ use futures::stream::{BoxStream, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{oneshot, OnceCell};
 
-use super::{Acker, Bus, BusError, Delivery, FrameStream, JobSource};
+use super::{Acker, Bus, BusError, Delivery, FrameStream, JobSource, Offer, OfferResponder};
 use crate::error::ErrorClass;
 use crate::protocol::{
-    subjects, CancelRequest, ContentPart, Frame, FrameBody, Job, MediaSource, WireError,
-    WorkerHeartbeat,
+    subjects, CancelRequest, ContentPart, Frame, FrameBody, Job, MediaSource, OfferReply,
+    WireError, WorkerHeartbeat,
 };
 
 /// How to authenticate to NATS. Secrets are never logged (`Debug` redacts them).
@@ -107,6 +107,9 @@ pub struct NatsBus {
     given_up: Arc<Mutex<HashMap<u64, oneshot::Sender<u64>>>>,
     /// The `MAX_DELIVERIES` advisory subscription, started by the first submit or job source.
     watching_given_up: Arc<OnceCell<()>>,
+    /// When each worker last announced itself, and its TTL (for routed jobs' watchdogs).
+    workers_seen: Arc<Mutex<HashMap<String, (std::time::Instant, Duration)>>>,
+    following_workers: Arc<OnceCell<()>>,
 }
 
 /// JetStream's `io.nats.jetstream.advisory.v1.max_deliver` advisory (the fields we use).
@@ -221,6 +224,8 @@ impl NatsBus {
             media,
             given_up: Arc::default(),
             watching_given_up: Arc::default(),
+            workers_seen: Arc::default(),
+            following_workers: Arc::default(),
         })
     }
 
@@ -360,34 +365,15 @@ impl NatsBus {
     }
 }
 
-#[async_trait]
-impl Bus for NatsBus {
-    fn kind(&self) -> &'static str {
-        "nats"
-    }
-
-    fn is_connected(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
-    }
-
-    async fn submit(&self, job: &Job) -> Result<FrameStream, BusError> {
-        let mut job = job.clone();
-        self.offload_media(&mut job).await?;
-        let payload = serde_json::to_vec(&job).map_err(|e| BusError::Protocol(e.to_string()))?;
-        if payload.len() > self.client.server_info().max_payload {
-            return Err(BusError::TooLarge(format!(
-                "the job is {} bytes after moving media out; the NATS limit is {}",
-                payload.len(),
-                self.client.server_info().max_payload
-            )));
-        }
-        // Subscribe first, so no frame can be missed.
-        let sub = self
-            .client
-            .subscribe(job.reply_to.clone())
-            .await
-            .map_err(unavailable)?;
-        self.client.flush().await.map_err(unavailable)?;
+impl NatsBus {
+    /// Publishes a job to the shared work queue and returns its frames (from `sub`), with the
+    /// given-up advisory mapped to an error frame.
+    async fn publish_job(
+        &self,
+        sub: async_nats::Subscriber,
+        job: &Job,
+        payload: Vec<u8>,
+    ) -> Result<FrameStream, BusError> {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", job.job_id.as_str());
         let ack = self
@@ -456,6 +442,293 @@ impl Bus for NatsBus {
             .map(move |f| {
                 let _ = &entry;
                 f
+            })
+            .boxed())
+    }
+
+    /// Offers a job to one worker; `Ok(true)` when it took it.
+    async fn offer(&self, worker: &str, payload: &[u8]) -> Result<bool, BusError> {
+        let req = self
+            .client
+            .request(subjects::worker_jobs(worker), payload.to_vec().into());
+        let reply = tokio::time::timeout(OFFER_TIMEOUT, req)
+            .await
+            .map_err(|_| BusError::Unavailable(format!("worker {worker} did not answer")))?
+            .map_err(unavailable)?;
+        let r: OfferReply = serde_json::from_slice(&reply.payload)
+            .map_err(|e| BusError::Protocol(format!("offer reply: {e}")))?;
+        Ok(r.accepted)
+    }
+
+    /// The frames of a job a worker took directly. A watchdog follows the worker's heartbeats: if
+    /// they stop (the worker died) before the job's last frame, the job goes to the shared queue,
+    /// where another worker runs it from the start (same seed, same tokens; the reader drops the
+    /// frames it already has).
+    async fn routed(
+        &self,
+        sub: async_nats::Subscriber,
+        job: &Job,
+        worker: &str,
+        payload: Vec<u8>,
+    ) -> FrameStream {
+        self.follow_workers().await;
+        let finished = Arc::new(AtomicBool::new(false));
+        let stop = tokio_util::sync::CancellationToken::new();
+        {
+            let (bus, finished, stop) = (self.clone(), finished.clone(), stop.clone());
+            let (worker, job_id) = (worker.to_string(), job.job_id.clone());
+            let started = std::time::Instant::now();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(200));
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tick.tick() => {}
+                    }
+                    if finished.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    if bus.worker_alive(&worker, started) {
+                        continue;
+                    }
+                    tracing::warn!(job_id = %job_id, worker = %worker, "the worker running a routed job stopped announcing itself; queueing the job");
+                    if let Err(e) = bus.rescue(&job_id, payload).await {
+                        tracing::warn!(job_id = %job_id, error = %e, "could not queue the routed job");
+                    }
+                    return;
+                }
+            });
+        }
+        let guard = stop.drop_guard();
+        sub.filter_map(move |m| {
+            let finished = finished.clone();
+            async move {
+                match serde_json::from_slice::<Frame>(&m.payload) {
+                    Ok(f) => {
+                        if f.body.is_terminal() {
+                            finished.store(true, Ordering::Relaxed);
+                        }
+                        Some(f)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring a malformed frame");
+                        None
+                    }
+                }
+            }
+        })
+        .map(move |f| {
+            let _ = &guard;
+            f
+        })
+        .boxed()
+    }
+
+    /// Puts a routed job on the shared queue (its worker died or handed it back). The message id is
+    /// the same from every caller, so JetStream keeps one copy.
+    pub async fn rescue(&self, job_id: &str, payload: Vec<u8>) -> Result<(), BusError> {
+        let job: Job =
+            serde_json::from_slice(&payload).map_err(|e| BusError::Protocol(e.to_string()))?;
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert("Nats-Msg-Id", format!("{job_id}/rescued").as_str());
+        self.js
+            .publish_with_headers(subjects::jobs(&job.model), headers, payload.into())
+            .await
+            .map_err(unavailable)?
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Starts (once) following worker heartbeats for the routed jobs' watchdogs.
+    async fn follow_workers(&self) {
+        self.following_workers
+            .get_or_init(|| async {
+                match self.client.subscribe(subjects::heartbeat()).await {
+                    Ok(mut sub) => {
+                        let seen = self.workers_seen.clone();
+                        tokio::spawn(async move {
+                            while let Some(m) = sub.next().await {
+                                if let Ok(hb) =
+                                    serde_json::from_slice::<WorkerHeartbeat>(&m.payload)
+                                {
+                                    if let Ok(mut s) = seen.lock() {
+                                        s.insert(
+                                            hb.worker_id,
+                                            (
+                                                std::time::Instant::now(),
+                                                Duration::from_millis(hb.ttl_ms),
+                                            ),
+                                        );
+                                    }
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot follow worker heartbeats"),
+                }
+            })
+            .await;
+    }
+
+    /// Whether `worker` announced itself within its TTL. A worker not heard of since `since` counts
+    /// as alive for one default TTL (its first heartbeat may still be on the way).
+    fn worker_alive(&self, worker: &str, since: std::time::Instant) -> bool {
+        let seen = self
+            .workers_seen
+            .lock()
+            .ok()
+            .and_then(|s| s.get(worker).copied());
+        match seen {
+            Some((at, ttl)) => at.elapsed() <= ttl,
+            None => since.elapsed() <= Duration::from_secs(6),
+        }
+    }
+
+    /// An offer as the worker sees it: the job (media fetched) and how to answer.
+    async fn offer_of(&self, m: async_nats::Message) -> Option<Offer> {
+        let reply_to = m.reply.clone()?;
+        let responder = NatsOfferReply {
+            client: self.client.clone(),
+            reply_to: reply_to.to_string(),
+        };
+        let mut job: Job = match serde_json::from_slice(&m.payload) {
+            Ok(j) => j,
+            Err(e) => {
+                Box::new(responder)
+                    .reply(false, Some(format!("not a job: {e}")))
+                    .await;
+                return None;
+            }
+        };
+        let media_keys = match self.fetch_media(&mut job).await {
+            Ok(k) => k,
+            Err(e) => {
+                Box::new(responder).reply(false, Some(e.to_string())).await;
+                return None;
+            }
+        };
+        Some(Offer {
+            delivery: Delivery {
+                ack: Box::new(RoutedAck {
+                    bus: self.clone(),
+                    job_id: job.job_id.clone(),
+                    payload: m.payload.to_vec(),
+                    media_keys,
+                }),
+                job,
+                attempt: 1,
+            },
+            reply: Box::new(responder),
+        })
+    }
+}
+
+/// How long a front end waits for a worker to take an offered job before queueing it.
+const OFFER_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct NatsOfferReply {
+    client: async_nats::Client,
+    reply_to: String,
+}
+
+#[async_trait]
+impl OfferResponder for NatsOfferReply {
+    async fn reply(self: Box<Self>, accepted: bool, reason: Option<String>) {
+        let body = serde_json::to_vec(&OfferReply { accepted, reason }).unwrap_or_default();
+        if let Err(e) = self.client.publish(self.reply_to, body.into()).await {
+            tracing::debug!(error = %e, "offer reply not sent");
+        }
+    }
+}
+
+/// Acknowledgement of a routed job: no JetStream message to ack; handing it back queues it.
+struct RoutedAck {
+    bus: NatsBus,
+    job_id: String,
+    /// The job as offered (media by reference), for the shared queue.
+    payload: Vec<u8>,
+    media_keys: Vec<String>,
+}
+
+#[async_trait]
+impl Acker for RoutedAck {
+    async fn ack(&self) {
+        self.bus.delete_media(&self.media_keys).await;
+    }
+    async fn in_progress(&self) {}
+    async fn nak(&self, _delay: Option<Duration>) {
+        if let Err(e) = self.bus.rescue(&self.job_id, self.payload.clone()).await {
+            tracing::warn!(job_id = %self.job_id, error = %e, "could not hand the routed job back");
+        }
+    }
+    async fn term(&self) {
+        self.bus.delete_media(&self.media_keys).await;
+    }
+}
+
+#[async_trait]
+impl Bus for NatsBus {
+    fn kind(&self) -> &'static str {
+        "nats"
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    async fn submit(&self, job: &Job) -> Result<FrameStream, BusError> {
+        Ok(self.submit_preferring(job, None).await?.0)
+    }
+
+    async fn submit_preferring(
+        &self,
+        job: &Job,
+        worker: Option<&str>,
+    ) -> Result<(FrameStream, bool), BusError> {
+        let mut job = job.clone();
+        self.offload_media(&mut job).await?;
+        let payload = serde_json::to_vec(&job).map_err(|e| BusError::Protocol(e.to_string()))?;
+        if payload.len() > self.client.server_info().max_payload {
+            return Err(BusError::TooLarge(format!(
+                "the job is {} bytes after moving media out; the NATS limit is {}",
+                payload.len(),
+                self.client.server_info().max_payload
+            )));
+        }
+        // Subscribe first, so no frame can be missed.
+        let sub = self
+            .client
+            .subscribe(job.reply_to.clone())
+            .await
+            .map_err(unavailable)?;
+        self.client.flush().await.map_err(unavailable)?;
+        if let Some(worker) = worker {
+            match self.offer(worker, &payload).await {
+                Ok(true) => {
+                    tracing::debug!(job_id = %job.job_id, worker, "job routed to the worker holding its prefix");
+                    return Ok((self.routed(sub, &job, worker, payload).await, true));
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::debug!(worker, error = %e, "offer failed; using the shared queue")
+                }
+            }
+        }
+        Ok((self.publish_job(sub, &job, payload).await?, false))
+    }
+
+    async fn offers(&self, worker_id: &str) -> Result<BoxStream<'static, Offer>, BusError> {
+        let sub = self
+            .client
+            .subscribe(subjects::worker_jobs(worker_id))
+            .await
+            .map_err(unavailable)?;
+        let bus = self.clone();
+        Ok(sub
+            .filter_map(move |m| {
+                let bus = bus.clone();
+                async move { bus.offer_of(m).await }
             })
             .boxed())
     }

@@ -24,7 +24,7 @@ use crate::openai::response::{
     AssistantMessage, ChatCompletion, Choice, ChunkChoice, Delta, ResponseMeta,
 };
 use crate::openai::{self, ValidChatRequest};
-use crate::protocol::{now_ms, DoneBody};
+use crate::protocol::{now_ms, prefix, DoneBody};
 
 /// In-flight gauge that cannot be left incremented.
 struct InFlight(Arc<AppState>);
@@ -149,7 +149,22 @@ async fn start(
             ),
         ));
     }
-    let stream = state.bus.submit(&job).await?;
+    let route = state
+        .cfg
+        .prefix_routing
+        .then(|| {
+            let digests = prefix::digests(
+                job.cache_scope.as_deref().unwrap_or(""),
+                &job.model,
+                &job.messages,
+            );
+            state.registry.route(&job.model, &digests)
+        })
+        .flatten();
+    let (stream, routed) = state.bus.submit_preferring(&job, route.as_deref()).await?;
+    if routed {
+        state.metrics.routed.fetch_add(1, Ordering::Relaxed);
+    }
     let mut reader = FrameReader::new(
         stream,
         state.bus.clone(),

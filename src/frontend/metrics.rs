@@ -17,6 +17,8 @@ pub struct Metrics {
     pub completion_tokens: AtomicU64,
     /// Jobs whose frames came from a later delivery attempt (a worker died or lost its lease).
     pub migrations: AtomicU64,
+    /// Jobs sent to the worker holding their longest cached prefix (the rest go to the queue).
+    pub routed: AtomicU64,
     pub request_seconds: Histogram,
     pub first_token_seconds: Histogram,
     pub inter_token_seconds: Histogram,
@@ -31,6 +33,7 @@ impl Default for Metrics {
             prompt_tokens: AtomicU64::new(0),
             completion_tokens: AtomicU64::new(0),
             migrations: AtomicU64::new(0),
+            routed: AtomicU64::new(0),
             request_seconds: Histogram::new(LATENCY_BUCKETS),
             first_token_seconds: Histogram::new(LATENCY_BUCKETS),
             inter_token_seconds: Histogram::new(TOKEN_BUCKETS),
@@ -128,6 +131,12 @@ impl Metrics {
             "onnxchat_job_migrations_total",
             "Requests continued by another worker after a failure.",
             load(&self.migrations),
+        );
+        counter(
+            &mut out,
+            "onnxchat_jobs_routed_total",
+            "Jobs a worker took directly because its prefix cache held their conversation.",
+            load(&self.routed),
         );
         self.request_seconds.render(
             &mut out,

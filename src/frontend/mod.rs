@@ -41,6 +41,8 @@ pub struct FrontendConfig {
     pub max_body_bytes: usize,
     /// Requests answered at once; more get 429.
     pub max_in_flight: usize,
+    /// Offer jobs to the worker holding the longest cached prefix first (buses that route: NATS).
+    pub prefix_routing: bool,
     /// Longest a request may wait for its first frame (queueing included), and its overall deadline.
     pub request_timeout: Duration,
     /// Longest silence between two frames of a running job.
@@ -72,6 +74,7 @@ impl Default for FrontendConfig {
             cors_allow_origins: vec![],
             max_body_bytes: 64 * 1024 * 1024,
             max_in_flight: 512,
+            prefix_routing: true,
             request_timeout: Duration::from_secs(600),
             idle_timeout: Duration::from_secs(120),
             limits: RequestLimits::default(),

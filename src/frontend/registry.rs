@@ -85,6 +85,30 @@ impl Registry {
         }
     }
 
+    /// Where to send a job for `model` whose conversation prefixes have `digests` (digest_k for
+    /// k = 1, 2, …; see `protocol::prefix`): the live worker holding the longest of them, when it
+    /// has a free slot. `None`: nobody holds any, or the holder is busy (the shared queue then).
+    pub fn route(&self, model: &str, digests: &[String]) -> Option<String> {
+        let mut best: Option<(usize, bool, String)> = None;
+        for hb in self.live() {
+            let free = hb.active < hb.max_concurrent;
+            for m in hb.models.iter().filter(|m| m.name == model) {
+                let held: std::collections::HashSet<&str> =
+                    m.prefixes.iter().map(String::as_str).collect();
+                let Some(k) = digests.iter().rposition(|d| held.contains(d.as_str())) else {
+                    continue;
+                };
+                if best
+                    .as_ref()
+                    .is_none_or(|(bk, bfree, _)| (k, free) > (*bk, *bfree))
+                {
+                    best = Some((k, free, hb.worker_id.clone()));
+                }
+            }
+        }
+        best.filter(|(_, free, _)| *free).map(|(_, _, w)| w)
+    }
+
     /// Live workers and their free slots.
     pub fn workers(&self) -> (usize, u32) {
         let live = self.live();
@@ -155,5 +179,28 @@ mod tests {
         );
         assert!(matches!(r.lookup("c"), Lookup::Unknown));
         assert_eq!(r.workers(), (2, 2));
+    }
+
+    #[test]
+    fn routes_to_the_longest_held_prefix_with_a_free_slot() {
+        let r = Registry::default();
+        let mut a = hb("w1", "a", false);
+        a.models[0].prefixes = vec!["d1".into()];
+        let mut b = hb("w2", "a", false);
+        b.models[0].prefixes = vec!["d1".into(), "d2".into()];
+        r.update(a.clone());
+        r.update(b.clone());
+        let digests = vec!["d1".to_string(), "d2".into(), "d3".into()];
+        assert_eq!(r.route("a", &digests).as_deref(), Some("w2"));
+        assert_eq!(
+            r.route("a", &digests[..1]).as_deref(),
+            Some("w1").or(Some("w2"))
+        );
+        assert_eq!(r.route("a", &["x".to_string()]), None);
+        assert_eq!(r.route("b", &digests), None);
+        // The holder is busy: the queue, not the second best.
+        b.active = b.max_concurrent;
+        r.update(b);
+        assert_eq!(r.route("a", &digests), None);
     }
 }

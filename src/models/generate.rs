@@ -379,6 +379,9 @@ impl<M: ChatModel> Generation<M> {
             .iter()
             .map(|c| (c.finish.unwrap_or(FinishReason::Stop), c.generated.len()))
             .collect();
+        // Into the cache before the answer leaves: the worker's next heartbeat (sent with the last
+        // frame) then already lists the conversation, and its next turn can be routed here.
+        self.store(e);
         self.send(GenEvent::Done {
             choices,
             prompt_tokens: self.input.ids.len(),
@@ -386,7 +389,6 @@ impl<M: ChatModel> Generation<M> {
             prefill_ms: (first - started).as_secs_f64() * 1e3,
             decode_ms: (now - first).as_secs_f64() * 1e3,
         });
-        self.store(e);
         TaskState::Done
     }
 

@@ -24,6 +24,15 @@ pub fn cancel() -> String {
     format!("{PREFIX}.{PROTOCOL_VERSION}.cancel")
 }
 
+/// `onnxchat.v1.workers.<worker-token>.jobs`: jobs offered to one worker (core NATS request; the
+/// reply is an [`super::OfferReply`]).
+pub fn worker_jobs(worker_id: &str) -> String {
+    format!(
+        "{PREFIX}.{PROTOCOL_VERSION}.workers.{}.jobs",
+        token(worker_id)
+    )
+}
+
 /// `onnxchat.v1.workers.heartbeat`.
 pub fn heartbeat() -> String {
     format!("{PREFIX}.{PROTOCOL_VERSION}.workers.heartbeat")

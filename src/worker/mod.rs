@@ -63,6 +63,11 @@ struct State {
 
 impl State {
     fn heartbeat(&self) -> WorkerHeartbeat {
+        self.heartbeat_finishing(0)
+    }
+
+    /// A heartbeat counting `finishing` running jobs as done already.
+    fn heartbeat_finishing(&self, finishing: u32) -> WorkerHeartbeat {
         let mut seen = std::collections::HashSet::new();
         let models = self
             .models
@@ -78,7 +83,10 @@ impl State {
             worker_id: self.cfg.worker_id.clone(),
             models,
             max_concurrent: self.cfg.max_concurrent as u32,
-            active: self.active.load(Ordering::Relaxed),
+            active: self
+                .active
+                .load(Ordering::Relaxed)
+                .saturating_sub(finishing),
             ttl_ms: self.cfg.heartbeat_interval.as_millis() as u64 * 3,
             draining: self.draining.load(Ordering::Relaxed),
             version: Some(env!("CARGO_PKG_VERSION").to_string()),
@@ -125,6 +133,20 @@ pub async fn run(
     tracing::info!(worker = %cfg.worker_id, models = ?names, slots = cfg.max_concurrent, bus = bus.kind(), "worker started");
 
     let slots = Arc::new(Semaphore::new(cfg.max_concurrent.max(1)));
+    // Jobs offered to this worker directly (the front end routes a conversation's next turn to the
+    // worker whose prefix cache holds it); they take the same slots as pulled jobs.
+    let offers = match bus.offers(&cfg.worker_id).await {
+        Ok(o) => Some(tokio::spawn(offer_task(
+            state.clone(),
+            slots.clone(),
+            o,
+            shutdown.clone(),
+        ))),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take routed jobs; pulling from the queue only");
+            None
+        }
+    };
     let mut jobs = tokio::task::JoinSet::new();
     loop {
         // Wait for a free slot before pulling: nothing is taken that cannot start now.
@@ -178,8 +200,54 @@ pub async fn run(
         }
         jobs.shutdown().await;
     }
+    if let Some(offers) = offers {
+        let _ = offers.await;
+    }
     background.cancel();
     Ok(())
+}
+
+/// Takes offered jobs while a slot is free (declines otherwise: the front end then queues them),
+/// runs them like pulled jobs, and on shutdown drains them like the main loop does.
+async fn offer_task(
+    state: Arc<State>,
+    slots: Arc<Semaphore>,
+    mut offers: futures::stream::BoxStream<'static, crate::bus::Offer>,
+    shutdown: CancellationToken,
+) {
+    let mut jobs = tokio::task::JoinSet::new();
+    loop {
+        let offer = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = jobs.join_next(), if !jobs.is_empty() => continue,
+            o = offers.next() => match o {
+                Some(o) => o,
+                None => break,
+            },
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) if !state.draining.load(Ordering::Relaxed) => {
+                offer.reply.reply(true, None).await;
+                let st = state.clone();
+                jobs.spawn(async move {
+                    handle(st, offer.delivery).await;
+                    drop(permit);
+                });
+            }
+            _ => offer.reply.reply(false, Some("no free slot".into())).await,
+        }
+    }
+    drop(offers); // later offers find no responder and go to the shared queue
+    let drained = tokio::time::timeout(state.cfg.drain_timeout, async {
+        while jobs.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        for flag in state.running.lock().expect("running lock").values() {
+            flag.store(true, Ordering::Relaxed);
+        }
+        while jobs.join_next().await.is_some() {}
+    }
 }
 
 async fn cancel_task(state: Arc<State>, stop: CancellationToken) {
@@ -435,6 +503,11 @@ async fn run_job(
             }
         };
         let terminal = body.is_terminal();
+        if terminal {
+            // Before the last frame: front ends learn what this worker's prefix cache now holds
+            // (and that this slot is about to be free) before the client can send its next turn.
+            let _ = state.bus.announce(&state.heartbeat_finishing(1)).await;
+        }
         if let Err(e) = out.send(body).await {
             // Nobody listens any more (client gone): stop generating.
             tracing::info!(error = %e, "frame not delivered; stopping the job");
