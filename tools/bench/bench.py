@@ -18,6 +18,11 @@ Sections (all by default):
               tiny model; p50/p99 of the client's latency.
   throughput  bench model: frontend + NATS + 1 worker (--threads N) vs 2 workers (--threads N/2 each), with
               1..8 concurrent clients, each sending requests back to back.
+  cache, routing, gap
+              bench model (the tiny model with --engine-on-tiny): the prefix cache over a 6-turn conversation,
+              cache-aware routing over NATS, and chunked prefill under a running stream; see
+              tools/bench/engine_bench.py. Options: --conv 2 (conversations), --chunks 128,256,512,1024,0
+              (0 = one-shot).
 
 How "outside Session::run" is measured: the server is started with ORT_DYLIB_PATH pointing at
 target/bench/ort_run_trace.so (tools/bench/ort_run_trace.c), a stand-in library that forwards to the real
@@ -565,6 +570,10 @@ def table(results, cores, threads):
                 rows.append(("throughput", f"{c} concurrent clients",
                              f"tokens/s: 2 workers×{two['worker_threads']} thr vs 1 worker×{one['worker_threads']} thr",
                              fmt(two["tok_s"], 2), fmt(one["tok_s"], 2), ratio(two["tok_s"], one["tok_s"])))
+    if any(k in results for k in ("cache", "routing", "gap")):
+        import engine_bench
+        engine_bench.B = sys.modules[__name__]
+        rows.extend(engine_bench.rows(results))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     lines = [f"onnx-chat bench — {cores} cores, ORT threads {threads}; medians; ratios ours/ref "
              "(throughput rows: 2 workers / 1 worker; reference column = 1 worker)"]
@@ -589,7 +598,7 @@ def main():
     new_tokens = int(arg("--new-tokens", "128"))
     threads = int(arg("--threads", str(cores)))
     lengths = [int(x) for x in arg("--lengths", "32,512").split(",")]
-    sections = arg("--sections", "gen,media,nats,throughput").split(",")
+    sections = arg("--sections", "gen,media,nats,throughput,cache,routing,gap").split(",")
     out_path = arg("--out", os.path.join(BENCH_DIR, "results.json"))
     os.makedirs(BENCH_DIR, exist_ok=True)
     global BIN
@@ -618,6 +627,21 @@ def main():
         clients = [int(x) for x in arg("--tp-clients", "1,2,4,8").split(",")]
         results["throughput"] = throughput_section(model, quants[0] if quants else "Q4_MIXED", threads, clients,
                                                    int(arg("--tp-tokens", "32")), lengths)
+    engine_model = model if os.path.exists(os.path.join(model, "onnx")) else (tiny if "--engine-on-tiny" in sys.argv
+                                                                               else None)
+    if engine_model and any(x in sections for x in ("cache", "routing", "gap")):
+        import engine_bench
+        engine_bench.B = sys.modules[__name__]
+        eq = quants[0] if engine_model == model and quants else "Q4_MIXED"
+        conv = int(arg("--conv", "2"))
+        results["engine_model"] = f"{os.path.basename(engine_model)} {eq}"
+        if "cache" in sections:
+            results["cache"] = engine_bench.cache_section(engine_model, eq, threads, conv)
+        if "routing" in sections:
+            results["routing"] = engine_bench.routing_section(engine_model, eq, threads, conv)
+        if "gap" in sections:
+            chunks = [int(x) for x in arg("--chunks", "128,256,512,1024,0").split(",")]
+            results["gap"] = engine_bench.gap_section(engine_model, eq, threads, chunks)
     results["seconds"] = round(time.time() - t0)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
