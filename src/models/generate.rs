@@ -23,6 +23,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::{ChatModel, MediaRows, ModelError, PreparedInput};
 use crate::engine::kv::KvCache;
 use crate::engine::prefix_cache::PrefixCache;
+use crate::engine::schedule::PrefillPolicy;
 use crate::engine::thread::{StepTask, TaskState};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::detok::IncrementalDecoder;
@@ -80,15 +81,14 @@ impl GenEvent {
 pub struct ModelEngine<M> {
     pub model: M,
     pub prefix: PrefixCache,
-    /// Most prompt positions one prefill step feeds.
-    pub prefill_chunk: usize,
-    /// Split prompts and reuse prefixes even where that changes the arithmetic (decoders with
-    /// dynamic activation quantization): faster, not token-exact to a one-shot prefill.
-    pub allow_inexact: bool,
+    /// Prefill chunk size, and whether prompts are split (and prefixes reused) even where that
+    /// changes the arithmetic (decoders with dynamic activation quantization).
+    pub policy: PrefillPolicy,
 }
 
 impl<M: ChatModel> ModelEngine<M> {
     pub fn new(model: M, prefix: PrefixCache, prefill_chunk: usize, allow_inexact: bool) -> Self {
+        let policy = PrefillPolicy::new(prefill_chunk, allow_inexact);
         if !model.split_exact() {
             if allow_inexact {
                 tracing::warn!("the decoder quantizes activations dynamically: chunked prefill and prefix reuse are on (--allow-inexact-reuse), so outputs can differ from a one-shot prefill");
@@ -99,14 +99,13 @@ impl<M: ChatModel> ModelEngine<M> {
         Self {
             model,
             prefix,
-            prefill_chunk: prefill_chunk.max(1),
-            allow_inexact,
+            policy,
         }
     }
 
     /// Whether prompts may be split and prefixes reused on this model.
     pub fn splits(&self) -> bool {
-        self.allow_inexact || self.model.split_exact()
+        self.policy.splits(self.model.split_exact())
     }
 }
 
@@ -233,14 +232,7 @@ impl<M: ChatModel> Generation<M> {
         };
         let prompt = self.input.ids.len();
         let done = cache.len;
-        let rest = prompt - done;
-        // Balanced chunks: 10 positions with a chunk of 8 run as 5 + 5, not 8 + 2.
-        let n = if e.splits() {
-            let chunks = rest.div_ceil(e.prefill_chunk);
-            rest.div_ceil(chunks)
-        } else {
-            rest
-        };
+        let n = e.policy.next_chunk(prompt - done, e.model.split_exact());
         let logits = e
             .model
             .forward(&self.input.ids[done..done + n], Some(media), cache)?;
