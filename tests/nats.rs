@@ -564,14 +564,6 @@ fn add_turn(body: &Value, answer: &str, question: &str) -> Value {
     b
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("{name} missing"))
-        .parse()
-        .unwrap()
-}
-
 /// Each next turn of a conversation goes to the worker whose prefix cache holds the previous one
 /// (announced in its heartbeats), so it reuses that KV: `cached_tokens > 0` on every later turn,
 /// with two workers that would otherwise take turns at random. The answers equal a cache-free run.
@@ -608,12 +600,7 @@ async fn next_turns_are_routed_to_the_worker_holding_the_prefix() {
             body = add_turn(&body, answer, "Go on.");
         }
     }
-    let m = reqwest::get(format!("{}/metrics", cluster.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&cluster.base).await;
     assert!(
         metric(&m, "onnxchat_jobs_routed_total") >= turns as f64,
         "{m}"
@@ -689,12 +676,7 @@ async fn killing_the_prefix_holder_mid_turn_still_gives_the_whole_answer() {
     let (text, finish, _, _) = collect_stream(&events);
     assert_eq!(finish.as_deref(), Some("length"));
     assert!(text == want_text, "the answer differs after the kill");
-    let m = reqwest::get(format!("{}/metrics", cluster.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let m = metrics_text(&cluster.base).await;
     assert!(
         metric(&m, "onnxchat_jobs_routed_total") >= 1.0,
         "turn 2 was routed"

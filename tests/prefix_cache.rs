@@ -8,7 +8,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{fixture_dir, goldens, load_with, resolve_dir, EngineOpts, Golden, Server};
+use common::{
+    fixture_dir, goldens, load_with, metric, metrics_text, resolve_dir, EngineOpts, Golden, Server,
+};
 use onnx_chat::models::loaded::LoadedModel;
 use serde_json::{json, Value};
 
@@ -208,19 +210,8 @@ async fn cached_tokens_count_the_reused_prefix_and_metrics_show_it() {
         cached(&r3) >= prompt,
         "turn 2 reuses turn 1 and its answer: {r3}"
     );
-    let m = reqwest::get(server.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> f64 {
-        m.lines()
-            .find_map(|l| l.strip_prefix(&format!("{name} ")))
-            .unwrap_or_else(|| panic!("{name} missing from /metrics"))
-            .parse()
-            .unwrap()
-    };
+    let m = metrics_text(&server.base).await;
+    let value = |name: &str| metric(&m, name);
     assert!(value("onnxchat_prefix_cache_hit_tokens_total") >= (2 * prompt - 1) as f64);
     assert!(value("onnxchat_prefix_cache_miss_tokens_total") > 0.0);
     assert!(value("onnxchat_prefix_cache_bytes") > 0.0);
@@ -290,24 +281,9 @@ async fn a_small_budget_evicts_without_errors_or_other_answers() {
             assert_eq!(ids(&a["choices"][0]), ids(&b["choices"][0]));
         }
     }
-    let m = reqwest::get(small.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let evictions: f64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("onnxchat_prefix_cache_evictions_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
-    let bytes: f64 = m
-        .lines()
-        .find_map(|l| l.strip_prefix("onnxchat_prefix_cache_bytes "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let m = metrics_text(&small.base).await;
+    let evictions = metric(&m, "onnxchat_prefix_cache_evictions_total");
+    let bytes = metric(&m, "onnxchat_prefix_cache_bytes");
     assert!(evictions > 0.0, "{m}");
     assert!(bytes <= 48.0 * 1024.0);
     small.shutdown().await;

@@ -178,6 +178,60 @@ impl MediaRows {
     }
 }
 
+impl MediaRows {
+    /// Adds the rows of the items (with their positions) that reach position `from` or later,
+    /// encoding only those with `encode` (one row block per item, in order).
+    pub fn add_needed<T>(
+        &mut self,
+        positions: Vec<Vec<usize>>,
+        items: &[T],
+        from: usize,
+        encode: impl FnOnce(&[&T]) -> Result<Vec<Vec<f32>>, ModelError>,
+    ) -> Result<(), ModelError> {
+        let (pos, items): (Vec<_>, Vec<_>) = positions
+            .into_iter()
+            .zip(items)
+            .filter(|(p, _)| p.last().is_some_and(|&l| l >= from))
+            .unzip();
+        if items.is_empty() {
+            return Ok(());
+        }
+        for (p, r) in pos.into_iter().zip(encode(&items)?) {
+            self.push(p, FloatData::F32(r));
+        }
+        Ok(())
+    }
+}
+
+/// `inputs_embeds` of prompt positions `start .. start + ids.len()` with the media rows written at the
+/// positions holding one of `soft_tokens`; every such position must have a row. Generated ids
+/// (`media: None`) keep their embeddings.
+pub fn with_media_rows(
+    embeds: ort::value::DynValue,
+    ids: &[u32],
+    soft_tokens: &[u32],
+    media: Option<&MediaRows>,
+    hidden: usize,
+    start: usize,
+) -> Result<ort::value::DynValue, ModelError> {
+    let soft = ids.iter().filter(|t| soft_tokens.contains(t)).count();
+    let Some(media) = media.filter(|_| soft > 0) else {
+        return Ok(embeds);
+    };
+    let (mut host, shape) = crate::engine::tensor::extract_floats(&embeds)?;
+    let written = media.scatter_into(&mut host, hidden, start, ids.len())?;
+    if written != soft {
+        return Err(ModelError::Request(ClassifiedError::new(
+            ErrorClass::Internal,
+            format!(
+                "{soft} media soft tokens at positions {start}..{} but encoder rows for {written}",
+                start + ids.len()
+            ),
+        )));
+    }
+    Ok(host.into_value(&shape)?)
+}
+
 /// The positions of each media item of one kind: items take the positions holding `token`, in order,
 /// `rows[i]` each. Fails when the prompt holds another number of soft tokens.
 pub fn media_positions(

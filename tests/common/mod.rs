@@ -137,6 +137,25 @@ pub fn ort_reference() -> &'static Value {
     })
 }
 
+/// The Prometheus text of `{base}/metrics`.
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+        .parse()
+        .unwrap()
+}
+
 /// Quantization names with goldens.
 pub const QUANTS: &[&str] = &["FP32", "FP16", "QUANTIZED", "Q4_MIXED", "Q4"];
 

@@ -15,13 +15,13 @@ use crate::engine::kv::{KvCache, KvLayout};
 use crate::engine::session::{ElemType, GraphSession, SessionOptions};
 use crate::engine::tensor::{self, FloatData};
 use crate::engine::EngineError;
-use crate::error::{ClassifiedError, ErrorClass};
+use crate::error::ClassifiedError;
 use crate::models::catalog::Component;
 use crate::models::encoder_cache::{EncoderCache, MediaKey};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
-    cache_keys, media_positions, AudioInput, ChatModel, ImageInput, MediaRows, ModelError,
-    PreparedInput,
+    cache_keys, media_positions, with_media_rows, AudioInput, ChatModel, ImageInput, MediaRows,
+    ModelError, PreparedInput,
 };
 
 const IMAGE_OUT: &str = "image_features";
@@ -403,28 +403,9 @@ impl ChatModel for Gemma3nModel {
         from: usize,
     ) -> Result<MediaRows, ModelError> {
         let (image_pos, audio_pos) = self.media_positions(input)?;
-        let needed = |p: &Vec<usize>| p.last().is_some_and(|&l| l >= from);
         let mut rows = MediaRows::default();
-        let (pos, items): (Vec<_>, Vec<_>) = image_pos
-            .into_iter()
-            .zip(&input.images)
-            .filter(|(p, _)| needed(p))
-            .unzip();
-        if !items.is_empty() {
-            for (p, r) in pos.into_iter().zip(self.encode_images(&items)?) {
-                rows.push(p, FloatData::F32(r));
-            }
-        }
-        let (pos, items): (Vec<_>, Vec<_>) = audio_pos
-            .into_iter()
-            .zip(&input.audio)
-            .filter(|(p, _)| needed(p))
-            .unzip();
-        if !items.is_empty() {
-            for (p, r) in pos.into_iter().zip(self.encode_audio(&items)?) {
-                rows.push(p, FloatData::F32(r));
-            }
-        }
+        rows.add_needed(image_pos, &input.images, from, |i| self.encode_images(i))?;
+        rows.add_needed(audio_pos, &input.audio, from, |a| self.encode_audio(a))?;
         Ok(rows)
     }
 
@@ -440,27 +421,9 @@ impl ChatModel for Gemma3nModel {
                 "the prompt is empty",
             )));
         }
-        let (mut embeds, ple) = self.embed(ids)?;
-        let soft = ids
-            .iter()
-            .filter(|&&t| t == self.cfg.image_token_id || t == self.cfg.audio_token_id)
-            .count();
-        if let Some(media) = media.filter(|_| soft > 0) {
-            let (mut host, shape) = tensor::extract_floats(&embeds)?;
-            let written =
-                media.scatter_into(&mut host, self.cfg.hidden_size, cache.len, ids.len())?;
-            if written != soft {
-                return Err(ModelError::Request(ClassifiedError::new(
-                    ErrorClass::Internal,
-                    format!(
-                        "{soft} media soft tokens at positions {}..{} but encoder rows for {written}",
-                        cache.len,
-                        cache.len + ids.len()
-                    ),
-                )));
-            }
-            embeds = host.into_value(&shape)?;
-        }
+        let (embeds, ple) = self.embed(ids)?;
+        let soft = [self.cfg.image_token_id, self.cfg.audio_token_id];
+        let embeds = with_media_rows(embeds, ids, &soft, media, self.cfg.hidden_size, cache.len)?;
         self.run_decoder(embeds, ple, ids.len(), cache)
     }
 }

@@ -23,7 +23,8 @@ use crate::models::catalog::Component;
 use crate::models::encoder_cache::{EncoderCache, MediaKey};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
-    cache_keys, media_positions, ChatModel, ImageInput, MediaRows, ModelError, PreparedInput,
+    cache_keys, media_positions, with_media_rows, ChatModel, ImageInput, MediaRows, ModelError,
+    PreparedInput,
 };
 
 const IMAGE_OUT: &str = "image_features";
@@ -499,18 +500,9 @@ impl ChatModel for SmolVlmModel {
         input: &PreparedInput,
         from: usize,
     ) -> Result<MediaRows, ModelError> {
-        let (pos, items): (Vec<_>, Vec<_>) = self
-            .image_positions(input)?
-            .into_iter()
-            .zip(&input.images)
-            .filter(|(p, _)| p.last().is_some_and(|&l| l >= from))
-            .unzip();
+        let positions = self.image_positions(input)?;
         let mut rows = MediaRows::default();
-        if !items.is_empty() {
-            for (p, r) in pos.into_iter().zip(self.encode_images(&items)?) {
-                rows.push(p, FloatData::F32(r));
-            }
-        }
+        rows.add_needed(positions, &input.images, from, |i| self.encode_images(i))?;
         Ok(rows)
     }
 
@@ -526,27 +518,9 @@ impl ChatModel for SmolVlmModel {
                 "the prompt is empty",
             )));
         }
-        let mut embeds = self.embed(ids)?;
-        let soft = ids
-            .iter()
-            .filter(|&&t| t == self.cfg.image_token_id)
-            .count();
-        if let Some(media) = media.filter(|_| soft > 0) {
-            let (mut host, shape) = tensor::extract_floats(&embeds)?;
-            let written =
-                media.scatter_into(&mut host, self.cfg.hidden_size, cache.len, ids.len())?;
-            if written != soft {
-                return Err(ModelError::Request(ClassifiedError::new(
-                    ErrorClass::Internal,
-                    format!(
-                        "{soft} <image> tokens at positions {}..{} but encoder rows for {written}",
-                        cache.len,
-                        cache.len + ids.len()
-                    ),
-                )));
-            }
-            embeds = host.into_value(&shape)?;
-        }
+        let embeds = self.embed(ids)?;
+        let soft = [self.cfg.image_token_id];
+        let embeds = with_media_rows(embeds, ids, &soft, media, self.cfg.hidden_size, cache.len)?;
         self.run_decoder(embeds, ids.len(), cache)
     }
 }
