@@ -137,7 +137,26 @@ def routing_section(model_dir, quant, threads, conversations, turns=6, words_per
         nats.stop()
 
 
-def gap_section(model_dir, quant, threads, chunks, long_words=700, stream_tokens=400):
+def stream_until(port, body, stop, times):
+    """Streams `body` (ignore_eos), appending each token's arrival time to `times`, until `stop` is set;
+    then hangs up, which cancels the generation."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
+    conn.request("POST", "/v1/chat/completions", headers={"content-type": "application/json"},
+                 body=json.dumps(dict(body, stream=True, return_token_ids=True, ignore_eos=True)))
+    r = conn.getresponse()
+    while not stop.is_set():
+        line = r.readline()
+        if not line or line.strip() == b"data: [DONE]":
+            break
+        if line.startswith(b"data:") and b"token_ids" in line:
+            now = time.monotonic_ns()
+            obj = json.loads(line[5:])
+            for ch in obj.get("choices", []):
+                times.extend([now] * len((ch.get("delta") or {}).get("token_ids") or []))
+    conn.close()
+
+
+def gap_section(model_dir, quant, threads, chunks, long_words=700, stream_tokens=4000):
     out = {}
     for chunk in chunks:
         port = B.free_port()
@@ -151,21 +170,19 @@ def gap_section(model_dir, quant, threads, chunks, long_words=700, stream_tokens
             long_msg = [{"role": "user", "content": words(long_words, 7)}]
             # Alone first: the long prompt's prefill time, for the chunk's share.
             alone, _, u = ttft(port, turn_body(name, long_msg, 1))
-            stream = {}
-
-            def runner():
-                stream.update(B.chat_stream(port, dict(turn_body(name, [{"role": "user", "content": "Tell a story."}],
-                                                                 stream_tokens),
-                                                       stream=True, return_token_ids=True, ignore_eos=True)))
-
-            th = threading.Thread(target=runner)
+            stop = threading.Event()
+            times = []
+            th = threading.Thread(target=stream_until, args=(port, turn_body(
+                name, [{"role": "user", "content": "Tell a story."}], stream_tokens), stop, times))
             th.start()
-            time.sleep(2.0)  # the stream is decoding
+            while len(times) < 20 and th.is_alive():  # the stream is decoding
+                time.sleep(0.01)
             t_long = time.monotonic_ns()
             during, _, _ = ttft(port, turn_body(name, long_msg, 1))
             t_end = time.monotonic_ns()
+            time.sleep(0.5)  # a few steps after it
+            stop.set()
             th.join()
-            times = stream["times"]
             gaps = [(b - a) / 1e6 for a, b in zip(times, times[1:])]
             inside = [(b - a) / 1e6 for a, b in zip(times, times[1:]) if b > t_long and a < t_end]
             before = [(b - a) / 1e6 for a, b in zip(times, times[1:]) if b < t_long]
