@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::engine::kv::KvLayout;
 use crate::engine::session::{GraphSession, IoSpec, SessionOptions};
 use crate::models::catalog::Component;
 use crate::models::resolve::{self, ResolvedModel};
@@ -22,6 +23,8 @@ pub struct GraphReport {
     pub selected: bool,
     pub inputs: Vec<IoLine>,
     pub outputs: Vec<IoLine>,
+    /// For a decoder: bytes of KV cache per position of context (what `--kv-cache-mb` holds).
+    pub kv_bytes_per_token: Option<usize>,
     pub error: Option<String>,
 }
 
@@ -111,6 +114,7 @@ pub fn inspect(model: ResolvedModel, selected_only: bool, opts: &SessionOptions)
             selected: is_selected,
             inputs: vec![],
             outputs: vec![],
+            kv_bytes_per_token: None,
             error: None,
         };
         match GraphSession::load(
@@ -121,6 +125,10 @@ pub fn inspect(model: ResolvedModel, selected_only: bool, opts: &SessionOptions)
             Ok(s) => {
                 report.inputs = s.inputs.iter().map(IoLine::from).collect();
                 report.outputs = s.outputs.iter().map(IoLine::from).collect();
+                report.kv_bytes_per_token = KvLayout::from_decoder(&s)
+                    .ok()
+                    .filter(|l| !l.slots.is_empty())
+                    .map(|l| l.bytes_per_position());
             }
             Err(e) => report.error = Some(e.to_string()),
         }
@@ -210,6 +218,13 @@ pub fn render_text(r: &Report) -> String {
                     " + {} external data in {} file(s)",
                     mb(data),
                     g.external_data.len()
+                );
+            }
+            if let Some(kv) = g.kv_bytes_per_token {
+                let _ = write!(
+                    head,
+                    "; KV cache {:.1} KiB per token of context",
+                    kv as f64 / 1024.0
                 );
             }
             let _ = writeln!(out, "{head}");

@@ -118,6 +118,22 @@ impl KvLayout {
         Ok(KvCache { values, len: 0 })
     }
 
+    /// Bytes one position of one sequence takes in the cache (all slots, batch 1).
+    pub fn bytes_per_position(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|s| {
+                let n: i64 = s
+                    .empty_shape
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &d)| if i == s.seq_axis { 1 } else { d.max(1) })
+                    .product();
+                n as usize * s.dtype.byte_size()
+            })
+            .sum()
+    }
+
     pub fn dtype(&self) -> Option<ElemType> {
         self.slots.first().map(|s| s.dtype)
     }

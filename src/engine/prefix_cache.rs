@@ -297,6 +297,7 @@ mod tests {
             vec![0., 1., 2., 100., 101., 102., 10., 11., 12., 110., 111., 112.]
         );
         assert_eq!(kv.bytes(), 2 * 2 * 3 * 4);
+        assert_eq!(layout().bytes_per_position(), 2 * 3 * 4);
         assert!(cache(2).prefix(&layout(), 3).is_err());
     }
 
