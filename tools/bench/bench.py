@@ -22,7 +22,7 @@ Sections (all by default):
               bench model (the tiny model with --engine-on-tiny): the prefix cache over a 6-turn conversation,
               cache-aware routing over NATS, and chunked prefill under a running stream; see
               tools/bench/engine_bench.py. Options: --conv 2 (conversations), --chunks 128,256,512,1024,0
-              (0 = one-shot), --turn-words 110 (~300 tokens a turn), --long-words 700 (~2 000 tokens).
+              (0 = one-shot), --turn-words 60 (~300 tokens a turn), --long-words 380 (~2 000 tokens).
 
 How "outside Session::run" is measured: the server is started with ORT_DYLIB_PATH pointing at
 target/bench/ort_run_trace.so (tools/bench/ort_run_trace.c), a stand-in library that forwards to the real
@@ -636,8 +636,8 @@ def main():
         engine_bench.B = sys.modules[__name__]
         eq = quants[0] if engine_model == model and quants else "Q4_MIXED"
         conv = int(arg("--conv", "2"))
-        turn_words = int(arg("--turn-words", "110"))  # ~300 tokens a turn with the bench tokenizer
-        long_words = int(arg("--long-words", "700"))  # ~2 000 tokens
+        turn_words = int(arg("--turn-words", "60"))  # ~300 tokens a turn with the bench tokenizer
+        long_words = int(arg("--long-words", "380"))  # ~2 000 tokens
         results["engine_model"] = f"{os.path.basename(engine_model)} {eq}"
         if "cache" in sections:
             results["cache"] = engine_bench.cache_section(engine_model, eq, threads, conv,
@@ -647,7 +647,7 @@ def main():
                                                               words_per_turn=turn_words)
         if "gap" in sections:
             chunks = [int(x) for x in arg("--chunks", "128,256,512,1024,0").split(",")]
-            results["gap"] = engine_bench.gap_section(engine_model, eq, threads, chunks,
+            results["gap"] = engine_bench.gap_section(engine_model, eq, threads, chunks, shim,
                                                       long_words=long_words)
     results["seconds"] = round(time.time() - t0)
     with open(out_path, "w") as f:

@@ -9,11 +9,13 @@ conversation, cache-aware routing over NATS, and chunked prefill's effect on a r
            they never share KV): share of turns 2..6 that reused KV (cached_tokens > 0) and TTFT per turn.
   gap      one stream decoding while a 2 000-token prompt arrives, for each --prefill-chunk in --chunks
            (and one-shot): the stream's inter-token gaps (p50/p99/max) during the long prefill, the long
-           prompt's TTFT, and one decode step and one chunk's prefill time for the target
-           "max gap <= one chunk + two decode steps".
+           prompt's TTFT alone, and for the target "max gap <= one chunk + two decode steps" the longest
+           prefill step of the prompt alone (embedding + decoder run of one chunk, from the ORT trace
+           shim) and the stream's median step before the long prompt arrived.
 """
 import http.client
 import json
+import os
 import random
 import threading
 import time
@@ -71,7 +73,7 @@ def run_conversation(port, name, user_turns, salt=None):
     return out
 
 
-def cache_section(model_dir, quant, threads, conversations, turns=6, words_per_turn=110):
+def cache_section(model_dir, quant, threads, conversations, turns=6, words_per_turn=60):
     ports = {"on": B.free_port(), "off": B.free_port()}
     procs = [B.Proc(f"cache-{k}", [B.BIN, "serve", "--model", model_dir, "--quant", quant, "--threads",
                                    str(threads), "--host", "127.0.0.1", "--port", str(p)] +
@@ -101,7 +103,7 @@ def cache_section(model_dir, quant, threads, conversations, turns=6, words_per_t
             p.stop()
 
 
-def routing_section(model_dir, quant, threads, conversations, turns=6, words_per_turn=110):
+def routing_section(model_dir, quant, threads, conversations, turns=6, words_per_turn=60):
     nats = B.NatsServer()
     wt = max(1, threads // 2)
     ports = {"routing": B.free_port(), "queue": B.free_port()}
@@ -156,20 +158,32 @@ def stream_until(port, body, stop, times):
     conn.close()
 
 
-def gap_section(model_dir, quant, threads, chunks, long_words=700, stream_tokens=4000):
+def gap_section(model_dir, quant, threads, chunks, shim, long_words=380, stream_tokens=4000):
     out = {}
     for chunk in chunks:
         port = B.free_port()
         extra = ["--prefill-chunk", str(chunk if chunk else 1 << 20), "--kv-cache-mb", "0"]
+        trace = B.Trace(os.path.join(B.BENCH_DIR, f"trace-gap-{chunk}.txt"))
+        env = dict(B.SERVER_ENV, ORT_DYLIB_PATH=shim, ORT_TRACE_REAL_LIB=B.real_ort_lib(),
+                   ORT_TRACE_FILE=trace.path)
         proc = B.Proc(f"gap-{chunk}", [B.BIN, "serve", "--model", model_dir, "--quant", quant, "--threads",
                                        str(threads), "--host", "127.0.0.1", "--port", str(port)] + extra,
-                      env=B.SERVER_ENV)
+                      env=env)
         try:
             B.wait_ready(port, [proc])
             name = B.served_name(port)
             long_msg = [{"role": "user", "content": words(long_words, 7)}]
-            # Alone first: the long prompt's prefill time, for the chunk's share.
+            # Alone first: the long prompt's prefill, and from the trace its longest step (the
+            # embedding run plus the decoder run of one chunk; later chunks attend to more positions).
+            trace.new_runs()
+            t0 = time.monotonic_ns()
             alone, _, u = ttft(port, turn_body(name, long_msg, 1))
+            runs = sorted((r for r in trace.new_runs() if r[2] >= t0), key=lambda r: r[2])
+            longest_step = 0.0
+            for i, r in enumerate(runs):
+                if r[1] >= 3:  # a decoder run; the embedding run just before it belongs to the step
+                    start = runs[i - 1][2] if i > 0 and runs[i - 1][1] < 3 else r[2]
+                    longest_step = max(longest_step, (r[3] - start) / 1e6)
             stop = threading.Event()
             times = []
             th = threading.Thread(target=stream_until, args=(port, turn_body(
@@ -187,11 +201,10 @@ def gap_section(model_dir, quant, threads, chunks, long_words=700, stream_tokens
             inside = [(b - a) / 1e6 for a, b in zip(times, times[1:]) if b > t_long and a < t_end]
             before = [(b - a) / 1e6 for a, b in zip(times, times[1:]) if b < t_long]
             step = B.median(before) or B.median(gaps)
-            n_chunks = 1 if not chunk else -(-u["prompt_tokens"] // chunk)
             out[str(chunk or "one-shot")] = {
                 "chunk": chunk, "long_prompt_tokens": u["prompt_tokens"], "long_ttft_alone_ms": alone,
                 "long_ttft_during_ms": during, "decode_step_ms": step,
-                "chunk_prefill_ms": alone / n_chunks if alone else None,
+                "chunk_prefill_ms": longest_step or None,
                 "gap_p50_ms": B.pct(inside, 0.5), "gap_p99_ms": B.pct(inside, 0.99),
                 "gap_max_ms": max(inside) if inside else None}
             B.log(f"   chunk {chunk or 'one-shot'}: max gap {out[str(chunk or 'one-shot')]['gap_max_ms']} ms")
