@@ -44,7 +44,7 @@ pub struct LoadOptions {
 
 /// `--kv-cache-mb` default.
 pub const DEFAULT_KV_CACHE_MB: usize = 2048;
-/// `--prefill-chunk` default (BENCHMARKS.md, run P).
+/// `--prefill-chunk` default (BENCHMARKS.md, run E: about one-shot prefill speed, a ~4 s stall at most).
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
 impl Default for LoadOptions {
