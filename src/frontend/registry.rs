@@ -192,10 +192,8 @@ mod tests {
         r.update(b.clone());
         let digests = vec!["d1".to_string(), "d2".into(), "d3".into()];
         assert_eq!(r.route("a", &digests).as_deref(), Some("w2"));
-        assert_eq!(
-            r.route("a", &digests[..1]).as_deref(),
-            Some("w1").or(Some("w2"))
-        );
+        let tie = r.route("a", &digests[..1]);
+        assert!(matches!(tie.as_deref(), Some("w1" | "w2")), "{tie:?}");
         assert_eq!(r.route("a", &["x".to_string()]), None);
         assert_eq!(r.route("b", &digests), None);
         // The holder is busy: the queue, not the second best.
