@@ -137,6 +137,21 @@ fn code_output_validates() {
         })
         .unwrap(),
     );
+    for reply in [
+        OfferReply {
+            accepted: true,
+            reason: None,
+        },
+        OfferReply {
+            accepted: false,
+            reason: Some("no free slot".into()),
+        },
+    ] {
+        let v = serde_json::to_value(&reply).unwrap();
+        assert_valid("offer_reply", &v);
+        assert_eq!(serde_json::from_value::<OfferReply>(v).unwrap(), reply);
+    }
+    assert_invalid("offer_reply", &json!({"reason": "x"}));
     let hb = WorkerHeartbeat {
         worker_id: "w".into(),
         models: vec![WorkerModel {
