@@ -149,9 +149,8 @@ async fn start(
             ),
         ));
     }
-    let route = state
-        .cfg
-        .prefix_routing
+    // Only worth hashing the conversation (media included) when there is a choice of workers.
+    let route = (state.cfg.prefix_routing && state.registry.workers().0 > 1)
         .then(|| {
             let digests = prefix::digests(
                 job.cache_scope.as_deref().unwrap_or(""),

@@ -130,8 +130,8 @@ pub trait ChatModel: Send + 'static {
     fn encode_media(&mut self, input: &PreparedInput, from: usize)
         -> Result<MediaRows, ModelError>;
 
-    /// Feeds `ids` at positions `cache.len ..`, extending `cache`; returns the logits of the last
-    /// position. For prompt positions `media` holds the encoder rows, scattered at the soft-token
+    /// Feeds `ids` (never empty: the generation loop refuses empty prompts) at positions
+    /// `cache.len ..`, extending `cache`; returns the logits of the last position. For prompt positions `media` holds the encoder rows, scattered at the soft-token
     /// positions (all of which must be covered); generated ids (`None`) are embedded as they are.
     fn forward(
         &mut self,

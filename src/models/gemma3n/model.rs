@@ -415,12 +415,6 @@ impl ChatModel for Gemma3nModel {
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError> {
-        if ids.is_empty() {
-            return Err(ModelError::Request(ClassifiedError::invalid(
-                "messages",
-                "the prompt is empty",
-            )));
-        }
         let (embeds, ple) = self.embed(ids)?;
         let soft = [self.cfg.image_token_id, self.cfg.audio_token_id];
         let embeds = with_media_rows(embeds, ids, &soft, media, self.cfg.hidden_size, cache.len)?;
