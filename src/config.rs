@@ -326,8 +326,8 @@ pub struct WorkerOpts {
     /// This worker's id in heartbeats and logs (default: `worker-<random>`).
     #[arg(long, env = "ONNX_CHAT_WORKER_ID")]
     pub worker_id: Option<String>,
-    /// Jobs a worker runs at once (they take turns on the model, one token each).
-    #[arg(long, env = "ONNX_CHAT_MAX_CONCURRENT", default_value_t = 4)]
+    /// Jobs a worker runs at once (their decode steps share batched decoder runs, see --max-batch).
+    #[arg(long, env = "ONNX_CHAT_MAX_CONCURRENT", default_value_t = 8)]
     pub max_concurrent: usize,
     /// Seconds running jobs get to finish on shutdown before they are handed back.
     #[arg(long, env = "ONNX_CHAT_DRAIN_TIMEOUT", default_value_t = 30)]
@@ -361,6 +361,16 @@ pub struct WorkerOpts {
     /// can differ from a one-shot prefill. Off: such models prefill in one piece, without the cache.
     #[arg(long, env = "ONNX_CHAT_ALLOW_INEXACT_REUSE", value_parser = BoolishValueParser::new())]
     pub allow_inexact_reuse: bool,
+    /// Most sequences one batched decoder run advances (continuous batching: every decoding stream,
+    /// and each of a request's `n` choices, is a row; rows join and leave between steps). 1 = off:
+    /// sequences decode one at a time, taking turns.
+    #[arg(long, env = "ONNX_CHAT_MAX_BATCH", default_value_t = crate::models::generate::DEFAULT_MAX_BATCH as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub max_batch: u64,
+    /// Also batch decoders that quantize activations dynamically (the `_quantized` exports), where a
+    /// row's numbers then depend on the other rows: faster, but outputs can differ from decoding
+    /// alone. Off: such models decode one sequence at a time.
+    #[arg(long, env = "ONNX_CHAT_ALLOW_INEXACT_BATCHING", value_parser = BoolishValueParser::new())]
+    pub allow_inexact_batching: bool,
 }
 
 impl WorkerOpts {
@@ -386,6 +396,10 @@ impl WorkerOpts {
         opts.kv_cache_bytes = self.kv_cache_mb.saturating_mul(1024 * 1024);
         opts.prefill_chunk = self.prefill_chunk as usize;
         opts.allow_inexact_reuse = self.allow_inexact_reuse;
+        opts.batch = crate::models::generate::BatchPolicy {
+            max_rows: self.max_batch as usize,
+            allow_inexact: self.allow_inexact_batching,
+        };
         opts.media = MediaLimits {
             image: ImageLimits {
                 max_bytes: self.max_image_bytes,

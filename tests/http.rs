@@ -330,7 +330,7 @@ async fn side_endpoints_and_auth() {
         m.contains("onnxchat_worker_generated_tokens_total 32"),
         "{m}"
     );
-    assert!(m.contains("onnxchat_worker_slots 4"), "{m}");
+    assert!(m.contains("onnxchat_worker_slots 8"), "{m}");
     assert!(m.contains("onnxchat_queue_depth 0"), "{m}");
     assert!(m.contains("onnxchat_encoder_cache_misses_total 0"), "{m}");
     assert!(m.contains("onnxchat_job_migrations_total 0"), "{m}");
@@ -380,7 +380,7 @@ async fn disconnect_cancels_the_generation() {
                 .json()
                 .await
                 .unwrap();
-            if v["free_slots"] == json!(4) {
+            if v["free_slots"] == json!(8) {
                 freed = true;
                 break;
             }

@@ -292,7 +292,7 @@ async fn frontend_and_two_workers_over_nats() {
             .find(|l| l.starts_with("onnxchat_worker_jobs_succeeded_total "))
             .unwrap();
         succeeded += line.split(' ').nth(1).unwrap().parse::<u64>().unwrap();
-        assert!(m.contains("onnxchat_worker_slots 4"), "{m}");
+        assert!(m.contains("onnxchat_worker_slots 8"), "{m}");
     }
     assert_eq!(succeeded, total);
     assert_eq!(total, 42);

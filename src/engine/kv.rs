@@ -149,17 +149,7 @@ pub struct KvCache {
 impl KvCache {
     /// Bytes the cache's tensors hold.
     pub fn bytes(&self) -> usize {
-        self.values
-            .iter()
-            .map(|v| {
-                tensor::value_info(v)
-                    .map(|(ty, shape)| {
-                        let n: i64 = shape.iter().product();
-                        n.max(0) as usize * ty.byte_size()
-                    })
-                    .unwrap_or(0)
-            })
-            .sum()
+        self.values.iter().map(tensor::value_bytes).sum()
     }
 
     /// A copy holding only the first `len` positions (`len` ≤ `self.len`): the KV of a prefix, since a
@@ -188,14 +178,77 @@ impl KvCache {
         outputs: &mut ort::session::SessionOutputs<'_>,
         new_positions: usize,
     ) -> Result<(), EngineError> {
-        for (slot, value) in layout.slots.iter().zip(self.values.iter_mut()) {
-            *value = outputs.remove(&slot.present).ok_or_else(|| {
-                EngineError::Tensor(format!("the decoder returned no {}", slot.present))
-            })?;
-        }
-        self.len += new_positions;
-        Ok(())
+        update(self, layout, outputs, new_positions)
     }
+}
+
+/// What a decoder run reads its cache from: one sequence ([`KvCache`]) or a batch of left-padded
+/// rows ([`super::batch::BatchKv`]).
+pub trait KvState {
+    /// One value per [`KvSlot`], in layout order, `[rows, …, width, …]`.
+    fn values(&self) -> &[DynValue];
+    /// Positions along the sequence axis (the longest row's).
+    fn width(&self) -> usize;
+    /// Positions each row holds (right-aligned in `width`).
+    fn row_lens(&self) -> Vec<usize>;
+    /// Takes the run's `present*` values; every row grew by `n` positions.
+    fn advance(&mut self, values: Vec<DynValue>, n: usize);
+
+    /// `attention_mask` for a run of `n` new positions per row: `[rows, width + n]`, 0 over each
+    /// row's left padding.
+    fn attention_mask(&self, n: usize) -> Vec<i64> {
+        let w = self.width();
+        let mut m = Vec::new();
+        for len in self.row_lens() {
+            m.extend(std::iter::repeat_n(0, w - len));
+            m.extend(std::iter::repeat_n(1, len + n));
+        }
+        m
+    }
+
+    /// `position_ids` for a run of `n` new positions per row: `[rows, n]`, each row from its length.
+    fn positions(&self, n: usize) -> Vec<i64> {
+        self.row_lens()
+            .into_iter()
+            .flat_map(|len| len as i64..(len + n) as i64)
+            .collect()
+    }
+}
+
+impl KvState for KvCache {
+    fn values(&self) -> &[DynValue] {
+        &self.values
+    }
+    fn width(&self) -> usize {
+        self.len
+    }
+    fn row_lens(&self) -> Vec<usize> {
+        vec![self.len]
+    }
+    fn advance(&mut self, values: Vec<DynValue>, n: usize) {
+        self.values = values;
+        self.len += n;
+    }
+}
+
+/// Moves the `present*` values out of a run's outputs into `kv`, which grew by `n` positions.
+pub fn update(
+    kv: &mut impl KvState,
+    layout: &KvLayout,
+    outputs: &mut ort::session::SessionOutputs<'_>,
+    n: usize,
+) -> Result<(), EngineError> {
+    let values = layout
+        .slots
+        .iter()
+        .map(|slot| {
+            outputs.remove(&slot.present).ok_or_else(|| {
+                EngineError::Tensor(format!("the decoder returned no {}", slot.present))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    kv.advance(values, n);
+    Ok(())
 }
 
 /// The first `len` entries of `v` along `axis`, copied straight from the value's buffer.
@@ -248,7 +301,7 @@ impl KvLayout {
     pub fn push_feeds<'v>(
         &self,
         decoder: &GraphSession,
-        cache: &'v KvCache,
+        cache: &'v impl KvState,
         inputs: &mut Feeds<'v>,
     ) -> Result<(), EngineError> {
         if decoder.has_input("num_logits_to_keep") {
@@ -260,10 +313,10 @@ impl KvLayout {
         if decoder.has_input("use_cache_branch") {
             inputs.push((
                 Cow::Borrowed("use_cache_branch"),
-                tensor::bool_value(&[1], vec![cache.len > 0])?.into(),
+                tensor::bool_value(&[1], vec![cache.width() > 0])?.into(),
             ));
         }
-        for (slot, value) in self.slots.iter().zip(cache.values.iter()) {
+        for (slot, value) in self.slots.iter().zip(cache.values().iter()) {
             inputs.push((Cow::Owned(slot.past.clone()), value.into()));
         }
         Ok(())

@@ -54,6 +54,8 @@ const TAGS_MAX: usize = 512;
 
 pub struct PrefixCache {
     budget: usize,
+    /// Bytes of the budget taken by live sequences (the decode batch's KV).
+    reserved: usize,
     entries: Vec<Entry>,
     used: usize,
     clock: u64,
@@ -76,6 +78,7 @@ impl PrefixCache {
     pub fn new(budget: usize, stats: Arc<PrefixCacheStats>) -> Self {
         Self {
             budget,
+            reserved: 0,
             entries: Vec::new(),
             used: 0,
             clock: 0,
@@ -113,6 +116,34 @@ impl PrefixCache {
 
     pub fn bytes(&self) -> usize {
         self.used
+    }
+
+    /// Live sequences take `bytes` of the budget: entries go (least recently used first) until the
+    /// rest fits.
+    pub fn set_reserved(&mut self, bytes: usize) {
+        if !self.enabled() || bytes == self.reserved {
+            return;
+        }
+        let grew = bytes > self.reserved;
+        self.reserved = bytes;
+        if grew {
+            self.evict_until(0);
+            self.publish();
+        }
+    }
+
+    /// Evicts least recently used entries until `extra` more bytes fit beside the reserved ones
+    /// (or nothing is left).
+    fn evict_until(&mut self, extra: usize) {
+        while !self.entries.is_empty() && self.used + extra + self.reserved > self.budget {
+            let Some(lru) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used)
+            else {
+                break;
+            };
+            let old = self.entries.swap_remove(lru);
+            self.used -= old.bytes;
+            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The longest prefix of `keys` (at most `max_len` positions) held under `scope`, copied out.
@@ -181,15 +212,7 @@ impl PrefixCache {
                 i += 1;
             }
         }
-        while self.used + bytes > self.budget {
-            let Some(lru) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].last_used)
-            else {
-                break;
-            };
-            let old = self.entries.swap_remove(lru);
-            self.used -= old.bytes;
-            self.stats.evictions.fetch_add(1, Ordering::Relaxed);
-        }
+        self.evict_until(bytes);
         self.used += bytes;
         tags.truncate(TAGS_PER_ENTRY);
         self.entries.push(Entry {

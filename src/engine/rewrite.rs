@@ -11,6 +11,15 @@
 //!   last row's numbers are those of the full computation. The path from that MatMul to the output may
 //!   only pass through element-wise ops (soft-capping, casts, int8 rescaling); otherwise the rewrite is
 //!   not applied and the reason is reported.
+//! - **Attention mask** ([`GraphEdits::attention_mask`]): a decoder exported without an
+//!   `attention_mask` input (Gemma-3n as exported) builds its causal and sliding-window masks from
+//!   shapes alone: `Where(cond, 0, -big)` with `cond` computed from `Range`s over the past length (a
+//!   `Shape` of a `past_key_values.*` input), never from input data. The rewrite declares an
+//!   `attention_mask` input (int64 `[batch, past + new]`, 1 = a real position) and ANDs
+//!   `Reshape(Cast(mask, bool), [0, 1, 1, -1])` into every such `cond`, so the rows of a batch can
+//!   hold left-padded sequences of different lengths. With a mask of ones the graph computes exactly
+//!   what it did before. When no such `Where` is found the rewrite is not applied and the reason is
+//!   reported (the caller then does not batch).
 
 use std::collections::HashMap;
 
@@ -21,11 +30,13 @@ pub struct GraphEdits {
     pub accuracy_level: Option<i64>,
     /// Name of the logits output to reduce to its last position (`None` = leave).
     pub last_logits: Option<String>,
+    /// Name of the attention-mask input to add when the graph has none (`None` = leave).
+    pub attention_mask: Option<String>,
 }
 
 impl GraphEdits {
     pub fn is_empty(&self) -> bool {
-        self.accuracy_level.is_none() && self.last_logits.is_none()
+        self.accuracy_level.is_none() && self.last_logits.is_none() && self.attention_mask.is_none()
     }
 }
 
@@ -42,11 +53,22 @@ pub struct RewriteReport {
     /// computed over the whole tensor of a run, so a position's numbers depend on what else ran with
     /// it (how a prompt is split, which sequences share a batch).
     pub dynamic_quantize: usize,
+    /// Mask `Where` nodes the added attention mask was combined with (0 = not added).
+    pub attention_mask_added: usize,
+    /// Why the attention mask was not added, when it was asked for.
+    pub attention_mask_skipped: Option<String>,
+    /// The graph already declares the attention-mask input.
+    pub attention_mask_declared: bool,
 }
 
 impl RewriteReport {
     pub fn changed(&self) -> bool {
-        self.matmulnbits > 0 || self.last_logits_before.is_some()
+        self.matmulnbits > 0 || self.last_logits_before.is_some() || self.attention_mask_added > 0
+    }
+
+    /// Whether the graph takes an attention mask (declared, or added by the rewrite).
+    pub fn has_attention_mask(&self) -> bool {
+        self.attention_mask_declared || self.attention_mask_added > 0
     }
 
     /// One line for logs and `inspect`.
@@ -65,6 +87,15 @@ impl RewriteReport {
         }
         if let Some(why) = &self.last_logits_skipped {
             parts.push(format!("last-position logits not applied: {why}"));
+        }
+        if self.attention_mask_added > 0 {
+            parts.push(format!(
+                "attention_mask input added (combined with {} mask Where node(s))",
+                self.attention_mask_added
+            ));
+        }
+        if let Some(why) = &self.attention_mask_skipped {
+            parts.push(format!("attention_mask not added: {why}"));
         }
         parts.join("; ")
     }
@@ -95,6 +126,15 @@ fn err<T>(m: impl Into<String>) -> Result<T, RewriteError> {
 // ModelProto / GraphProto / NodeProto / AttributeProto / TensorProto field numbers (onnx.proto3).
 const MODEL_GRAPH: u32 = 7;
 const GRAPH_NODE: u32 = 1;
+const GRAPH_INPUT: u32 = 11;
+const VALUE_INFO_NAME: u32 = 1;
+const VALUE_INFO_TYPE: u32 = 2;
+const TYPE_TENSOR: u32 = 1;
+const TYPE_TENSOR_ELEM: u32 = 1;
+const TYPE_TENSOR_SHAPE: u32 = 2;
+const SHAPE_DIM: u32 = 1;
+const DIM_PARAM: u32 = 2;
+const TENSOR_BOOL: u64 = 9;
 const NODE_INPUT: u32 = 1;
 const NODE_OUTPUT: u32 = 2;
 const NODE_NAME: u32 = 3;
@@ -360,6 +400,62 @@ fn find_lm_head(nodes: &[NodeInfo], logits: &str) -> Result<usize, String> {
     found.ok_or_else(|| "no MatMul found above the logits".into())
 }
 
+/// The mask `Where` nodes of a graph without an attention-mask input: `Where(cond, …)` whose `cond`
+/// is computed from shapes only (every graph input reached is read through a `Shape` node), with a
+/// `Range` above it and the past length (`Shape` of a `past_key_values.*` input) among its sources.
+fn find_mask_wheres(nodes: &[NodeInfo], graph_inputs: &[String]) -> Result<Vec<usize>, String> {
+    let producer: HashMap<&str, usize> = nodes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, n)| n.outputs.iter().map(move |o| (o.as_str(), i)))
+        .collect();
+    let is_input = |name: &str| graph_inputs.iter().any(|i| i == name);
+    let mut found = Vec::new();
+    'wheres: for (w, node) in nodes.iter().enumerate() {
+        if node.op != "Where" || !(node.domain.is_empty() || node.domain == "ai.onnx") {
+            continue;
+        }
+        let Some(cond) = node.inputs.first() else {
+            continue;
+        };
+        let (mut range, mut past_len) = (false, false);
+        let mut seen = std::collections::HashSet::new();
+        let mut stack = vec![cond.as_str()];
+        while let Some(name) = stack.pop() {
+            if is_input(name) {
+                continue 'wheres; // data flows into the condition: not a shape-only mask
+            }
+            let Some(&i) = producer.get(name) else {
+                continue; // an initializer
+            };
+            if !seen.insert(i) {
+                continue;
+            }
+            if seen.len() > 2000 {
+                continue 'wheres;
+            }
+            let n = &nodes[i];
+            match n.op.as_str() {
+                "Shape" => {
+                    let src = n.inputs.first().map(String::as_str).unwrap_or("");
+                    past_len |= src.starts_with(super::kv::PAST_PREFIX) && is_input(src);
+                    continue; // a shape, not data
+                }
+                "Range" => range = true,
+                _ => {}
+            }
+            stack.extend(n.inputs.iter().map(String::as_str).filter(|s| !s.is_empty()));
+        }
+        if range && past_len {
+            found.push(w);
+        }
+    }
+    if found.is_empty() {
+        return Err("no shape-only mask (Where over a Range of the past length) found".into());
+    }
+    Ok(found)
+}
+
 /// Rewrites one `GraphProto` body into `out` (as the body of a length-delimited field: the caller
 /// writes the tag and length). Subgraphs of If/Loop/Scan get the accuracy level too.
 fn rewrite_graph(
@@ -370,25 +466,54 @@ fn rewrite_graph(
     out: &mut Vec<u8>,
 ) -> Result<(), RewriteError> {
     let mut lm_head = None;
-    if let (true, Some(logits)) = (top, edits.last_logits.as_deref()) {
+    let mut mask_wheres: Vec<usize> = Vec::new();
+    let mut mask_name = None;
+    if top && (edits.last_logits.is_some() || edits.attention_mask.is_some()) {
         let mut nodes = Vec::new();
+        let mut inputs = Vec::new();
         for f in fields(body) {
             let f = f?;
             if f.num == GRAPH_NODE && f.wire == WIRE_LEN {
                 nodes.push(node_info(f.body)?);
+            } else if f.num == GRAPH_INPUT && f.wire == WIRE_LEN {
+                for v in fields(f.body) {
+                    let v = v?;
+                    if v.num == VALUE_INFO_NAME && v.wire == WIRE_LEN {
+                        inputs.push(text(v.body)?.to_string());
+                    }
+                }
             }
         }
-        match find_lm_head(&nodes, logits) {
-            Ok(i) => lm_head = Some((i, nodes.swap_remove(i))),
-            Err(why) => report.last_logits_skipped = Some(why),
+        if let Some(mask) = edits.attention_mask.as_deref() {
+            if inputs.iter().any(|i| i == mask) {
+                report.attention_mask_declared = true;
+            } else {
+                match find_mask_wheres(&nodes, &inputs) {
+                    Ok(w) => {
+                        mask_wheres = w;
+                        mask_name = Some(mask);
+                    }
+                    Err(why) => report.attention_mask_skipped = Some(why),
+                }
+            }
+        }
+        if let Some(logits) = edits.last_logits.as_deref() {
+            match find_lm_head(&nodes, logits) {
+                Ok(i) => lm_head = Some((i, nodes.swap_remove(i))),
+                Err(why) => report.last_logits_skipped = Some(why),
+            }
         }
     }
+    let mask_b11t = mask_name.map(|m| format!("onnx_chat/attention_mask/{m}/b11t"));
     let mut index = 0usize;
     for f in fields(body) {
         let f = f?;
         if !(f.num == GRAPH_NODE && f.wire == WIRE_LEN) {
             out.extend_from_slice(f.raw);
             continue;
+        }
+        if let (0, Some(mask), Some(b11t)) = (index, mask_name, mask_b11t.as_deref()) {
+            insert_mask_prelude(out, mask, b11t);
         }
         let mut node = rewrite_node(f.body, edits, report)?;
         if let Some((i, info)) = &lm_head {
@@ -401,13 +526,100 @@ fn rewrite_graph(
                 report.last_logits_before = Some(info.op.clone());
             }
         }
+        if let (true, Some(b11t)) = (mask_wheres.contains(&index), mask_b11t.as_deref()) {
+            let cond = node_info(node.as_deref().unwrap_or(f.body))?.inputs[0].clone();
+            let combined = format!("onnx_chat/attention_mask/{index}/cond");
+            put_bytes(
+                out,
+                GRAPH_NODE,
+                &make_node("And", &[&cond, b11t], &combined, &[]),
+            );
+            node = Some(replace_first_input(
+                node.as_deref().unwrap_or(f.body),
+                &combined,
+            )?);
+            report.attention_mask_added += 1;
+        }
         match node {
             Some(n) => put_bytes(out, GRAPH_NODE, &n),
             None => out.extend_from_slice(f.raw),
         }
         index += 1;
     }
+    if let Some(mask) = mask_name {
+        put_bytes(out, GRAPH_INPUT, &int64_input(mask));
+    }
     Ok(())
+}
+
+/// A node record: `op(inputs) -> output`, named after its output, with attribute records `attrs`.
+fn make_node(op: &str, inputs: &[&str], output: &str, attrs: &[Vec<u8>]) -> Vec<u8> {
+    let mut node = Vec::new();
+    for i in inputs {
+        put_bytes(&mut node, NODE_INPUT, i.as_bytes());
+    }
+    put_bytes(&mut node, NODE_OUTPUT, output.as_bytes());
+    put_bytes(&mut node, NODE_NAME, output.as_bytes());
+    put_bytes(&mut node, NODE_OP_TYPE, op.as_bytes());
+    for a in attrs {
+        put_bytes(&mut node, NODE_ATTRIBUTE, a);
+    }
+    node
+}
+
+/// `Constant` node holding a 1-D int64 tensor.
+fn int64_constant(out: &mut Vec<u8>, name: &str, values: &[i64]) {
+    let mut tensor = Vec::new();
+    put_uint(&mut tensor, TENSOR_DIMS, values.len() as u64);
+    put_uint(&mut tensor, TENSOR_DATA_TYPE, TENSOR_INT64);
+    let mut packed = Vec::new();
+    for &v in values {
+        put_varint(&mut packed, v as u64);
+    }
+    put_bytes(&mut tensor, TENSOR_INT64_DATA, &packed);
+    let mut attr = Vec::new();
+    put_bytes(&mut attr, ATTR_NAME, b"value");
+    put_bytes(&mut attr, ATTR_T, &tensor);
+    put_uint(&mut attr, ATTR_TYPE, ATTR_TYPE_TENSOR);
+    put_bytes(out, GRAPH_NODE, &make_node("Constant", &[], name, &[attr]));
+}
+
+/// `b11t = Reshape(Cast(mask, bool), [0, 1, 1, -1])`: `[batch, total]` → `[batch, 1, 1, total]`,
+/// broadcastable against `[batch | 1, heads | 1, new, total]` mask conditions.
+fn insert_mask_prelude(out: &mut Vec<u8>, mask: &str, b11t: &str) {
+    let prefix = format!("onnx_chat/attention_mask/{mask}");
+    let shape = format!("{prefix}/shape");
+    let as_bool = format!("{prefix}/bool");
+    int64_constant(out, &shape, &[0, 1, 1, -1]);
+    let mut to = Vec::new();
+    put_bytes(&mut to, ATTR_NAME, b"to");
+    put_uint(&mut to, ATTR_I, TENSOR_BOOL);
+    put_uint(&mut to, ATTR_TYPE, ATTR_TYPE_INT);
+    put_bytes(out, GRAPH_NODE, &make_node("Cast", &[mask], &as_bool, &[to]));
+    put_bytes(
+        out,
+        GRAPH_NODE,
+        &make_node("Reshape", &[&as_bool, &shape], b11t, &[]),
+    );
+}
+
+/// A graph input declaration: int64 `[batch_size, total_sequence_length]`.
+fn int64_input(name: &str) -> Vec<u8> {
+    let mut shape = Vec::new();
+    for dim in ["batch_size", "total_sequence_length"] {
+        let mut d = Vec::new();
+        put_bytes(&mut d, DIM_PARAM, dim.as_bytes());
+        put_bytes(&mut shape, SHAPE_DIM, &d);
+    }
+    let mut tensor = Vec::new();
+    put_uint(&mut tensor, TYPE_TENSOR_ELEM, TENSOR_INT64);
+    put_bytes(&mut tensor, TYPE_TENSOR_SHAPE, &shape);
+    let mut ty = Vec::new();
+    put_bytes(&mut ty, TYPE_TENSOR, &tensor);
+    let mut v = Vec::new();
+    put_bytes(&mut v, VALUE_INFO_NAME, name.as_bytes());
+    put_bytes(&mut v, VALUE_INFO_TYPE, &ty);
+    v
 }
 
 /// Writes Constant nodes for starts/ends/axes and `Slice(x, -1, MAX, -2)`; returns the sliced name.
@@ -662,7 +874,7 @@ mod tests {
         ]);
         let edits = GraphEdits {
             accuracy_level: Some(4),
-            last_logits: None,
+            ..Default::default()
         };
         let (r, report) = rewrite_model(&m, &edits).unwrap();
         let r = r.unwrap();
@@ -686,6 +898,7 @@ mod tests {
         let edits = GraphEdits {
             accuracy_level: Some(4),
             last_logits: Some("logits".into()),
+            ..Default::default()
         };
         let (r, report) = rewrite_model(&m, &edits).unwrap();
         assert!(r.is_none());
@@ -714,8 +927,8 @@ mod tests {
             node("Mul", "", &["t", "cap"], &["logits"], &[]),
         ]);
         let edits = GraphEdits {
-            accuracy_level: None,
             last_logits: Some("logits".into()),
+            ..Default::default()
         };
         let (r, report) = rewrite_model(&m, &edits).unwrap();
         assert_eq!(report.last_logits_before.as_deref(), Some("MatMulInteger"));
@@ -750,8 +963,8 @@ mod tests {
             node("Transpose", "", &["y"], &["logits"], &[]),
         ]);
         let edits = GraphEdits {
-            accuracy_level: None,
             last_logits: Some("logits".into()),
+            ..Default::default()
         };
         let (r, report) = rewrite_model(&m, &edits).unwrap();
         assert!(r.is_none());
@@ -773,7 +986,7 @@ mod tests {
         let m = model(&[node("If", "", &["c"], &["o"], &[attr])]);
         let edits = GraphEdits {
             accuracy_level: Some(4),
-            last_logits: None,
+            ..Default::default()
         };
         let (_, report) = rewrite_model(&m, &edits).unwrap();
         assert_eq!(report.matmulnbits, 1);
@@ -784,6 +997,7 @@ mod tests {
         let edits = GraphEdits {
             accuracy_level: Some(4),
             last_logits: Some("logits".into()),
+            ..Default::default()
         };
         for bad in [&b"\x3a\xff\xff\xff\xff\x0f"[..], b"\x07", b"", b"\x08"] {
             assert!(rewrite_model(bad, &edits).is_err(), "{bad:?}");

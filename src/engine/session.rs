@@ -137,6 +137,9 @@ pub struct SessionOptions {
     pub matmul_accuracy_level: Option<i64>,
     /// Reduce the decoder's `logits` to the last position at load ([`super::rewrite`]).
     pub last_logits: bool,
+    /// Give a decoder exported without an `attention_mask` input one at load ([`super::rewrite`]), so
+    /// sequences of different lengths can share a batched run.
+    pub add_attention_mask: bool,
     /// Let ONNX Runtime's intra-op threads spin between operators. Off by default: between decode
     /// steps the spinning threads take the cores the server's own threads (sampling, streaming,
     /// other requests) need; BENCHMARKS.md has the measurements.
@@ -149,6 +152,7 @@ impl Default for SessionOptions {
             intra_threads: default_threads(),
             matmul_accuracy_level: None,
             last_logits: true,
+            add_attention_mask: true,
             spin: false,
         }
     }
@@ -224,11 +228,16 @@ impl GraphSession {
         let edits = GraphEdits {
             accuracy_level: opts.matmul_accuracy_level,
             last_logits: logits.map(str::to_string),
+            attention_mask: Some("attention_mask".to_string())
+                .filter(|_| is_decoder && opts.add_attention_mask),
         };
         let (session, rewrite) =
             build_session(env, path, opts, &edits, logits.is_some() || is_decoder)
                 .map_err(load_err)?;
-        if rewrite.changed() || rewrite.last_logits_skipped.is_some() {
+        if rewrite.changed()
+            || rewrite.last_logits_skipped.is_some()
+            || rewrite.attention_mask_skipped.is_some()
+        {
             tracing::info!(component, rewrite = %rewrite.describe(), "graph rewritten at load");
         }
         let inputs = session

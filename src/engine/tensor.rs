@@ -120,6 +120,16 @@ pub(crate) fn tensor_err(e: ort::Error) -> EngineError {
 }
 
 /// Element type and shape of a value.
+/// Bytes a tensor value's elements take (0 for what is not a tensor).
+pub fn value_bytes(v: &DynValue) -> usize {
+    value_info(v)
+        .map(|(ty, shape)| {
+            let n: i64 = shape.iter().product();
+            n.max(0) as usize * ty.byte_size()
+        })
+        .unwrap_or(0)
+}
+
 pub fn value_info(v: &DynValue) -> Result<(ElemType, Vec<i64>), EngineError> {
     match v.dtype() {
         ValueType::Tensor { ty, shape, .. } => Ok((elem_of(*ty), shape.iter().copied().collect())),
@@ -163,6 +173,22 @@ pub fn extract_floats(v: &DynValue) -> Result<(FloatData, Vec<i64>), EngineError
         }
     };
     Ok((data, shape))
+}
+
+/// The last position's row of each batch row of a `[rows, positions, width]` value, as f32.
+pub fn last_rows_f32(v: &DynValue, rows: usize, width: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+    let (data, _) = extract_floats(v)?;
+    let all = data.to_f32_vec();
+    if rows == 0 || width == 0 || all.len() % (rows * width) != 0 {
+        return Err(EngineError::Tensor(format!(
+            "{} values do not split into {rows} rows of width {width}",
+            all.len()
+        )));
+    }
+    let per_row = all.len() / rows;
+    Ok((0..rows)
+        .map(|r| all[(r + 1) * per_row - width..(r + 1) * per_row].to_vec())
+        .collect())
 }
 
 /// The last `width` floats of a value as f32 (e.g. the last position's logits), without copying the rest.

@@ -20,11 +20,12 @@ use std::time::Instant;
 use tokenizers::Tokenizer;
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{ChatModel, MediaRows, ModelError, PreparedInput};
-use crate::engine::kv::KvCache;
+use super::{Batching, ChatModel, MediaRows, ModelError, PreparedInput};
+use crate::engine::batch::{BatchStats, DecodeBatch, RowId};
+use crate::engine::kv::{KvCache, KvLayout};
 use crate::engine::prefix_cache::PrefixCache;
 use crate::engine::schedule::PrefillPolicy;
-use crate::engine::thread::{StepTask, TaskState};
+use crate::engine::thread::{SharedStep, StepKind, StepTask, TaskState};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::detok::IncrementalDecoder;
 use crate::pipeline::sampling::{Sampler, SamplingParams};
@@ -76,18 +77,80 @@ impl GenEvent {
     }
 }
 
-/// What the owner thread holds for one model: the family's graphs, the prefix cache, and how
-/// prompts are split.
+/// How decode steps of concurrent sequences run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchPolicy {
+    /// Most rows one batched decoder run takes (≤ 1 = every sequence decodes alone, taking turns).
+    pub max_rows: usize,
+    /// Batch also on decoders whose rows' numbers depend on each other (dynamic activation
+    /// quantization, the `_quantized` exports).
+    pub allow_inexact: bool,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        Self {
+            max_rows: DEFAULT_MAX_BATCH,
+            allow_inexact: false,
+        }
+    }
+}
+
+/// `--max-batch` default.
+pub const DEFAULT_MAX_BATCH: usize = 16;
+
+/// What the owner thread holds for one model: the family's graphs, the prefix cache, how prompts
+/// are split, and the rows that decode together.
 pub struct ModelEngine<M> {
     pub model: M,
     pub prefix: PrefixCache,
     /// Prefill chunk size, and whether prompts are split (and prefixes reused) even where that
     /// changes the arithmetic (decoders with dynamic activation quantization).
     pub policy: PrefillPolicy,
+    /// The decode batch (`max_rows` 1 when the model cannot batch or batching is off).
+    pub batch: DecodeBatch,
+    /// Why this model's sequences decode alone, when they do.
+    pub unbatched: Option<String>,
+    next_row: RowId,
 }
 
 impl<M: ChatModel> ModelEngine<M> {
     pub fn new(model: M, prefix: PrefixCache, prefill_chunk: usize, allow_inexact: bool) -> Self {
+        Self::with_batching(
+            model,
+            prefix,
+            prefill_chunk,
+            allow_inexact,
+            BatchPolicy::default(),
+        )
+    }
+
+    pub fn with_batching(
+        model: M,
+        prefix: PrefixCache,
+        prefill_chunk: usize,
+        allow_inexact: bool,
+        batching: BatchPolicy,
+    ) -> Self {
+        Self::with_stats(
+            model,
+            prefix,
+            prefill_chunk,
+            allow_inexact,
+            batching,
+            Arc::default(),
+        )
+    }
+
+    /// As [`Self::with_batching`], reporting into `stats`.
+    pub fn with_stats(
+        mut model: M,
+        prefix: PrefixCache,
+        prefill_chunk: usize,
+        allow_inexact: bool,
+        batching: BatchPolicy,
+        stats: Arc<BatchStats>,
+    ) -> Self {
         let policy = PrefillPolicy::new(prefill_chunk, allow_inexact);
         if !model.split_exact() {
             if allow_inexact {
@@ -96,16 +159,141 @@ impl<M: ChatModel> ModelEngine<M> {
                 tracing::info!("the decoder quantizes activations dynamically (a _quantized export): prompts run in one piece and the prefix cache is off for this model, so outputs stay exact (--allow-inexact-reuse changes this)");
             }
         }
+        let unbatched = batch_refusal(&mut model, batching);
+        match &unbatched {
+            Some(why) if batching.max_rows > 1 => tracing::warn!(
+                reason = %why,
+                "concurrent sequences decode one at a time, taking turns (no batched decoding for this model)"
+            ),
+            Some(_) => {}
+            None => tracing::info!(
+                max_rows = batching.max_rows,
+                "batched decoding: one decoder run advances every decoding sequence"
+            ),
+        }
+        let rows = if unbatched.is_some() {
+            1
+        } else {
+            batching.max_rows
+        };
+        *stats.refused.lock().unwrap() = unbatched.clone();
         Self {
             model,
             prefix,
             policy,
+            batch: DecodeBatch::with_stats(rows, stats),
+            unbatched,
+            next_row: 0,
         }
     }
 
     /// Whether prompts may be split and prefixes reused on this model.
     pub fn splits(&self) -> bool {
         self.policy.splits(self.model.split_exact())
+    }
+
+    fn row_id(&mut self) -> RowId {
+        self.next_row += 1;
+        self.next_row
+    }
+}
+
+/// Why `model` may not batch under `policy` (`None` = it may). Runs the load-time check.
+fn batch_refusal<M: ChatModel>(model: &mut M, policy: BatchPolicy) -> Option<String> {
+    if policy.max_rows <= 1 {
+        return Some("batching is off (--max-batch 1)".into());
+    }
+    let tolerance = match model.batching() {
+        Batching::Unsupported(why) => return Some(why),
+        Batching::Inexact if !policy.allow_inexact => {
+            return Some("the decoder quantizes activations dynamically (a _quantized export), so a row's numbers would depend on the other rows; --allow-inexact-batching batches anyway".into())
+        }
+        Batching::Inexact => INEXACT_TOLERANCE,
+        Batching::Exact => EXACT_TOLERANCE,
+    };
+    match check_batching(model) {
+        Ok(d) if d <= tolerance => {
+            tracing::debug!(relative_difference = d, "batched decoding check passed");
+            None
+        }
+        Ok(d) => Some(format!(
+            "the load-time check found batched rows differing from the same sequences alone by {d:.3e} (relative; at most {tolerance:.0e} allowed)"
+        )),
+        Err(e) => Some(format!("the load-time batched run failed: {e}")),
+    }
+}
+
+/// Largest relative logit difference, batched vs alone, accepted by the load-time check.
+pub const EXACT_TOLERANCE: f32 = 1e-3;
+/// The same for decoders with dynamic activation quantization (when batching them is allowed).
+pub const INEXACT_TOLERANCE: f32 = 0.1;
+
+/// Decodes two steps of two sequences of different lengths (9 and 1 positions) alone and as one
+/// left-padded batch, and returns the largest logit difference relative to the largest logit.
+/// A graph whose mask ignores the padding fails this by far.
+pub fn check_batching<M: ChatModel>(model: &mut M) -> Result<f32, ModelError> {
+    let layout: KvLayout = model.kv_layout().clone();
+    let prompts: [Vec<u32>; 2] = [(2..11).collect(), vec![2]];
+    let steps: [[u32; 2]; 2] = [[12, 13], [14, 15]];
+    let mut alone = Vec::new();
+    let mut batch = DecodeBatch::new(2);
+    for (r, p) in prompts.iter().enumerate() {
+        let mut cache = layout.empty()?;
+        model.forward(p, None, &mut cache)?;
+        batch.join(r as RowId, cache.prefix(&layout, cache.len)?, steps[0][r]);
+        alone.push(cache);
+    }
+    let (mut diff, mut scale) = (0f32, 1f32);
+    for (k, step) in steps.iter().enumerate() {
+        if k > 0 {
+            for (r, &next) in step.iter().enumerate() {
+                batch.feed(r as RowId, next);
+            }
+        }
+        let Some((kv, ids)) = batch.prepare(&layout)? else {
+            return Err(internal("the check batch is empty".into()));
+        };
+        let rows = model.forward_rows(&ids, kv)?;
+        for (r, cache) in alone.iter_mut().enumerate() {
+            let own = model.forward(&[step[r]], None, cache)?;
+            let got = rows.get(r).ok_or_else(|| {
+                internal("the batched run returned too few rows".into())
+            })?;
+            for (a, b) in own.iter().zip(got) {
+                diff = diff.max((a - b).abs());
+                scale = scale.max(a.abs());
+            }
+            if !diff.is_finite() || own.len() != got.len() {
+                return Ok(f32::INFINITY);
+            }
+        }
+    }
+    Ok(diff / scale)
+}
+
+impl<M: ChatModel> SharedStep for ModelEngine<M> {
+    /// One decoder run over every row of the batch (after this round's joins and leaves).
+    fn shared_step(&mut self) {
+        let layout = self.model.kv_layout().clone();
+        let before = self.batch.row_ids();
+        let result = match self.batch.prepare(&layout) {
+            Ok(None) => return,
+            Ok(Some((kv, ids))) => self.model.forward_rows(&ids, kv),
+            Err(e) => {
+                self.batch.fail(&before, ModelError::from(e).into_classified());
+                return;
+            }
+        };
+        self.batch.finish(result.map_err(ModelError::into_classified));
+        self.prefix.set_reserved(self.batch.bytes());
+    }
+
+    fn reset_shared(&mut self) {
+        let before = self.batch.row_ids();
+        self.batch.fail(
+            &before,
+            ClassifiedError::new(ErrorClass::Internal, "the batched decoder step panicked"),
+        );
     }
 }
 
@@ -121,9 +309,19 @@ pub fn choice_seed(seed: u64, i: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Where a choice's KV is.
+enum ChoiceKv {
+    /// Its own cache (decoding alone, or finished).
+    Own(KvCache),
+    /// A row of the model's decode batch.
+    Row(RowId),
+    /// Lost with a failed batched run.
+    Lost,
+}
+
 /// One choice's state after the prompt.
 struct Choice {
-    cache: KvCache,
+    kv: ChoiceKv,
     sampler: Sampler,
     detok: IncrementalDecoder,
     stop: StopMatcher,
@@ -252,7 +450,7 @@ impl<M: ChatModel> Generation<M> {
             let mut sampling = self.params.sampling.clone();
             sampling.seed = choice_seed(sampling.seed, i);
             self.choices.push(Choice {
-                cache,
+                kv: ChoiceKv::Own(cache),
                 sampler: Sampler::new(sampling, &self.input.ids),
                 detok: IncrementalDecoder::new(true),
                 stop: StopMatcher::new(self.params.stop.clone()),
@@ -267,21 +465,98 @@ impl<M: ChatModel> Generation<M> {
             self.accept(i, &mut l)?;
         }
         self.first_token_at = Some(Instant::now());
+        self.join_batch(e);
         Ok(())
     }
 
-    /// Feeds every unfinished choice its last token and samples the next.
+    /// Moves every unfinished choice into the model's decode batch when they all fit.
+    fn join_batch(&mut self, e: &mut ModelEngine<M>) -> bool {
+        let open = self.choices.iter().filter(|c| c.finish.is_none()).count();
+        if open == 0 || !e.batch.has_room(open) {
+            return false;
+        }
+        for c in self.choices.iter_mut().filter(|c| c.finish.is_none()) {
+            if let ChoiceKv::Own(cache) = std::mem::replace(&mut c.kv, ChoiceKv::Lost) {
+                let id = e.row_id();
+                let last = *c.generated.last().expect("a token follows the prefill");
+                e.batch.join(id, cache, last);
+                c.kv = ChoiceKv::Row(id);
+            }
+        }
+        true
+    }
+
+    /// Feeds every unfinished choice that decodes alone its last token and samples the next (or
+    /// moves them into the batch, when it has room now).
     fn decode_step(&mut self, e: &mut ModelEngine<M>) -> Result<(), ModelError> {
+        if self.join_batch(e) {
+            return Ok(());
+        }
         for i in 0..self.choices.len() {
             let c = &mut self.choices[i];
             if c.finish.is_some() {
                 continue;
             }
+            let ChoiceKv::Own(cache) = &mut c.kv else {
+                continue;
+            };
             let last = *c.generated.last().expect("a token follows the prefill");
-            let mut logits = e.model.forward(&[last], None, &mut c.cache)?;
+            let mut logits = e.model.forward(&[last], None, cache)?;
             self.accept(i, &mut logits)?;
         }
         Ok(())
+    }
+
+    /// Takes this generation's rows' logits from the batched run, samples, and feeds the rows
+    /// their next ids; finished choices leave the batch.
+    fn batched_step(&mut self, e: &mut ModelEngine<M>) -> Result<(), ModelError> {
+        for i in 0..self.choices.len() {
+            let ChoiceKv::Row(id) = self.choices[i].kv else {
+                continue;
+            };
+            if self.choices[i].finish.is_some() {
+                continue;
+            }
+            let mut logits = match e.batch.take(id) {
+                None => continue, // not in the last run
+                Some(Err(err)) => {
+                    self.choices[i].kv = ChoiceKv::Lost;
+                    return Err(ModelError::Request(err));
+                }
+                Some(Ok(l)) => l,
+            };
+            self.accept(i, &mut logits)?;
+            let c = &self.choices[i];
+            if c.finish.is_some() {
+                self.leave_row(e, i);
+            } else {
+                let last = *c.generated.last().expect("just sampled");
+                e.batch.feed(id, last);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes choice `i` out of the batch, back to a cache of its own.
+    fn leave_row(&mut self, e: &mut ModelEngine<M>, i: usize) {
+        let ChoiceKv::Row(id) = self.choices[i].kv else {
+            return;
+        };
+        let layout = e.model.kv_layout().clone();
+        self.choices[i].kv = match e.batch.leave(&layout, id) {
+            Ok(cache) => ChoiceKv::Own(cache),
+            Err(err) => {
+                tracing::debug!(error = %err, "a row's KV could not be taken out of the batch");
+                ChoiceKv::Lost
+            }
+        };
+    }
+
+    /// Takes every choice out of the batch (cancel, failure, abort).
+    fn leave_all(&mut self, e: &mut ModelEngine<M>) {
+        for i in 0..self.choices.len() {
+            self.leave_row(e, i);
+        }
     }
 
     /// Samples choice `i`'s next token from `logits` and emits what it adds.
@@ -391,7 +666,10 @@ impl<M: ChatModel> Generation<M> {
         }
         let prompt = self.input.ids.len();
         for c in std::mem::take(&mut self.choices).into_iter().rev() {
-            let fed = c.cache.len.saturating_sub(prompt);
+            let ChoiceKv::Own(cache) = c.kv else {
+                continue;
+            };
+            let fed = cache.len.saturating_sub(prompt);
             let mut keys = self.keys.clone();
             keys.extend(c.generated.iter().take(fed).map(|&t| t as u64));
             let mut tags = Vec::new();
@@ -402,7 +680,7 @@ impl<M: ChatModel> Generation<M> {
                 tags.push(prefix::digest(state));
             }
             e.prefix
-                .insert(&self.params.cache_scope, keys, c.cache, tags);
+                .insert(&self.params.cache_scope, keys, cache, tags);
         }
     }
 }
@@ -411,9 +689,29 @@ fn internal(message: String) -> ModelError {
     ModelError::Request(ClassifiedError::new(ErrorClass::Internal, message))
 }
 
+
+
 impl<M: ChatModel> StepTask<ModelEngine<M>> for Generation<M> {
+    fn kind(&self) -> StepKind {
+        match self.phase {
+            Phase::Start | Phase::Prefill { .. } => StepKind::Prefill,
+            Phase::Decode => {
+                let batched = self
+                    .choices
+                    .iter()
+                    .any(|c| c.finish.is_none() && matches!(c.kv, ChoiceKv::Row(_)));
+                if batched {
+                    StepKind::Shared
+                } else {
+                    StepKind::Decode
+                }
+            }
+        }
+    }
+
     fn step(&mut self, e: &mut ModelEngine<M>) -> TaskState {
         if self.cancel.load(Ordering::Relaxed) || self.events.is_closed() {
+            self.leave_all(e);
             self.store(e);
             return TaskState::Done;
         }
@@ -423,9 +721,11 @@ impl<M: ChatModel> StepTask<ModelEngine<M>> for Generation<M> {
                 self.start(e)
             }
             Phase::Prefill { .. } => self.prefill_step(e),
+            Phase::Decode if self.kind() == StepKind::Shared => self.batched_step(e),
             Phase::Decode => self.decode_step(e),
         };
         if let Err(err) = result {
+            self.leave_all(e);
             return self.fail(err.into_classified());
         }
         if self.all_finished() {
@@ -434,7 +734,8 @@ impl<M: ChatModel> StepTask<ModelEngine<M>> for Generation<M> {
         TaskState::Continue
     }
 
-    fn abort(&mut self, message: &str) {
+    fn abort(&mut self, e: &mut ModelEngine<M>, message: &str) {
+        self.leave_all(e);
         self.send(GenEvent::Error(ClassifiedError::new(
             ErrorClass::Internal,
             message,

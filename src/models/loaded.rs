@@ -14,10 +14,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::catalog::Family;
 use super::config_util::GenerationDefaults;
 use super::encoder_cache::CacheStats;
-use super::generate::{GenEvent, GenParams, Generation, ModelEngine};
+use super::generate::{BatchPolicy, GenEvent, GenParams, Generation, ModelEngine};
 use super::media::MediaLimits;
 use super::resolve::ResolvedModel;
 use super::{ChatModel, ModelError, PreparedInput, Prompt};
+use crate::engine::batch::BatchStats;
 use crate::engine::prefix_cache::{PrefixCache, PrefixCacheStats};
 use crate::engine::session::SessionOptions;
 use crate::engine::thread::EngineThread;
@@ -40,6 +41,8 @@ pub struct LoadOptions {
     pub prefill_chunk: usize,
     /// Chunk prompts and reuse prefixes also on decoders where that changes the numbers.
     pub allow_inexact_reuse: bool,
+    /// How concurrent sequences share decoder runs.
+    pub batch: BatchPolicy,
 }
 
 /// `--kv-cache-mb` default.
@@ -57,6 +60,7 @@ impl Default for LoadOptions {
             kv_cache_bytes: DEFAULT_KV_CACHE_MB * 1024 * 1024,
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             allow_inexact_reuse: false,
+            batch: BatchPolicy::default(),
         }
     }
 }
@@ -125,6 +129,8 @@ pub struct Runner<M: ChatModel> {
 pub struct PrefixShare {
     pub stats: Arc<PrefixCacheStats>,
     pub tags: Arc<std::sync::Mutex<Vec<String>>>,
+    /// The decode batch's state and counters.
+    pub batch: Arc<BatchStats>,
 }
 
 impl<M: ChatModel> Runner<M> {
@@ -137,16 +143,24 @@ impl<M: ChatModel> Runner<M> {
         share: &PrefixShare,
         make: impl FnOnce() -> Result<M, ModelError> + Send + 'static,
     ) -> Result<Self, ModelError> {
-        let (budget, chunk, inexact) = (
+        let (budget, chunk, inexact, batch) = (
             opts.kv_cache_bytes,
             opts.prefill_chunk,
             opts.allow_inexact_reuse,
+            opts.batch,
         );
         let share = share.clone();
         let make = move || -> Result<ModelEngine<M>, ModelError> {
             let mut prefix = PrefixCache::new(budget, share.stats.clone());
             prefix.share_tags(share.tags.clone());
-            Ok(ModelEngine::new(make()?, prefix, chunk, inexact))
+            Ok(ModelEngine::with_stats(
+                make()?,
+                prefix,
+                chunk,
+                inexact,
+                batch,
+                share.batch.clone(),
+            ))
         };
         let (engine, ready) = EngineThread::spawn(&format!("engine-{name}"), make)
             .map_err(|e| ModelError::Config(format!("cannot start the engine thread: {e}")))?;
@@ -238,6 +252,11 @@ impl LoadedModel {
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
+    }
+
+    /// Most sequences one decoder run advances, or why this model decodes them one at a time.
+    pub fn batching(&self) -> Result<usize, String> {
+        self.prefix.batch.status()
     }
 
     /// The prompt of a conversation (rendered, expanded, ids).

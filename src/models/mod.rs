@@ -25,7 +25,9 @@ pub mod media;
 pub mod resolve;
 pub mod smolvlm;
 
+use crate::engine::batch::BatchKv;
 use crate::engine::kv::{KvCache, KvLayout};
+use crate::engine::rewrite::RewriteReport;
 use crate::engine::session::{GraphSession, SessionOptions};
 use crate::engine::tensor::FloatData;
 use crate::engine::EngineError;
@@ -108,6 +110,34 @@ pub struct PreparedInput {
     pub audio: Vec<AudioInput>,
 }
 
+/// Whether the decode steps of different sequences can share one decoder run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Batching {
+    /// Rows of a batch compute what they would alone (up to float summation order).
+    Exact,
+    /// The graph quantizes activations per run (dynamic int8): a row's numbers depend on the others.
+    Inexact,
+    /// The graph cannot take left-padded rows (why).
+    Unsupported(String),
+}
+
+impl Batching {
+    /// From what the decoder's load-time pass found: an attention mask (declared or added) makes
+    /// batching possible; dynamic activation quantization makes it inexact.
+    pub fn from_report(r: &RewriteReport) -> Self {
+        if !r.has_attention_mask() {
+            return Self::Unsupported(r.attention_mask_skipped.clone().unwrap_or_else(|| {
+                "the decoder takes no attention_mask and none was added".into()
+            }));
+        }
+        if r.dynamic_quantize > 0 {
+            Self::Inexact
+        } else {
+            Self::Exact
+        }
+    }
+}
+
 /// What a family implements for the generation loop. Runs on the owner thread only.
 ///
 /// A sequence is its [`KvCache`]: the prompt goes through [`ChatModel::forward`] in one or more
@@ -139,6 +169,17 @@ pub trait ChatModel: Send + 'static {
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError>;
+
+    /// Whether [`ChatModel::forward_rows`] can run several sequences at once.
+    fn batching(&self) -> Batching;
+
+    /// One decoder run over every row of `batch`, feeding row r the generated id `ids[r]`; returns
+    /// each row's logits, in row order.
+    fn forward_rows(
+        &mut self,
+        ids: &[u32],
+        batch: &mut BatchKv,
+    ) -> Result<Vec<Vec<f32>>, ModelError>;
 }
 
 /// Encoder rows by absolute prompt position, for the items [`ChatModel::encode_media`] encoded.

@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::engine::batch::BatchStats;
 use crate::engine::prefix_cache::PrefixCacheStats;
 use crate::metrics::{
     counter, gauge, load, load_i, Histogram, LATENCY_BUCKETS, RATE_BUCKETS, TOKEN_BUCKETS,
@@ -26,6 +27,7 @@ pub struct WorkerMetrics {
     pub tokens_per_second: Histogram,
     caches: std::sync::Mutex<Vec<Arc<CacheStats>>>,
     prefix: std::sync::Mutex<Vec<Arc<PrefixCacheStats>>>,
+    batches: std::sync::Mutex<Vec<Arc<BatchStats>>>,
 }
 
 impl std::fmt::Debug for WorkerMetrics {
@@ -53,6 +55,7 @@ impl Default for WorkerMetrics {
             tokens_per_second: Histogram::new(RATE_BUCKETS),
             caches: Default::default(),
             prefix: Default::default(),
+            batches: Default::default(),
         }
     }
 }
@@ -64,6 +67,10 @@ impl WorkerMetrics {
 
     pub fn watch_prefix_cache(&self, stats: Arc<PrefixCacheStats>) {
         self.prefix.lock().expect("metrics lock").push(stats);
+    }
+
+    pub fn watch_batch(&self, stats: Arc<BatchStats>) {
+        self.batches.lock().expect("metrics lock").push(stats);
     }
 
     /// Records one finished generation.
@@ -184,6 +191,37 @@ impl WorkerMetrics {
             "onnxchat_prefix_cache_entries",
             "Sequences the prefix cache holds.",
             entries,
+        );
+        let (mut runs, mut row_steps, mut rebuilds, mut rows) = (0, 0, 0, 0);
+        for b in self.batches.lock().expect("metrics lock").iter() {
+            runs += load(&b.runs);
+            row_steps += load(&b.row_steps);
+            rebuilds += load(&b.rebuilds);
+            rows += b.rows.load(Ordering::Relaxed) as i64;
+        }
+        counter(
+            &mut out,
+            "onnxchat_decode_batch_runs_total",
+            "Batched decoder runs (each advances every decoding sequence by one token).",
+            runs,
+        );
+        counter(
+            &mut out,
+            "onnxchat_decode_batch_row_steps_total",
+            "Tokens decoded by batched runs (rows summed over runs).",
+            row_steps,
+        );
+        counter(
+            &mut out,
+            "onnxchat_decode_batch_rebuilds_total",
+            "Times the batch's KV was re-laid out because sequences joined or left.",
+            rebuilds,
+        );
+        gauge(
+            &mut out,
+            "onnxchat_decode_batch_rows",
+            "Rows of the last batched decoder run.",
+            rows,
         );
         self.prefill_seconds.render(
             &mut out,

@@ -42,7 +42,7 @@ impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
             worker_id: format!("worker-{}", uuid::Uuid::new_v4().simple()),
-            max_concurrent: 4,
+            max_concurrent: 8,
             heartbeat_interval: Duration::from_secs(2),
             progress_interval: Duration::from_secs(3),
             drain_timeout: Duration::from_secs(30),
@@ -125,6 +125,7 @@ pub async fn run(
     for m in &models {
         cfg.metrics.watch_cache(m.cache_stats.clone());
         cfg.metrics.watch_prefix_cache(m.prefix.stats.clone());
+        cfg.metrics.watch_batch(m.prefix.batch.clone());
     }
     let mut source = bus.job_source(&names, &cfg.worker_id).await?;
     let background = CancellationToken::new();

@@ -11,7 +11,8 @@ use std::borrow::Cow;
 use ort::value::DynValue;
 
 use super::config::Gemma3nConfig;
-use crate::engine::kv::{KvCache, KvLayout};
+use crate::engine::batch::BatchKv;
+use crate::engine::kv::{self, KvCache, KvLayout, KvState};
 use crate::engine::session::{ElemType, GraphSession, SessionOptions};
 use crate::engine::tensor::{self, FloatData};
 use crate::engine::EngineError;
@@ -20,8 +21,8 @@ use crate::models::catalog::Component;
 use crate::models::encoder_cache::{EncoderCache, MediaKey};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
-    cache_keys, media_positions, with_media_rows, AudioInput, ChatModel, ImageInput, MediaRows,
-    ModelError, PreparedInput,
+    cache_keys, media_positions, with_media_rows, AudioInput, Batching, ChatModel, ImageInput,
+    MediaRows, ModelError, PreparedInput,
 };
 
 const IMAGE_OUT: &str = "image_features";
@@ -171,8 +172,8 @@ impl Gemma3nModel {
         Ok(())
     }
 
-    fn ids_value(&self, ids: &[u32]) -> Result<DynValue, EngineError> {
-        let shape = [1, ids.len() as i64];
+    fn ids_value(&self, rows: usize, ids: &[u32]) -> Result<DynValue, EngineError> {
+        let shape = [rows as i64, (ids.len() / rows.max(1)) as i64];
         match self.ids_type {
             ElemType::I32 => Ok(ort::value::Tensor::from_array((
                 shape.to_vec(),
@@ -184,9 +185,13 @@ impl Gemma3nModel {
         }
     }
 
-    /// `embed_tokens(ids)` → (inputs_embeds, per_layer_inputs) as ORT values.
-    fn embed(&mut self, ids: &[u32]) -> Result<(DynValue, DynValue), EngineError> {
-        let inputs: Inputs = vec![(Cow::Borrowed("input_ids"), self.ids_value(ids)?.into())];
+    /// `embed_tokens(ids)` for `rows` rows of `ids.len() / rows` ids → (inputs_embeds,
+    /// per_layer_inputs) as ORT values.
+    fn embed(&mut self, rows: usize, ids: &[u32]) -> Result<(DynValue, DynValue), EngineError> {
+        let inputs: Inputs = vec![(
+            Cow::Borrowed("input_ids"),
+            self.ids_value(rows, ids)?.into(),
+        )];
         let mut out = self
             .embed
             .session
@@ -325,28 +330,31 @@ impl Gemma3nModel {
         Ok((images, audio))
     }
 
-    /// The decoder on `embeds`/`ple` at positions `cache.len ..`; returns the last position's logits.
+    /// The decoder on `embeds`/`ple` (`n` new positions per row of `cache`); returns each row's last
+    /// position's logits.
     fn run_decoder(
         &mut self,
         embeds: DynValue,
         ple: DynValue,
         n: usize,
-        cache: &mut KvCache,
-    ) -> Result<Vec<f32>, ModelError> {
-        let start = cache.len as i64;
+        cache: &mut impl KvState,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let rows = cache.row_lens().len();
         let embeds = tensor::cast_value(embeds, self.embeds_type)?;
         let ple = tensor::cast_value(ple, self.ple_type)?;
-        let positions = tensor::i64_value(&[1, n as i64], (start..start + n as i64).collect())?;
+        let positions = tensor::i64_value(&[rows as i64, n as i64], cache.positions(n))?;
         let mut inputs: Inputs = Vec::with_capacity(6 + self.kv.slots.len());
         inputs.push((Cow::Borrowed("inputs_embeds"), embeds.into()));
         inputs.push((Cow::Borrowed("per_layer_inputs"), ple.into()));
         inputs.push((Cow::Borrowed("position_ids"), positions.into()));
         if self.decoder.has_input("attention_mask") {
-            let total = cache.len + n;
+            let total = cache.width() + n;
             inputs.push((
                 Cow::Borrowed("attention_mask"),
-                tensor::i64_value(&[1, total as i64], vec![1; total])?.into(),
+                tensor::i64_value(&[rows as i64, total as i64], cache.attention_mask(n))?.into(),
             ));
+        } else if rows > 1 {
+            return Err(internal_batching());
         }
         self.kv.push_feeds(&self.decoder, cache, &mut inputs)?;
         let vocab = self.cfg.vocab_size;
@@ -359,17 +367,25 @@ impl Gemma3nModel {
             let l = out
                 .get("logits")
                 .ok_or_else(|| EngineError::run("decoder_model_merged", "no logits output"))?;
-            tensor::last_row_f32(l, vocab)?
+            if rows == 1 {
+                vec![tensor::last_row_f32(l, vocab)?]
+            } else {
+                tensor::last_rows_f32(l, rows, vocab)?
+            }
         };
-        cache.update(&self.kv, &mut out, n)?;
+        kv::update(cache, &self.kv, &mut out, n)?;
         drop(out);
         if let Some(cap) = self.host_softcap {
-            for x in logits.iter_mut() {
+            for x in logits.iter_mut().flatten() {
                 *x = (*x / cap).tanh() * cap;
             }
         }
         Ok(logits)
     }
+}
+
+fn internal_batching() -> ModelError {
+    ModelError::Config("a batched decoder run on a graph without attention_mask".into())
 }
 
 impl ChatModel for Gemma3nModel {
@@ -409,15 +425,29 @@ impl ChatModel for Gemma3nModel {
         Ok(rows)
     }
 
+    fn batching(&self) -> Batching {
+        Batching::from_report(&self.decoder.rewrite)
+    }
+
     fn forward(
         &mut self,
         ids: &[u32],
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let (embeds, ple) = self.embed(ids)?;
+        let (embeds, ple) = self.embed(1, ids)?;
         let soft = [self.cfg.image_token_id, self.cfg.audio_token_id];
         let embeds = with_media_rows(embeds, ids, &soft, media, self.cfg.hidden_size, cache.len)?;
-        self.run_decoder(embeds, ple, ids.len(), cache)
+        let mut rows = self.run_decoder(embeds, ple, ids.len(), cache)?;
+        Ok(rows.swap_remove(0))
+    }
+
+    fn forward_rows(
+        &mut self,
+        ids: &[u32],
+        batch: &mut BatchKv,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let (embeds, ple) = self.embed(ids.len(), ids)?;
+        self.run_decoder(embeds, ple, 1, batch)
     }
 }

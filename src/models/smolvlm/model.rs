@@ -14,7 +14,8 @@ use std::borrow::Cow;
 use ort::value::DynValue;
 
 use super::config::SmolVlmConfig;
-use crate::engine::kv::{KvCache, KvLayout, PAST_PREFIX};
+use crate::engine::batch::BatchKv;
+use crate::engine::kv::{self, KvCache, KvLayout, KvState, PAST_PREFIX};
 use crate::engine::session::{ElemType, GraphSession, SessionOptions};
 use crate::engine::tensor::{self, FloatData};
 use crate::engine::EngineError;
@@ -23,8 +24,8 @@ use crate::models::catalog::Component;
 use crate::models::encoder_cache::{EncoderCache, MediaKey};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
-    cache_keys, media_positions, with_media_rows, ChatModel, ImageInput, MediaRows, ModelError,
-    PreparedInput,
+    cache_keys, media_positions, with_media_rows, Batching, ChatModel, ImageInput, MediaRows,
+    ModelError, PreparedInput,
 };
 
 const IMAGE_OUT: &str = "image_features";
@@ -286,10 +287,11 @@ impl SmolVlmModel {
         &self.cfg
     }
 
-    fn embed(&mut self, ids: &[u32]) -> Result<DynValue, EngineError> {
+    /// `embed_tokens` over `rows` rows of `ids.len() / rows` ids.
+    fn embed(&mut self, rows: usize, ids: &[u32]) -> Result<DynValue, EngineError> {
         let ids = int_value(
             self.ids_type,
-            &[1, ids.len() as i64],
+            &[rows as i64, (ids.len() / rows.max(1)) as i64],
             ids.iter().map(|&i| i as i64).collect(),
         )?;
         let inputs: Inputs = vec![(Cow::Borrowed("input_ids"), ids.into())];
@@ -364,28 +366,33 @@ impl SmolVlmModel {
         media_positions(&input.ids, self.cfg.image_token_id, &rows, "image")
     }
 
-    /// The decoder on `embeds` at positions `cache.len ..`; returns the last position's logits.
+    /// The decoder on `embeds` (`n` new positions per row of `cache`); returns each row's last
+    /// position's logits.
     fn run_decoder(
         &mut self,
         embeds: DynValue,
         n: usize,
-        cache: &mut KvCache,
-    ) -> Result<Vec<f32>, ModelError> {
-        let start = cache.len as i64;
-        let total = cache.len + n;
+        cache: &mut impl KvState,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let rows = cache.row_lens().len();
+        let total = cache.width() + n;
         let embeds = tensor::cast_value(embeds, self.embeds_type)?;
         let mut inputs: Inputs = Vec::with_capacity(5 + self.kv.slots.len());
         inputs.push((Cow::Borrowed("inputs_embeds"), embeds.into()));
         if let Some(ty) = int_type(&self.decoder, "attention_mask")? {
             inputs.push((
                 Cow::Borrowed("attention_mask"),
-                int_value(ty, &[1, total as i64], vec![1; total])?.into(),
+                int_value(ty, &[rows as i64, total as i64], cache.attention_mask(n))?.into(),
+            ));
+        } else if rows > 1 {
+            return Err(ModelError::Config(
+                "a batched decoder run on a graph without attention_mask".into(),
             ));
         }
         if let Some(ty) = int_type(&self.decoder, "position_ids")? {
             inputs.push((
                 Cow::Borrowed("position_ids"),
-                int_value(ty, &[1, n as i64], (start..start + n as i64).collect())?.into(),
+                int_value(ty, &[rows as i64, n as i64], cache.positions(n))?.into(),
             ));
         }
         self.kv.push_feeds(&self.decoder, cache, &mut inputs)?;
@@ -398,9 +405,13 @@ impl SmolVlmModel {
             let l = out
                 .get("logits")
                 .ok_or_else(|| EngineError::run("decoder_model_merged", "no logits output"))?;
-            tensor::last_row_f32(l, self.vocab)?
+            if rows == 1 {
+                vec![tensor::last_row_f32(l, self.vocab)?]
+            } else {
+                tensor::last_rows_f32(l, rows, self.vocab)?
+            }
         };
-        cache.update(&self.kv, &mut out, n)?;
+        kv::update(cache, &self.kv, &mut out, n)?;
         Ok(logits)
     }
 }
@@ -512,9 +523,23 @@ impl ChatModel for SmolVlmModel {
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let embeds = self.embed(ids)?;
+        let embeds = self.embed(1, ids)?;
         let soft = [self.cfg.image_token_id];
         let embeds = with_media_rows(embeds, ids, &soft, media, self.cfg.hidden_size, cache.len)?;
-        self.run_decoder(embeds, ids.len(), cache)
+        let mut rows = self.run_decoder(embeds, ids.len(), cache)?;
+        Ok(rows.swap_remove(0))
+    }
+
+    fn batching(&self) -> Batching {
+        Batching::from_report(&self.decoder.rewrite)
+    }
+
+    fn forward_rows(
+        &mut self,
+        ids: &[u32],
+        batch: &mut BatchKv,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let embeds = self.embed(ids.len(), ids)?;
+        self.run_decoder(embeds, 1, batch)
     }
 }
