@@ -152,6 +152,34 @@ fn split_named(spec: &str) -> (Option<&str>, &str) {
     }
 }
 
+/// `--matmul-accuracy-level`: a level, or `auto` (by the CPU).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccuracyLevel {
+    Auto,
+    Level(i64),
+}
+
+impl AccuracyLevel {
+    /// The level written into the graphs (`None` = leave them as exported).
+    pub fn resolve(self) -> Option<i64> {
+        match self {
+            Self::Auto => crate::engine::session::auto_matmul_accuracy_level(),
+            Self::Level(0) => None,
+            Self::Level(l) => Some(l),
+        }
+    }
+}
+
+fn parse_accuracy_level(s: &str) -> Result<AccuracyLevel, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(AccuracyLevel::Auto);
+    }
+    match s.parse::<i64>() {
+        Ok(l @ 0..=4) => Ok(AccuracyLevel::Level(l)),
+        _ => Err(format!("{s:?}: expected auto or a level 0..=4")),
+    }
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct RuntimeArgs {
     /// Path of libonnxruntime.so; default: the project's .venv, then system library paths.
@@ -160,12 +188,13 @@ pub struct RuntimeArgs {
     /// Intra-op threads per ONNX session (default: all cores).
     #[arg(long, env = "ONNX_CHAT_THREADS")]
     pub threads: Option<usize>,
-    /// Set `accuracy_level` on every 4-bit MatMulNBits node at load: 4 = int8 compute (much faster
-    /// prefill and decode on CPUs with VNNI/AMX; logits move by a few percent of the 4-bit
-    /// quantization's own error, see BENCHMARKS.md), 0 = fp32 compute. Default: as exported
-    /// (fp32 compute for the onnx-community q4 files), exact to the reference.
-    #[arg(long, env = "ONNX_CHAT_MATMUL_ACCURACY_LEVEL", value_parser = clap::value_parser!(i64).range(0..=4))]
-    pub matmul_accuracy_level: Option<i64>,
+    /// `accuracy_level` of every 4-bit MatMulNBits node (the q4 sets), set at load: 4 = int8
+    /// compute (2.7-3.7x faster decode on the bench model, next-token distributions within a small KL
+    /// of the as-exported graph: BENCHMARKS.md), 0 = as exported (fp32 compute, exact to the
+    /// reference; what the parity tests use). `auto` (default): 4 on CPUs with int8 dot-product
+    /// kernels in ONNX Runtime (x86-64 with AVX2, ARM64), 0 elsewhere.
+    #[arg(long, env = "ONNX_CHAT_MATMUL_ACCURACY_LEVEL", default_value = "auto", value_parser = parse_accuracy_level)]
+    pub matmul_accuracy_level: AccuracyLevel,
     /// Keep the decoder's logits for every prompt position (by default a load-time rewrite computes
     /// only the last position's, so prefill never allocates prompt × vocabulary floats).
     #[arg(long, env = "ONNX_CHAT_FULL_LOGITS", value_parser = BoolishValueParser::new())]
@@ -183,7 +212,7 @@ impl RuntimeArgs {
         if let Some(t) = self.threads {
             opts.intra_threads = t;
         }
-        opts.matmul_accuracy_level = self.matmul_accuracy_level;
+        opts.matmul_accuracy_level = self.matmul_accuracy_level.resolve();
         opts.last_logits = !self.full_logits;
         opts.spin = self.ort_spinning;
         opts
@@ -639,7 +668,15 @@ mod model_args_tests {
     #[test]
     fn runtime_flags_reach_the_session_options() {
         let d = runtime(&[]);
-        assert_eq!(d.matmul_accuracy_level, None);
+        assert_eq!(
+            d.matmul_accuracy_level,
+            crate::engine::session::auto_matmul_accuracy_level()
+        );
+        assert_eq!(
+            runtime(&["--matmul-accuracy-level", "0"]).matmul_accuracy_level,
+            None,
+            "0 = as exported"
+        );
         assert!(d.last_logits && !d.spin);
         let o = runtime(&[
             "--threads",

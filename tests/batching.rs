@@ -20,7 +20,12 @@ fn smol_dir() -> PathBuf {
     common::root().join("tests/fixtures/tiny-smolvlm")
 }
 
-fn load(dir: &std::path::Path, name: &str, quant: &str, f: impl FnOnce(&mut LoadOptions)) -> Arc<LoadedModel> {
+fn load(
+    dir: &std::path::Path,
+    name: &str,
+    quant: &str,
+    f: impl FnOnce(&mut LoadOptions),
+) -> Arc<LoadedModel> {
     init_ort();
     let mut opts = LoadOptions::default();
     opts.session.intra_threads = 1;
@@ -58,13 +63,21 @@ fn gemma_cases(quant: &str) -> Vec<(String, Value, Vec<u32>)> {
 
 /// Sends every case at once and checks each answer's ids; returns the worker's batch metrics
 /// (runs, row steps).
-async fn all_at_once(server: &Server, what: &str, cases: &[(String, Value, Vec<u32>)]) -> (f64, f64) {
+async fn all_at_once(
+    server: &Server,
+    what: &str,
+    cases: &[(String, Value, Vec<u32>)],
+) -> (f64, f64) {
     assert!(cases.len() >= 2, "{what}: too few cases");
     let before = metrics_text(&server.base).await;
     let answers = join_all(cases.iter().map(|(_, body, _)| server.chat(body))).await;
     for ((name, _, want), (status, resp)) in cases.iter().zip(answers) {
         assert_eq!(status, 200, "{what} {name}: {resp}");
-        assert_eq!(&ids(&resp["choices"][0]), want, "{what} {name}: batched ids differ from alone");
+        assert_eq!(
+            &ids(&resp["choices"][0]),
+            want,
+            "{what} {name}: batched ids differ from alone"
+        );
     }
     let after = metrics_text(&server.base).await;
     let d = |m: &str| metric(&after, m) - metric(&before, m);
@@ -81,7 +94,10 @@ async fn gemma_batched(quant: &str) {
     let cases = gemma_cases(quant);
     let (runs, rows) = all_at_once(&server, quant, &cases).await;
     assert!(runs > 0.0, "{quant}: no batched runs");
-    assert!(rows > runs * 1.5, "{quant}: runs held {rows} rows in {runs} runs: not batched");
+    assert!(
+        rows > runs * 1.5,
+        "{quant}: runs held {rows} rows in {runs} runs: not batched"
+    );
     server.shutdown().await;
 }
 
@@ -110,7 +126,10 @@ fn smol_cases(quant: &str) -> Vec<(String, Value, Vec<u32>)> {
         let name = case["case"].as_str().unwrap();
         let mut body = common::read_json(&dir.join(name).join("request.json"));
         let exp = common::read_json(&dir.join(name).join("expected.json"));
-        if exp["processor_overrides"].as_object().is_some_and(|m| !m.is_empty()) {
+        if exp["processor_overrides"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty())
+        {
             continue; // needs another processor configuration (tests/smolvlm.rs covers it)
         }
         let Some(want) = exp["generated"][quant]["ids"].as_array() else {
@@ -130,7 +149,10 @@ async fn smolvlm_batched_equals_alone() {
     let server = Server::start(vec![model]).await;
     let cases = smol_cases("FP32");
     let (runs, rows) = all_at_once(&server, "smolvlm FP32", &cases).await;
-    assert!(rows > runs * 1.5, "smolvlm: {rows} rows in {runs} runs: not batched");
+    assert!(
+        rows > runs * 1.5,
+        "smolvlm: {rows} rows in {runs} runs: not batched"
+    );
     server.shutdown().await;
 }
 
@@ -151,14 +173,21 @@ async fn rows_join_and_leave_mid_batch() {
             let (status, resp) = server.chat(&body).await;
             assert_eq!(status, 200, "{name}: {resp}");
             let n = want.len().min(max);
-            assert_eq!(ids(&resp["choices"][0]), want[..n], "{name} (max_tokens {max})");
+            assert_eq!(
+                ids(&resp["choices"][0]),
+                want[..n],
+                "{name} (max_tokens {max})"
+            );
         }
     });
     join_all(runs).await;
     let after = metrics_text(&server.base).await;
     let rebuilds = metric(&after, "onnxchat_decode_batch_rebuilds_total")
         - metric(&before, "onnxchat_decode_batch_rebuilds_total");
-    assert!(rebuilds >= 3.0, "joins and leaves rebuilt the batch {rebuilds} times");
+    assert!(
+        rebuilds >= 3.0,
+        "joins and leaves rebuilt the batch {rebuilds} times"
+    );
     server.shutdown().await;
 }
 
@@ -196,7 +225,11 @@ async fn cancelling_one_row_leaves_the_others_exact() {
     let ((), answers) = tokio::join!(cancel, others);
     for ((name, _, want), (status, resp)) in cases.iter().zip(answers) {
         assert_eq!(status, 200, "{name}: {resp}");
-        assert_eq!(&ids(&resp["choices"][0]), want, "{name} beside a cancelled row");
+        assert_eq!(
+            &ids(&resp["choices"][0]),
+            want,
+            "{name} beside a cancelled row"
+        );
     }
     server.shutdown().await;
 }
@@ -220,7 +253,9 @@ async fn a_graph_without_a_mask_falls_back_to_taking_turns() {
 #[test]
 fn inexact_graphs_batch_only_when_allowed() {
     let q = gemma("QUANTIZED");
-    let why = q.batching().expect_err("QUANTIZED is not batched by default");
+    let why = q
+        .batching()
+        .expect_err("QUANTIZED is not batched by default");
     assert!(why.contains("--allow-inexact-batching"), "{why}");
     let allowed = load(&fixture_dir(), "tiny-gemma3n", "QUANTIZED", |o| {
         o.batch.allow_inexact = true;

@@ -81,12 +81,20 @@ struct Source<'a> {
 }
 
 /// Builds one slot's `[sources, …, width, …]` tensor, each source's positions at the right end.
-fn assemble(slot: &KvSlot, sources: &[Source], index: usize, width: usize) -> Result<DynValue, EngineError> {
+fn assemble(
+    slot: &KvSlot,
+    sources: &[Source],
+    index: usize,
+    width: usize,
+) -> Result<DynValue, EngineError> {
     let axis = slot.seq_axis;
     let mut shape: Option<Vec<i64>> = None;
     for s in sources {
         let (_, sh) = tensor::value_info(&s.values[index])?;
-        if axis >= sh.len() || s.start + s.len > sh[axis].max(0) as usize || s.row >= sh[0].max(0) as usize {
+        if axis >= sh.len()
+            || s.start + s.len > sh[axis].max(0) as usize
+            || s.row >= sh[0].max(0) as usize
+        {
             return Err(EngineError::Tensor(format!(
                 "{}: a row's positions {}..{} lie outside a {sh:?} cache tensor",
                 slot.past,
@@ -137,7 +145,9 @@ fn assemble(slot: &KvSlot, sources: &[Source], index: usize, width: usize) -> Re
         ElemType::F32 => {
             let mut parts = Vec::with_capacity(sources.len());
             for (s, &w) in sources.iter().zip(&widths) {
-                let (_, d) = s.values[index].try_extract_tensor::<f32>().map_err(tensor::tensor_err)?;
+                let (_, d) = s.values[index]
+                    .try_extract_tensor::<f32>()
+                    .map_err(tensor::tensor_err)?;
                 parts.push((d, s, w));
             }
             FloatData::F32(fill(&parts, outer, inner, width))
@@ -152,14 +162,22 @@ fn assemble(slot: &KvSlot, sources: &[Source], index: usize, width: usize) -> Re
             }
             FloatData::F16(fill(&parts, outer, inner, width))
         }
-        other => return Err(EngineError::Tensor(format!("cannot batch a {other} cache tensor"))),
+        other => {
+            return Err(EngineError::Tensor(format!(
+                "cannot batch a {other} cache tensor"
+            )))
+        }
     };
     shape[0] = sources.len() as i64;
     shape[axis] = width as i64;
     data.into_value(&shape)
 }
 
-fn rebuild(layout: &KvLayout, sources: &[Source], rows: Vec<(RowId, usize)>) -> Result<BatchKv, EngineError> {
+fn rebuild(
+    layout: &KvLayout,
+    sources: &[Source],
+    rows: Vec<(RowId, usize)>,
+) -> Result<BatchKv, EngineError> {
     let width = sources.iter().map(|s| s.len).max().unwrap_or(0);
     let values = layout
         .slots
@@ -167,7 +185,11 @@ fn rebuild(layout: &KvLayout, sources: &[Source], rows: Vec<(RowId, usize)>) -> 
         .enumerate()
         .map(|(i, slot)| assemble(slot, sources, i, width))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok(BatchKv { values, width, rows })
+    Ok(BatchKv {
+        values,
+        width,
+        rows,
+    })
 }
 
 /// What a decode batch shares with the rest of the process (metrics, `inspect`, tests).
@@ -248,7 +270,8 @@ impl DecodeBatch {
 
     /// Bytes of the batch's KV (padding included), joining rows included.
     pub fn bytes(&self) -> usize {
-        self.kv.as_ref().map_or(0, BatchKv::bytes) + self.joining.iter().map(|j| j.1.bytes()).sum::<usize>()
+        self.kv.as_ref().map_or(0, BatchKv::bytes)
+            + self.joining.iter().map(|j| j.1.bytes()).sum::<usize>()
     }
 
     /// Adds a row holding `cache`'s positions; it is fed `next` on the next run.
@@ -328,7 +351,10 @@ impl DecodeBatch {
 
     /// Applies the joins and leaves since the last run (one rebuild), and returns the batch with the
     /// ids to feed, in row order; `None` when no row is left.
-    pub fn prepare(&mut self, layout: &KvLayout) -> Result<Option<(&mut BatchKv, Vec<u32>)>, EngineError> {
+    pub fn prepare(
+        &mut self,
+        layout: &KvLayout,
+    ) -> Result<Option<(&mut BatchKv, Vec<u32>)>, EngineError> {
         if !self.joining.is_empty() || !self.left.is_empty() {
             let joining = std::mem::take(&mut self.joining);
             let mut sources = Vec::new();
@@ -373,11 +399,7 @@ impl DecodeBatch {
         for (id, _) in &kv.rows {
             match self.next.get(id) {
                 Some(&t) => ids.push(t),
-                None => {
-                    return Err(EngineError::Tensor(format!(
-                        "row {id} has no id to feed"
-                    )))
-                }
+                None => return Err(EngineError::Tensor(format!("row {id} has no id to feed"))),
             }
         }
         Ok(Some((kv, ids)))
@@ -401,7 +423,11 @@ impl DecodeBatch {
             Ok(rows) => {
                 let e = ClassifiedError::new(
                     ErrorClass::Internal,
-                    format!("a batched run returned {} rows for {}", rows.len(), ids.len()),
+                    format!(
+                        "a batched run returned {} rows for {}",
+                        rows.len(),
+                        ids.len()
+                    ),
                 );
                 for id in ids {
                     self.results.insert(id, Err(e.clone()));

@@ -444,7 +444,12 @@ fn find_mask_wheres(nodes: &[NodeInfo], graph_inputs: &[String]) -> Result<Vec<u
                 "Range" => range = true,
                 _ => {}
             }
-            stack.extend(n.inputs.iter().map(String::as_str).filter(|s| !s.is_empty()));
+            stack.extend(
+                n.inputs
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|s| !s.is_empty()),
+            );
         }
         if range && past_len {
             found.push(w);
@@ -595,7 +600,11 @@ fn insert_mask_prelude(out: &mut Vec<u8>, mask: &str, b11t: &str) {
     put_bytes(&mut to, ATTR_NAME, b"to");
     put_uint(&mut to, ATTR_I, TENSOR_BOOL);
     put_uint(&mut to, ATTR_TYPE, ATTR_TYPE_INT);
-    put_bytes(out, GRAPH_NODE, &make_node("Cast", &[mask], &as_bool, &[to]));
+    put_bytes(
+        out,
+        GRAPH_NODE,
+        &make_node("Cast", &[mask], &as_bool, &[to]),
+    );
     put_bytes(
         out,
         GRAPH_NODE,

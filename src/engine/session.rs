@@ -158,6 +158,27 @@ impl Default for SessionOptions {
     }
 }
 
+/// The MatMulNBits accuracy level `auto` stands for: 4 (int8 compute) where ONNX Runtime has int8
+/// dot-product kernels for it (x86-64 with AVX2 — AVX-VNNI, AVX-512 VNNI and AMX are faster still —
+/// and ARM64), else `None` (as exported).
+pub fn auto_matmul_accuracy_level() -> Option<i64> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Some(4);
+        }
+        None
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        Some(4)
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        None
+    }
+}
+
 /// Intra-op threads when `--threads` is not given: every available core (ORT's own default), which is
 /// what a single decode stream wants on CPU.
 pub fn default_threads() -> usize {

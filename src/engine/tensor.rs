@@ -176,7 +176,11 @@ pub fn extract_floats(v: &DynValue) -> Result<(FloatData, Vec<i64>), EngineError
 }
 
 /// The last position's row of each batch row of a `[rows, positions, width]` value, as f32.
-pub fn last_rows_f32(v: &DynValue, rows: usize, width: usize) -> Result<Vec<Vec<f32>>, EngineError> {
+pub fn last_rows_f32(
+    v: &DynValue,
+    rows: usize,
+    width: usize,
+) -> Result<Vec<Vec<f32>>, EngineError> {
     let (data, _) = extract_floats(v)?;
     let all = data.to_f32_vec();
     if rows == 0 || width == 0 || all.len() % (rows * width) != 0 {

@@ -192,9 +192,7 @@ fn run_loop<M: SharedStep>(mut model: M, rx: mpsc::Receiver<Command<M>>) {
             .filter(|&i| !done[i] && active[i].task.kind() == StepKind::Shared)
             .collect();
         if !shared.is_empty() {
-            if let Err(panic) =
-                std::panic::catch_unwind(AssertUnwindSafe(|| model.shared_step()))
-            {
+            if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(|| model.shared_step())) {
                 tracing::error!(error = %panic_message(&panic), "the batched decoder step panicked");
                 model.reset_shared();
             }

@@ -256,9 +256,9 @@ pub fn check_batching<M: ChatModel>(model: &mut M) -> Result<f32, ModelError> {
         let rows = model.forward_rows(&ids, kv)?;
         for (r, cache) in alone.iter_mut().enumerate() {
             let own = model.forward(&[step[r]], None, cache)?;
-            let got = rows.get(r).ok_or_else(|| {
-                internal("the batched run returned too few rows".into())
-            })?;
+            let got = rows
+                .get(r)
+                .ok_or_else(|| internal("the batched run returned too few rows".into()))?;
             for (a, b) in own.iter().zip(got) {
                 diff = diff.max((a - b).abs());
                 scale = scale.max(a.abs());
@@ -280,11 +280,13 @@ impl<M: ChatModel> SharedStep for ModelEngine<M> {
             Ok(None) => return,
             Ok(Some((kv, ids))) => self.model.forward_rows(&ids, kv),
             Err(e) => {
-                self.batch.fail(&before, ModelError::from(e).into_classified());
+                self.batch
+                    .fail(&before, ModelError::from(e).into_classified());
                 return;
             }
         };
-        self.batch.finish(result.map_err(ModelError::into_classified));
+        self.batch
+            .finish(result.map_err(ModelError::into_classified));
         self.prefix.set_reserved(self.batch.bytes());
     }
 
@@ -679,8 +681,7 @@ impl<M: ChatModel> Generation<M> {
                 }
                 tags.push(prefix::digest(state));
             }
-            e.prefix
-                .insert(&self.params.cache_scope, keys, cache, tags);
+            e.prefix.insert(&self.params.cache_scope, keys, cache, tags);
         }
     }
 }
@@ -688,8 +689,6 @@ impl<M: ChatModel> Generation<M> {
 fn internal(message: String) -> ModelError {
     ModelError::Request(ClassifiedError::new(ErrorClass::Internal, message))
 }
-
-
 
 impl<M: ChatModel> StepTask<ModelEngine<M>> for Generation<M> {
     fn kind(&self) -> StepKind {

@@ -23,6 +23,12 @@ Sections (all by default):
               cache-aware routing over NATS, and chunked prefill under a running stream; see
               tools/bench/engine_bench.py. Options: --conv 2 (conversations), --chunks 128,256,512,1024,0
               (0 = one-shot), --turn-words 60 (~300 tokens a turn), --long-words 380 (~2 000 tokens).
+  batch       bench model: continuous batching on (default) vs --max-batch 1, 1/2/4/8 concurrent streams:
+              aggregate decode tokens/s and p50/p99 inter-token latency (engine_bench.py). Options:
+              --streams 1,2,4,8, --batch-tokens 48, --batch-reps 2.
+  divergence  bench model: each quantization set (and MatMulNBits accuracy level) vs the fp32 graphs over
+              --positions 2048 positions of the repository's prose: mean KL of the next-token distributions,
+              top-1 agreement, decoder step time (tools/bench/quant_divergence.py, fixtures venv).
 
 How "outside Session::run" is measured: the server is started with ORT_DYLIB_PATH pointing at
 target/bench/ort_run_trace.so (tools/bench/ort_run_trace.c), a stand-in library that forwards to the real
@@ -570,7 +576,7 @@ def table(results, cores, threads):
                 rows.append(("throughput", f"{c} concurrent clients",
                              f"tokens/s: 2 workers×{two['worker_threads']} thr vs 1 worker×{one['worker_threads']} thr",
                              fmt(two["tok_s"], 2), fmt(one["tok_s"], 2), ratio(two["tok_s"], one["tok_s"])))
-    if any(k in results for k in ("cache", "routing", "gap")):
+    if any(k in results for k in ("cache", "routing", "gap", "batch", "divergence")):
         import engine_bench
         engine_bench.B = sys.modules[__name__]
         rows.extend(engine_bench.rows(results))
@@ -598,7 +604,7 @@ def main():
     new_tokens = int(arg("--new-tokens", "128"))
     threads = int(arg("--threads", str(cores)))
     lengths = [int(x) for x in arg("--lengths", "32,512").split(",")]
-    sections = arg("--sections", "gen,media,nats,throughput,cache,routing,gap").split(",")
+    sections = arg("--sections", "gen,media,nats,throughput,cache,routing,gap,batch,divergence").split(",")
     out_path = arg("--out", os.path.join(BENCH_DIR, "results.json"))
     os.makedirs(BENCH_DIR, exist_ok=True)
     global BIN
@@ -631,7 +637,7 @@ def main():
         engine_model = tiny
     else:
         engine_model = model if os.path.exists(os.path.join(model, "onnx")) else None
-    if engine_model and any(x in sections for x in ("cache", "routing", "gap")):
+    if engine_model and any(x in sections for x in ("cache", "routing", "gap", "batch", "divergence")):
         import engine_bench
         engine_bench.B = sys.modules[__name__]
         eq = quants[0] if engine_model == model and quants else "Q4_MIXED"
@@ -649,6 +655,14 @@ def main():
             chunks = [int(x) for x in arg("--chunks", "128,256,512,1024,0").split(",")]
             results["gap"] = engine_bench.gap_section(engine_model, eq, threads, chunks, shim,
                                                       long_words=long_words)
+        if "batch" in sections:
+            streams = [int(x) for x in arg("--streams", "1,2,4,8").split(",")]
+            results["batch"] = engine_bench.batch_section(engine_model, eq, threads, streams,
+                                                          int(arg("--batch-tokens", "48")),
+                                                          int(arg("--batch-reps", "2")))
+        if "divergence" in sections:
+            results["divergence"] = engine_bench.divergence_section(engine_model, threads,
+                                                                    int(arg("--positions", "2048")))
     results["seconds"] = round(time.time() - t0)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)

@@ -12,6 +12,12 @@ conversation, cache-aware routing over NATS, and chunked prefill's effect on a r
            prompt's TTFT alone, and for the target "max gap <= one chunk + two decode steps" the longest
            prefill step of the prompt alone (embedding + decoder run of one chunk, from the ORT trace
            shim) and the stream's median step before the long prompt arrived.
+  batch    continuous batching: `serve` (default --max-batch) vs `serve --max-batch 1` (sequences take turns),
+           side by side, one worker (--max-concurrent 8, no prefix cache); for each --streams count (1,2,4,8)
+           that many streaming requests at once (different ~60-token prompts, --batch-tokens new tokens each,
+           ignore_eos): aggregate decode tokens/s while all of them decode (tokens in the window from the last
+           stream's first token to the first stream's last, over its length) and p50/p99 inter-token latency
+           over every stream's gaps; medians over --batch-reps repeats, the two servers alternating.
 """
 import http.client
 import json
@@ -213,6 +219,72 @@ def gap_section(model_dir, quant, threads, chunks, shim, long_words=380, stream_
     return out
 
 
+def concurrent_streams(port, name, n, tokens, seed):
+    """n streaming requests at once; per stream the token arrival times (monotonic ns)."""
+    out = [None] * n
+
+    def one(i):
+        body = turn_body(name, [{"role": "user", "content": f"Story {i}: {words(12, seed * 31 + i)}"}], tokens)
+        r = B.chat_stream(port, dict(body, stream=True, return_token_ids=True, ignore_eos=True))
+        out[i] = r["times"]
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
+
+
+def stream_stats(times):
+    """(aggregate tokens/s while every stream decodes, all inter-token gaps in ms)."""
+    start = max(t[0] for t in times)
+    end = min(t[-1] for t in times)
+    gaps = [(b - a) / 1e6 for t in times for a, b in zip(t, t[1:])]
+    if end <= start:
+        return None, gaps
+    inside = sum(sum(1 for x in t if start < x <= end) for t in times)
+    return inside / ((end - start) / 1e9), gaps
+
+
+def batch_section(model_dir, quant, threads, streams, tokens, reps):
+    ports = {"on": B.free_port(), "off": B.free_port()}
+    common_args = ["--model", model_dir, "--quant", quant, "--threads", str(threads), "--host", "127.0.0.1",
+                   "--max-concurrent", "8", "--kv-cache-mb", "0"]
+    procs = [B.Proc(f"batch-{k}", [B.BIN, "serve", *common_args, "--port", str(p)] +
+                    (["--max-batch", "1"] if k == "off" else []), env=B.SERVER_ENV)
+             for k, p in ports.items()]
+    try:
+        for p in ports.values():
+            B.wait_ready(p, procs)
+        name = B.served_name(ports["on"])
+        for k in ports:  # warm-up
+            concurrent_streams(ports[k], name, 2, 8, 0)
+        per = {k: {n: [] for n in streams} for k in ports}
+        for rep in range(reps):
+            for n in streams:
+                order = ("on", "off") if (rep + n) % 2 == 0 else ("off", "on")
+                for k in order:
+                    tps, gaps = stream_stats(concurrent_streams(ports[k], name, n, tokens, rep * 10 + n))
+                    per[k][n].append({"tps": tps, "p50": B.pct(gaps, 0.5), "p99": B.pct(gaps, 0.99)})
+                    B.log(f"   batch {k}: {n} streams rep {rep}: {B.fmt(tps, 2)} tok/s, "
+                          f"gap p50 {B.fmt(per[k][n][-1]['p50'], 0)} p99 {B.fmt(per[k][n][-1]['p99'], 0)} ms")
+        return {k: {str(n): {m: B.median([r[m] for r in v[n]]) for m in ("tps", "p50", "p99")} for n in streams}
+                for k, v in per.items()}
+    finally:
+        for p in procs:
+            p.stop()
+
+
+def divergence_section(model_dir, threads, positions):
+    """tools/bench/quant_divergence.py (in the fixtures venv): KL and top-1 agreement vs fp32, step time."""
+    import subprocess
+    r = subprocess.run([B.FIXTURES_PY, os.path.join(B.ROOT, "tools", "bench", "quant_divergence.py"), model_dir,
+                        "--positions", str(positions), "--threads", str(threads)],
+                       check=True, capture_output=True, text=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
 def rows(results):
     """Table rows (section, case, metric, ours, reference, ratio) of these sections."""
     out = []
@@ -239,4 +311,24 @@ def rows(results):
                         B.fmt(bound, 0), ""))
             out.append(("chunked prefill", f"--prefill-chunk {k}", "long prompt TTFT ms, alone",
                         B.fmt(v["long_ttft_alone_ms"], 0), "", ""))
+    b = results.get("batch")
+    if b:
+        one = b["on"].get("1", {}).get("tps")
+        for n, on in b["on"].items():
+            off = b["off"][n]
+            out.append(("batching", f"{n} concurrent streams", "aggregate decode tok/s: batched vs --max-batch 1",
+                        B.fmt(on["tps"], 2), B.fmt(off["tps"], 2), B.ratio(on["tps"], off["tps"])))
+            out.append(("batching", f"{n} concurrent streams", "aggregate tok/s vs 1 stream (batched)",
+                        B.fmt(on["tps"], 2), B.fmt(one, 2), B.ratio(on["tps"], one)))
+            out.append(("batching", f"{n} concurrent streams", "inter-token ms p50 / p99: batched vs off",
+                        f"{B.fmt(on['p50'], 0)} / {B.fmt(on['p99'], 0)}",
+                        f"{B.fmt(off['p50'], 0)} / {B.fmt(off['p99'], 0)}", B.ratio(on["p99"], off["p99"])))
+    d = results.get("divergence")
+    if d:
+        base = d.get("FP32", {}).get("decode_ms")
+        for spec, v in d.items():
+            out.append(("quantization", f"{spec} vs FP32 graphs, {v['positions']} positions of text",
+                        "mean KL nats; top-1 agreement; decode step ms (ref: FP32)",
+                        f"{v['kl_mean']:.4f}; {100 * v['top1']:.1f}%; {B.fmt(v['decode_ms'], 1)}",
+                        B.fmt(base, 1), B.ratio(v["decode_ms"], base)))
     return out
