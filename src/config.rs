@@ -665,6 +665,26 @@ mod model_args_tests {
         }
     }
 
+    /// The README states the default accuracy level; the code resolves `auto` by the same rule.
+    #[test]
+    fn the_default_accuracy_level_is_what_the_readme_says() {
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        let rule = "`--matmul-accuracy-level` defaults to `auto`: level 4 (int8 compute) on x86-64 CPUs with AVX2 and on ARM64, as exported (0) elsewhere.";
+        assert!(readme.contains(rule), "README.md states: {rule}");
+        #[cfg(target_arch = "x86_64")]
+        let want = std::arch::is_x86_feature_detected!("avx2").then_some(4);
+        #[cfg(target_arch = "aarch64")]
+        let want = Some(4);
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+        let want = None;
+        assert_eq!(runtime(&[]).matmul_accuracy_level, want);
+        assert_eq!(
+            runtime(&["--matmul-accuracy-level", "auto"]).matmul_accuracy_level,
+            want
+        );
+    }
+
     #[test]
     fn runtime_flags_reach_the_session_options() {
         let d = runtime(&[]);

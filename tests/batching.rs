@@ -268,6 +268,8 @@ fn inexact_graphs_batch_only_when_allowed() {
         };
     });
     assert!(off.batching().unwrap_err().contains("--max-batch 1"));
+    let smol = load(&smol_dir(), "tiny-smolvlm", "UINT8", |_| {});
+    assert!(smol.batching().unwrap_err().contains("dynamically"));
 }
 
 /// The exported QUANTIZED goldens still hold while it decodes one sequence at a time, concurrently.

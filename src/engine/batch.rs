@@ -443,3 +443,100 @@ impl DecodeBatch {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::kv::KvSlot;
+
+    fn layout() -> KvLayout {
+        KvLayout {
+            slots: vec![KvSlot {
+                past: "past_key_values.0.key".into(),
+                present: "present.0.key".into(),
+                dtype: ElemType::F32,
+                empty_shape: vec![1, 2, 0, 3],
+                seq_axis: 2,
+            }],
+        }
+    }
+
+    /// A batch-1 cache of `len` positions; element (head h, position p, d) = base + 100h + 10p + d.
+    fn cache(len: usize, base: f32) -> KvCache {
+        let mut v = Vec::new();
+        for h in 0..2 {
+            for p in 0..len {
+                for d in 0..3 {
+                    v.push(base + (100 * h + 10 * p + d) as f32);
+                }
+            }
+        }
+        KvCache {
+            values: vec![FloatData::F32(v)
+                .into_value(&[1, 2, len as i64, 3])
+                .unwrap()],
+            len,
+        }
+    }
+
+    fn floats(v: &DynValue) -> (Vec<i64>, Vec<f32>) {
+        let (d, shape) = tensor::extract_floats(v).unwrap();
+        (shape, d.to_f32_vec())
+    }
+
+    fn init() {
+        crate::engine::runtime::init(None).expect("ONNX Runtime (run `make setup` first)");
+    }
+
+    #[test]
+    fn rows_are_left_padded_and_come_back_unchanged() {
+        init();
+        let l = layout();
+        let mut b = DecodeBatch::new(4);
+        b.join(1, cache(3, 0.0), 7);
+        b.join(2, cache(1, 1000.0), 8);
+        let (kv, ids) = b.prepare(&l).unwrap().unwrap();
+        assert_eq!(ids, [7, 8]);
+        assert_eq!((kv.width(), kv.rows()), (3, 2));
+        assert_eq!(kv.attention_mask(1), [1, 1, 1, 1, 0, 0, 1, 1]);
+        assert_eq!(kv.positions(1), [3, 1]);
+        let (shape, v) = floats(&kv.values()[0]);
+        assert_eq!(shape, [2, 2, 3, 3]);
+        // row 1, head 0: two padding positions, then the one real position
+        let row1_head0 = &v[18..27];
+        assert_eq!(row1_head0, [0., 0., 0., 0., 0., 0., 1000., 1001., 1002.]);
+        // leaving gives the exact positions back; the batch shrinks at the next prepare
+        let own = b.leave(&l, 2).unwrap();
+        assert_eq!(own.len, 1);
+        assert_eq!(floats(&own.values[0]), floats(&cache(1, 1000.0).values[0]));
+        assert_eq!(b.rows(), 1);
+        let (kv, ids) = b.prepare(&l).unwrap().unwrap();
+        assert_eq!((kv.width(), kv.rows(), ids), (3, 1, vec![7]));
+        assert_eq!(floats(&kv.values()[0]), floats(&cache(3, 0.0).values[0]));
+        // a longer row joining widens the padding of the others
+        b.join(3, cache(5, 500.0), 9);
+        let (kv, ids) = b.prepare(&l).unwrap().unwrap();
+        assert_eq!((kv.width(), ids), (5, vec![7, 9]));
+        assert_eq!(kv.attention_mask(1), [0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]);
+        let back = b.leave(&l, 1).unwrap();
+        assert_eq!(floats(&back.values[0]), floats(&cache(3, 0.0).values[0]));
+        assert_eq!(b.stats().rebuilds.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn capacity_failures_and_unknown_rows() {
+        init();
+        let l = layout();
+        let mut b = DecodeBatch::new(2);
+        assert!(b.has_room(2) && !b.has_room(3));
+        b.join(1, cache(2, 0.0), 1);
+        assert!(b.has_room(1) && !b.has_room(2));
+        assert!(b.leave(&l, 9).is_err(), "not a row");
+        b.prepare(&l).unwrap();
+        b.finish(Err(ClassifiedError::new(ErrorClass::Internal, "boom")));
+        assert!(b.take(1).unwrap().is_err(), "the row sees the failure");
+        assert_eq!(b.rows(), 0, "a failed run drops the rows");
+        assert!(b.prepare(&l).unwrap().is_none());
+        assert!(!DecodeBatch::new(1).has_room(1), "max 1 row = no batching");
+    }
+}

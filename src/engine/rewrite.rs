@@ -1001,6 +1001,142 @@ mod tests {
         assert_eq!(report.matmulnbits, 1);
     }
 
+    fn graph_with_inputs(nodes: &[Vec<u8>], inputs: &[&str]) -> Vec<u8> {
+        let mut g = Vec::new();
+        for n in nodes {
+            put_bytes(&mut g, GRAPH_NODE, n);
+        }
+        for i in inputs {
+            put_bytes(&mut g, GRAPH_INPUT, &int64_input(i));
+        }
+        let mut m = Vec::new();
+        put_bytes(&mut m, MODEL_GRAPH, &g);
+        m
+    }
+
+    fn graph_inputs(m: &[u8]) -> Vec<String> {
+        let g = fields(m)
+            .map(Result::unwrap)
+            .find(|f| f.num == MODEL_GRAPH)
+            .unwrap();
+        fields(g.body)
+            .map(Result::unwrap)
+            .filter(|f| f.num == GRAPH_INPUT)
+            .map(|f| {
+                let name = fields(f.body)
+                    .map(Result::unwrap)
+                    .find(|v| v.num == VALUE_INFO_NAME)
+                    .unwrap();
+                text(name.body).unwrap().to_string()
+            })
+            .collect()
+    }
+
+    /// Gemma-3n's mask as exported: `Where(LessOrEqual(Range(0, past + S), cache_position), 0, -big)`
+    /// from shapes only; the rewrite declares `attention_mask` and ANDs it into the condition.
+    #[test]
+    fn attention_mask_is_added_to_a_shape_only_causal_mask() {
+        let nodes = [
+            node(
+                "Shape",
+                "",
+                &["past_key_values.0.key"],
+                &["past_shape"],
+                &[],
+            ),
+            node("Gather", "", &["past_shape", "two"], &["past_len"], &[]),
+            node("Range", "", &["zero", "past_len", "one"], &["kv_idx"], &[]),
+            node("LessOrEqual", "", &["kv_idx", "q_idx"], &["le"], &[]),
+            node("Where", "", &["le", "zeros", "min"], &["mask"], &[]),
+            node("Add", "", &["scores", "mask"], &["masked"], &[]),
+            // data flows into this condition: not a mask
+            node("Greater", "", &["inputs_embeds", "zero"], &["gt"], &[]),
+            node(
+                "Where",
+                "",
+                &["gt", "inputs_embeds", "zero"],
+                &["relu"],
+                &[],
+            ),
+        ];
+        let m = graph_with_inputs(&nodes, &["inputs_embeds", "past_key_values.0.key"]);
+        let edits = GraphEdits {
+            attention_mask: Some("attention_mask".into()),
+            ..Default::default()
+        };
+        let (r, report) = rewrite_model(&m, &edits).unwrap();
+        assert_eq!(report.attention_mask_added, 1, "{report:?}");
+        assert!(report.has_attention_mask());
+        let r = r.unwrap();
+        assert_eq!(
+            graph_inputs(r.model()),
+            ["inputs_embeds", "past_key_values.0.key", "attention_mask"]
+        );
+        let nodes = graph_nodes(r.model());
+        let ops: Vec<&str> = nodes.iter().map(|n| n.op.as_str()).collect();
+        assert_eq!(
+            ops,
+            [
+                "Constant",
+                "Cast",
+                "Reshape",
+                "Shape",
+                "Gather",
+                "Range",
+                "LessOrEqual",
+                "And",
+                "Where",
+                "Add",
+                "Greater",
+                "Where"
+            ]
+        );
+        assert_eq!(nodes[1].inputs, ["attention_mask"]);
+        assert_eq!(nodes[7].inputs, ["le", nodes[2].outputs[0].as_str()]);
+        assert_eq!(nodes[8].inputs[0], nodes[7].outputs[0]);
+        assert_eq!(nodes[11].inputs[0], "gt", "the data Where is left alone");
+        // A graph that already declares it is left as it is.
+        let m = graph_with_inputs(&nodes_of(&m), &["attention_mask", "past_key_values.0.key"]);
+        let (r, report) = rewrite_model(&m, &edits).unwrap();
+        assert!(r.is_none() && report.attention_mask_declared && report.has_attention_mask());
+    }
+
+    fn nodes_of(m: &[u8]) -> Vec<Vec<u8>> {
+        let g = fields(m)
+            .map(Result::unwrap)
+            .find(|f| f.num == MODEL_GRAPH)
+            .unwrap();
+        fields(g.body)
+            .map(Result::unwrap)
+            .filter(|f| f.num == GRAPH_NODE)
+            .map(|f| f.body.to_vec())
+            .collect()
+    }
+
+    /// No shape-only mask (here: the mask comes from a data input): nothing is added, and the report
+    /// says why, so the caller does not batch.
+    #[test]
+    fn attention_mask_is_not_added_where_the_mask_is_not_recognised() {
+        let nodes = [
+            node("Range", "", &["zero", "n", "one"], &["idx"], &[]),
+            node("Less", "", &["idx", "position_ids"], &["lt"], &[]),
+            node("Where", "", &["lt", "zeros", "min"], &["mask"], &[]),
+        ];
+        let m = graph_with_inputs(&nodes, &["position_ids", "past_key_values.0.key"]);
+        let edits = GraphEdits {
+            attention_mask: Some("attention_mask".into()),
+            ..Default::default()
+        };
+        let (r, report) = rewrite_model(&m, &edits).unwrap();
+        assert!(r.is_none());
+        assert!(!report.has_attention_mask());
+        assert!(report
+            .attention_mask_skipped
+            .as_deref()
+            .unwrap()
+            .contains("no shape-only mask"));
+    }
+
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let edits = GraphEdits {

@@ -3,8 +3,12 @@
 //! One step is one decoder run (or the encoders): first the prefix cache is asked for the longest
 //! reusable prefix of the prompt and the media after it are encoded; then the rest of the prompt
 //! runs in chunks of at most `--prefill-chunk` positions, each its own step, so other streams' decode
-//! steps run between them; then each step feeds every unfinished choice its last token. After the
-//! prompt, `n > 1` choices fork the KV (a copy each). Each step samples the next id per choice,
+//! steps run between them. After the prompt, `n > 1` choices fork the KV (a copy each), and every
+//! choice becomes a row of the model's decode batch ([`crate::engine::batch`]): one decoder run per
+//! round feeds every row of every generation its last token ([`SharedStep`]), and each generation
+//! then takes its rows' logits. Models that cannot batch (no usable attention mask, or dynamic
+//! activation quantization without `--allow-inexact-batching`) decode each choice alone, one token a
+//! round, as before; the load-time check [`check_batching`] decides. Each step samples the next id per choice,
 //! checks the end-of-sequence ids, turns ids into text incrementally, matches stop strings, and
 //! sends [`GenEvent`]s to whoever waits for them. When the generation ends (or is cancelled), each
 //! choice's KV goes into the prefix cache for later requests.

@@ -71,8 +71,9 @@ def with_level(path, level, made):
     if n == 0:
         return path
     out = os.path.join(os.path.dirname(path), f".level{level}-{os.path.basename(path)}")
-    onnx.save(m, out)
-    made.append(out)
+    if out not in made:
+        onnx.save(m, out)
+        made.append(out)
     return out
 
 
@@ -160,7 +161,8 @@ def main():
         del past
     finally:
         for f in tmp:
-            os.remove(f)
+            if os.path.exists(f):
+                os.remove(f)
     print(json.dumps(out))
 
 
