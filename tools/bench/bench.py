@@ -331,9 +331,9 @@ def gen_section(model_dir, quant, threads, repeats, new_tokens, lengths, shim):
     server = Proc(f"serve-{os.path.basename(model_dir)}-{quant}",
                   [BIN, "serve", "--model", model_dir, "--quant", quant, "--threads", str(threads), "--host",
                    "127.0.0.1", "--port", str(port)],
-                  # the encoder cache would skip the vision encoder on repeats; the reference has none
+                  # the encoder and prefix caches would skip work on repeats; the reference has neither
                   env={"ORT_DYLIB_PATH": shim, "ORT_TRACE_REAL_LIB": real_ort_lib(), "ORT_TRACE_FILE": trace.path,
-                       "ONNX_CHAT_ENCODER_CACHE_MB": "0", **SERVER_ENV})
+                       "ONNX_CHAT_ENCODER_CACHE_MB": "0", "ONNX_CHAT_KV_CACHE_MB": "0", **SERVER_ENV})
     wait_ready(port, [server])
     name = served_name(port)
     ref = RefLoop(model_dir, quant, threads)
