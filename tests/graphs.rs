@@ -214,6 +214,7 @@ fn load_time_rewrites_keep_the_last_logits_and_set_the_accuracy_level() {
     let base = SessionOptions {
         intra_threads: 1,
         last_logits: false,
+        add_attention_mask: false,
         ..Default::default()
     };
     let last = SessionOptions {
@@ -237,6 +238,15 @@ fn load_time_rewrites_keep_the_last_logits_and_set_the_accuracy_level() {
             "{sfx}: {:?}",
             cut.rewrite
         );
+        // By default the decoders also get an attention_mask (Gemma-3n's two mask Wheres).
+        let masked = SessionOptions {
+            add_attention_mask: true,
+            ..last.clone()
+        };
+        let m = GraphSession::load_decoder("decoder_model_merged", &path, &masked, "logits")
+            .unwrap();
+        assert_eq!(m.rewrite.attention_mask_added, 2, "{sfx}: {:?}", m.rewrite);
+        assert!(m.has_input("attention_mask"), "{sfx}");
         let (fs, fl) = decoder_logits(&mut full, n);
         let (cs, cl) = decoder_logits(&mut cut, n);
         let vocab = *fs.last().unwrap() as usize;
