@@ -121,7 +121,7 @@ struct Active<M> {
     last_prefill: u64,
 }
 
-/// Runs `f` on `task`; `true` = the task is done (finished, or panicked and aborted).
+/// One step of `task`; `true` = the task is done (finished, or panicked and aborted).
 fn run_step<M>(model: &mut M, task: &mut dyn StepTask<M>) -> bool {
     let state = std::panic::catch_unwind(AssertUnwindSafe(|| task.step(model)));
     match state {
