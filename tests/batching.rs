@@ -94,8 +94,10 @@ async fn gemma_batched(quant: &str) {
     let cases = gemma_cases(quant);
     let (runs, rows) = all_at_once(&server, quant, &cases).await;
     assert!(runs > 0.0, "{quant}: no batched runs");
+    // Some run held several rows: each round runs one prompt step and one batched decode step, so a
+    // stream decoding while the others prefill is joined by them within a few rounds.
     assert!(
-        rows > runs * 1.5,
+        rows > runs,
         "{quant}: runs held {rows} rows in {runs} runs: not batched"
     );
     server.shutdown().await;
@@ -150,7 +152,7 @@ async fn smolvlm_batched_equals_alone() {
     let cases = smol_cases("FP32");
     let (runs, rows) = all_at_once(&server, "smolvlm FP32", &cases).await;
     assert!(
-        rows > runs * 1.5,
+        rows > runs,
         "smolvlm: {rows} rows in {runs} runs: not batched"
     );
     server.shutdown().await;

@@ -243,8 +243,8 @@ fn load_time_rewrites_keep_the_last_logits_and_set_the_accuracy_level() {
             add_attention_mask: true,
             ..last.clone()
         };
-        let m = GraphSession::load_decoder("decoder_model_merged", &path, &masked, "logits")
-            .unwrap();
+        let m =
+            GraphSession::load_decoder("decoder_model_merged", &path, &masked, "logits").unwrap();
         assert_eq!(m.rewrite.attention_mask_added, 2, "{sfx}: {:?}", m.rewrite);
         assert!(m.has_input("attention_mask"), "{sfx}");
         let (fs, fl) = decoder_logits(&mut full, n);
