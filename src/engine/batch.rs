@@ -341,7 +341,7 @@ impl DecodeBatch {
         self.clear();
     }
 
-    /// Drops every row (after a failed run, whose outputs are gone).
+    /// Drops every row (after a failed run, whose outputs are gone, or once the last row left).
     pub fn clear(&mut self) {
         self.kv = None;
         self.joining.clear();

@@ -638,33 +638,13 @@ fn insert_last_slice(out: &mut Vec<u8>, x: &str) -> String {
     let mut names = Vec::new();
     for (what, v) in [("starts", -1i64), ("ends", i64::MAX), ("axes", -2)] {
         let name = format!("{prefix}/{what}");
-        let mut tensor = Vec::new();
-        put_uint(&mut tensor, TENSOR_DIMS, 1);
-        put_uint(&mut tensor, TENSOR_DATA_TYPE, TENSOR_INT64);
-        let mut packed = Vec::new();
-        put_varint(&mut packed, v as u64);
-        put_bytes(&mut tensor, TENSOR_INT64_DATA, &packed);
-        let mut attr = Vec::new();
-        put_bytes(&mut attr, ATTR_NAME, b"value");
-        put_bytes(&mut attr, ATTR_T, &tensor);
-        put_uint(&mut attr, ATTR_TYPE, ATTR_TYPE_TENSOR);
-        let mut node = Vec::new();
-        put_bytes(&mut node, NODE_OUTPUT, name.as_bytes());
-        put_bytes(&mut node, NODE_NAME, name.as_bytes());
-        put_bytes(&mut node, NODE_OP_TYPE, b"Constant");
-        put_bytes(&mut node, NODE_ATTRIBUTE, &attr);
-        put_bytes(out, GRAPH_NODE, &node);
+        int64_constant(out, &name, &[v]);
         names.push(name);
     }
-    let mut node = Vec::new();
-    put_bytes(&mut node, NODE_INPUT, x.as_bytes());
-    for n in &names {
-        put_bytes(&mut node, NODE_INPUT, n.as_bytes());
-    }
-    put_bytes(&mut node, NODE_OUTPUT, sliced.as_bytes());
-    put_bytes(&mut node, NODE_NAME, prefix.as_bytes());
-    put_bytes(&mut node, NODE_OP_TYPE, b"Slice");
-    put_bytes(out, GRAPH_NODE, &node);
+    let inputs: Vec<&str> = std::iter::once(x)
+        .chain(names.iter().map(String::as_str))
+        .collect();
+    put_bytes(out, GRAPH_NODE, &make_node("Slice", &inputs, &sliced, &[]));
     sliced
 }
 
@@ -809,15 +789,23 @@ mod tests {
         m
     }
 
-    fn graph_nodes(m: &[u8]) -> Vec<NodeInfo> {
+    /// The bodies of the graph's fields numbered `num` (nodes, inputs, …).
+    fn graph_fields(m: &[u8], num: u32) -> Vec<&[u8]> {
         let g = fields(m)
             .map(Result::unwrap)
             .find(|f| f.num == MODEL_GRAPH)
             .unwrap();
         fields(g.body)
             .map(Result::unwrap)
-            .filter(|f| f.num == GRAPH_NODE)
-            .map(|f| node_info(f.body).unwrap())
+            .filter(|f| f.num == num)
+            .map(|f| f.body)
+            .collect()
+    }
+
+    fn graph_nodes(m: &[u8]) -> Vec<NodeInfo> {
+        graph_fields(m, GRAPH_NODE)
+            .into_iter()
+            .map(|b| node_info(b).unwrap())
             .collect()
     }
 
@@ -1015,15 +1003,10 @@ mod tests {
     }
 
     fn graph_inputs(m: &[u8]) -> Vec<String> {
-        let g = fields(m)
-            .map(Result::unwrap)
-            .find(|f| f.num == MODEL_GRAPH)
-            .unwrap();
-        fields(g.body)
-            .map(Result::unwrap)
-            .filter(|f| f.num == GRAPH_INPUT)
-            .map(|f| {
-                let name = fields(f.body)
+        graph_fields(m, GRAPH_INPUT)
+            .into_iter()
+            .map(|b| {
+                let name = fields(b)
                     .map(Result::unwrap)
                     .find(|v| v.num == VALUE_INFO_NAME)
                     .unwrap();
@@ -1096,21 +1079,15 @@ mod tests {
         assert_eq!(nodes[8].inputs[0], nodes[7].outputs[0]);
         assert_eq!(nodes[11].inputs[0], "gt", "the data Where is left alone");
         // A graph that already declares it is left as it is.
-        let m = graph_with_inputs(&nodes_of(&m), &["attention_mask", "past_key_values.0.key"]);
+        let m = graph_with_inputs(
+            &graph_fields(&m, GRAPH_NODE)
+                .iter()
+                .map(|b| b.to_vec())
+                .collect::<Vec<_>>(),
+            &["attention_mask", "past_key_values.0.key"],
+        );
         let (r, report) = rewrite_model(&m, &edits).unwrap();
         assert!(r.is_none() && report.attention_mask_declared && report.has_attention_mask());
-    }
-
-    fn nodes_of(m: &[u8]) -> Vec<Vec<u8>> {
-        let g = fields(m)
-            .map(Result::unwrap)
-            .find(|f| f.num == MODEL_GRAPH)
-            .unwrap();
-        fields(g.body)
-            .map(Result::unwrap)
-            .filter(|f| f.num == GRAPH_NODE)
-            .map(|f| f.body.to_vec())
-            .collect()
     }
 
     /// No shape-only mask (here: the mask comes from a data input): nothing is added, and the report

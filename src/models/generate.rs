@@ -280,17 +280,17 @@ impl<M: ChatModel> SharedStep for ModelEngine<M> {
     fn shared_step(&mut self) {
         let layout = self.model.kv_layout().clone();
         let before = self.batch.row_ids();
-        let result = match self.batch.prepare(&layout) {
-            Ok(None) => return,
-            Ok(Some((kv, ids))) => self.model.forward_rows(&ids, kv),
-            Err(e) => {
+        match self.batch.prepare(&layout) {
+            Ok(None) => {}
+            Ok(Some((kv, ids))) => {
+                let result = self.model.forward_rows(&ids, kv);
                 self.batch
-                    .fail(&before, ModelError::from(e).into_classified());
-                return;
+                    .finish(result.map_err(ModelError::into_classified));
             }
-        };
-        self.batch
-            .finish(result.map_err(ModelError::into_classified));
+            Err(e) => self
+                .batch
+                .fail(&before, ModelError::from(e).into_classified()),
+        }
         self.prefix.set_reserved(self.batch.bytes());
     }
 
@@ -556,6 +556,11 @@ impl<M: ChatModel> Generation<M> {
                 ChoiceKv::Lost
             }
         };
+        if e.batch.rows() == 0 {
+            // The last row left: free the batch now, not at the next batched run.
+            e.batch.clear();
+            e.prefix.set_reserved(0);
+        }
     }
 
     /// Takes every choice out of the batch (cancel, failure, abort).

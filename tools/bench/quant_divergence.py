@@ -24,13 +24,14 @@ import time
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
 from tokenizers import Tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
 sys.path.insert(0, os.path.join(HERE, "..", "fixtures"))
+sys.path.insert(0, HERE)
 import ort_loop  # noqa: E402
+import rewrite_graph  # noqa: E402  (set_accuracy_level, this directory)
 
 
 def arg(flag, default=None):
@@ -60,15 +61,7 @@ def with_level(path, level, made):
     """A copy of the graph at `path` with accuracy_level=level on every MatMulNBits node, written beside it
     (so relative external-data locations still resolve) and listed in `made` for removal."""
     m = onnx.load(path, load_external_data=False)
-    n = 0
-    for node in m.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in list(node.attribute):
-                if a.name == "accuracy_level":
-                    node.attribute.remove(a)
-            node.attribute.append(helper.make_attribute("accuracy_level", level))
-            n += 1
-    if n == 0:
+    if rewrite_graph.set_accuracy_level(m, level) == 0:
         return path
     out = os.path.join(os.path.dirname(path), f".level{level}-{os.path.basename(path)}")
     if out not in made:
