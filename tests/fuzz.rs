@@ -348,7 +348,12 @@ fn fuzz_chat_template_content() {
                         text: String::new(),
                     });
                 }
-                ChatMessage { role, content }
+                ChatMessage {
+                    role,
+                    content,
+                    tool_calls: vec![],
+                    tool_call_id: None,
+                }
             })
             .collect();
         if let Ok(p) = m.prompt(&messages) {

@@ -507,6 +507,8 @@ async fn a_job_no_worker_finishes_fails_once_its_deliveries_are_used_up() {
                             text: "partial".into(),
                             token_ids: vec![1],
                             index: 0,
+                            logprobs: vec![],
+                            tool_calls: vec![],
                         },
                     };
                     bus.publish_frame(&d.job.reply_to, &frame).await.unwrap();

@@ -36,13 +36,24 @@ fn sample_job() -> Job {
         reply_to: subjects::frames("6f1c"),
         created_ms: 1,
         messages: vec![
+            ChatMessage::text(Role::System, "be brief"),
             ChatMessage {
-                role: Role::System,
-                content: vec![ContentPart::Text {
-                    text: "be brief".into(),
+                role: Role::Assistant,
+                content: vec![],
+                tool_calls: vec![ToolCall {
+                    id: "call_1".into(),
+                    name: "weather".into(),
+                    arguments: "{\"city\": \"Oslo\"}".into(),
                 }],
+                tool_call_id: None,
             },
             ChatMessage {
+                tool_call_id: Some("call_1".into()),
+                ..ChatMessage::text(Role::Tool, "sunny")
+            },
+            ChatMessage {
+                tool_calls: vec![],
+                tool_call_id: None,
                 role: Role::User,
                 content: vec![
                     ContentPart::Image {
@@ -77,6 +88,22 @@ fn sample_job() -> Job {
         deadline_ms: Some(2),
         n: Some(2),
         cache_scope: Some("0123abcd".into()),
+        prompt: None,
+        response_format: Some(ResponseFormat::JsonSchema {
+            schema: json!({"type": "object"}),
+            name: Some("answer".into()),
+        }),
+        tools: vec![ToolSpec {
+            name: "weather".into(),
+            description: Some("today's weather".into()),
+            parameters: json!({"type": "object", "properties": {"city": {"type": "string"}}}),
+        }],
+        tool_choice: Some(ToolChoice::Function {
+            name: "weather".into(),
+        }),
+        parallel_tool_calls: Some(false),
+        logprobs: Some(2),
+        logit_bias: [(5u32, -100.0f32)].into_iter().collect(),
     }
 }
 
@@ -88,7 +115,36 @@ fn code_output_validates() {
             text: "hi".into(),
             token_ids: vec![1, 2],
             index: 1,
+            logprobs: vec![],
+            tool_calls: vec![],
         },
+        FrameBody::Delta {
+            text: String::new(),
+            token_ids: vec![7],
+            index: 0,
+            logprobs: vec![TokenLogprob {
+                token: "{".into(),
+                logprob: -0.5,
+                bytes: vec![123],
+                top_logprobs: vec![TopLogprob {
+                    token: "{".into(),
+                    logprob: -0.5,
+                    bytes: vec![123],
+                }],
+            }],
+            tool_calls: vec![ToolCallFrame {
+                index: 0,
+                id: "call_1".into(),
+                name: "weather".into(),
+                arguments: "{}".into(),
+            }],
+        },
+        FrameBody::Done(DoneBody {
+            finish_reason: FinishReason::ToolCalls,
+            usage: Usage::new(3, 4),
+            timings: Timings::default(),
+            choices: vec![],
+        }),
         FrameBody::Done(DoneBody {
             finish_reason: FinishReason::Length,
             usage: Usage::new(3, 4),

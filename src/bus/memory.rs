@@ -319,6 +319,7 @@ mod tests {
             deadline_ms: None,
             n: None,
             cache_scope: None,
+            ..Job::default()
         }
     }
 
@@ -338,6 +339,8 @@ mod tests {
                 text: "x".into(),
                 token_ids: vec![],
                 index: 0,
+                logprobs: vec![],
+                tool_calls: vec![],
             },
         };
         bus.publish_frame(&d.job.reply_to, &f).await.unwrap();

@@ -21,13 +21,14 @@ use super::registry::Lookup;
 use super::{error_response, json_response, AppState};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::openai::response::{
-    AssistantMessage, ChatCompletion, Choice, ChunkChoice, Delta, ResponseMeta,
+    AssistantMessage, ChatCompletion, Choice, ChoiceLogprobs, ChunkChoice, Delta, ResponseMeta,
+    ToolCallOut,
 };
 use crate::openai::{self, ValidChatRequest};
 use crate::protocol::{now_ms, prefix, DoneBody};
 
 /// In-flight gauge that cannot be left incremented.
-struct InFlight(Arc<AppState>);
+pub(super) struct InFlight(Arc<AppState>);
 
 impl InFlight {
     fn new(s: Arc<AppState>) -> Self {
@@ -78,18 +79,68 @@ async fn start(
             req.set_media(&r, &bytes);
         }
     }
-    let model = match state.registry.lookup(&req.model) {
-        Lookup::Served(m) => m,
-        Lookup::Unserved => {
-            return Err(ClassifiedError::new(
-                ErrorClass::Unavailable,
-                format!(
-                    "No worker serves the model `{}` right now; retry shortly.",
-                    req.model
-                ),
-            )
-            .with_param("model"))
-        }
+    let model = served_model(state, &req.model)?;
+    let job_id = uuid::Uuid::new_v4().to_string();
+    let created_ms = now_ms();
+    let meta = ResponseMeta {
+        id: format!("chatcmpl-{}", job_id.replace('-', "")),
+        created: created_ms / 1000,
+        model: req.model.clone(),
+        fingerprint: format!(
+            "onnx-chat-{}-{}",
+            env!("CARGO_PKG_VERSION"),
+            model.quant.clone().unwrap_or_default().to_lowercase()
+        ),
+    };
+    let flags = (req.stream, req.include_usage, req.return_token_ids);
+    let logprobs = req.logprobs.is_some();
+    let n = req.n;
+    let deadline = created_ms + state.cfg.request_timeout.as_millis() as u64;
+    let job = ValidChatRequest::into_job(
+        req,
+        &job_id,
+        &model.name,
+        created_ms,
+        Some(deadline),
+        api_key,
+    );
+    let (reader, first, in_flight) = submit(state, &job).await?;
+    let (stream, include_usage, return_ids) = flags;
+    if stream {
+        Ok(sse(
+            state.clone(),
+            reader,
+            first,
+            meta,
+            SseOptions {
+                n,
+                include_usage,
+                return_ids,
+                logprobs,
+            },
+            t0,
+            in_flight,
+        ))
+    } else {
+        collect(state, reader, first, meta, (n, return_ids, logprobs), t0).await
+    }
+}
+
+/// The served model a request names, or the OpenAI-shaped error naming `model`.
+pub(super) fn served_model(
+    state: &Arc<AppState>,
+    name: &str,
+) -> Result<crate::protocol::WorkerModel, ClassifiedError> {
+    match state.registry.lookup(name) {
+        Lookup::Served(m) => Ok(m),
+        Lookup::Unserved => Err(ClassifiedError::new(
+            ErrorClass::Unavailable,
+            format!(
+                "No worker serves the model `{}` right now; retry shortly.",
+                name
+            ),
+        )
+        .with_param("model")),
         Lookup::Unknown => {
             let available: Vec<String> = state
                 .registry
@@ -106,39 +157,24 @@ async fn start(
             } else {
                 (ErrorClass::ModelNotFound, available.join(", "))
             };
-            return Err(ClassifiedError::new(
+            Err(ClassifiedError::new(
                 class,
                 format!(
                     "The model `{}` does not exist or is not served here. Available: {avail}",
-                    req.model
+                    name
                 ),
             )
-            .with_param("model"));
+            .with_param("model"))
         }
-    };
-    let job_id = uuid::Uuid::new_v4().to_string();
-    let created_ms = now_ms();
-    let meta = ResponseMeta {
-        id: format!("chatcmpl-{}", job_id.replace('-', "")),
-        created: created_ms / 1000,
-        model: req.model.clone(),
-        fingerprint: format!(
-            "onnx-chat-{}-{}",
-            env!("CARGO_PKG_VERSION"),
-            model.quant.clone().unwrap_or_default().to_lowercase()
-        ),
-    };
-    let flags = (req.stream, req.include_usage, req.return_token_ids);
-    let n = req.n;
-    let deadline = created_ms + state.cfg.request_timeout.as_millis() as u64;
-    let job = ValidChatRequest::into_job(
-        req,
-        &job_id,
-        &model.name,
-        created_ms,
-        Some(deadline),
-        api_key,
-    );
+    }
+}
+
+/// Publishes a job and waits for its first event (an error there is an HTTP error).
+pub(super) async fn submit(
+    state: &Arc<AppState>,
+    job: &crate::protocol::Job,
+) -> Result<(FrameReader, Event, InFlight), ClassifiedError> {
+    let job_id = job.job_id.clone();
     let in_flight = InFlight::new(state.clone());
     if state.metrics.in_flight.load(Ordering::Relaxed) > state.cfg.max_in_flight as i64 {
         return Err(ClassifiedError::new(
@@ -160,7 +196,7 @@ async fn start(
             state.registry.route(&job.model, &digests)
         })
         .flatten();
-    let (stream, routed) = state.bus.submit_preferring(&job, route.as_deref()).await?;
+    let (stream, routed) = state.bus.submit_preferring(job, route.as_deref()).await?;
     if routed {
         state.metrics.routed.fetch_add(1, Ordering::Relaxed);
     }
@@ -174,24 +210,7 @@ async fn start(
     );
     // The first event decides between an HTTP error and a successful answer.
     let first = reader.next().await?;
-    let (stream, include_usage, return_ids) = flags;
-    if stream {
-        Ok(sse(
-            state.clone(),
-            reader,
-            first,
-            meta,
-            SseOptions {
-                n,
-                include_usage,
-                return_ids,
-            },
-            t0,
-            in_flight,
-        ))
-    } else {
-        collect(state, reader, first, meta, n, return_ids, t0).await
-    }
+    Ok((reader, first, in_flight))
 }
 
 /// How choice `i` ended, from the final frame.
@@ -204,17 +223,24 @@ fn finish_of(done: &DoneBody, i: u32) -> &'static str {
         .as_str()
 }
 
+/// One choice's answer, gathered from its deltas.
+#[derive(Default)]
+struct Gathered {
+    text: String,
+    ids: Vec<u32>,
+    logprobs: Vec<crate::protocol::TokenLogprob>,
+    calls: Vec<crate::protocol::ToolCallFrame>,
+}
+
 async fn collect(
     state: &Arc<AppState>,
     mut reader: FrameReader,
     first: Event,
     meta: ResponseMeta,
-    n: u32,
-    return_ids: bool,
+    (n, return_ids, want_logprobs): (u32, bool, bool),
     t0: Instant,
 ) -> Result<Response, ClassifiedError> {
-    let mut texts = vec![String::new(); n as usize];
-    let mut ids = vec![Vec::new(); n as usize];
+    let mut got: Vec<Gathered> = (0..n).map(|_| Gathered::default()).collect();
     let mut ev = first;
     let done: DoneBody = loop {
         match ev {
@@ -222,10 +248,14 @@ async fn collect(
                 index,
                 text: t,
                 token_ids,
+                logprobs,
+                tool_calls,
             } => {
-                let i = (index as usize).min(n as usize - 1);
-                texts[i].push_str(&t);
-                ids[i].extend(token_ids);
+                let g = &mut got[(index as usize).min(n as usize - 1)];
+                g.text.push_str(&t);
+                g.ids.extend(token_ids);
+                g.logprobs.extend(logprobs);
+                g.calls.extend(tool_calls);
             }
             Event::Done(d) => break d,
         }
@@ -240,19 +270,27 @@ async fn collect(
         .metrics
         .request_seconds
         .observe(t0.elapsed().as_secs_f64());
-    let choices = texts
+    let choices = got
         .into_iter()
-        .zip(ids)
         .enumerate()
-        .map(|(i, (text, ids))| Choice {
+        .map(|(i, g)| Choice {
             index: i as u32,
             message: AssistantMessage {
                 role: "assistant",
-                content: text,
+                content: (g.calls.is_empty() || !g.text.is_empty()).then_some(g.text),
+                refusal: None,
+                tool_calls: g
+                    .calls
+                    .into_iter()
+                    .map(|c| ToolCallOut::new(c, false))
+                    .collect(),
             },
-            logprobs: None,
+            logprobs: want_logprobs.then_some(ChoiceLogprobs {
+                content: g.logprobs,
+                refusal: None,
+            }),
             finish_reason: finish_of(&done, i as u32),
-            token_ids: return_ids.then_some(ids),
+            token_ids: return_ids.then_some(g.ids),
         })
         .collect();
     let body = ChatCompletion {
@@ -276,6 +314,7 @@ struct SseOptions {
     n: u32,
     include_usage: bool,
     return_ids: bool,
+    logprobs: bool,
 }
 
 /// The SSE response. A task reads the frames and feeds the response through a channel; when the
@@ -295,6 +334,7 @@ fn sse(
         n,
         include_usage,
         return_ids,
+        logprobs: want_logprobs,
     } = opts;
     let usage_field = include_usage.then_some(None);
     tokio::spawn(async move {
@@ -306,7 +346,7 @@ fn sse(
                     delta: Delta {
                         role: Some("assistant"),
                         content: Some(String::new()),
-                        token_ids: None,
+                        ..Delta::default()
                     },
                     logprobs: None,
                     finish_reason: None,
@@ -325,20 +365,36 @@ fn sse(
                     index,
                     text,
                     token_ids,
+                    logprobs,
+                    tool_calls,
                 }) => {
                     end = false;
-                    if text.is_empty() && (!return_ids || token_ids.is_empty()) {
+                    let quiet = text.is_empty()
+                        && tool_calls.is_empty()
+                        && (!return_ids || token_ids.is_empty())
+                        && (!want_logprobs || logprobs.is_empty());
+                    if quiet {
                         vec![]
                     } else {
+                        let calls = !tool_calls.is_empty();
                         let chunk = meta.chunk(
                             vec![ChunkChoice {
                                 index,
                                 delta: Delta {
                                     role: None,
-                                    content: Some(text),
+                                    content: (!calls).then_some(text),
+                                    tool_calls: tool_calls
+                                        .into_iter()
+                                        .map(|c| ToolCallOut::new(c, true))
+                                        .collect(),
                                     token_ids: return_ids.then_some(token_ids),
                                 },
-                                logprobs: None,
+                                logprobs: (want_logprobs && !logprobs.is_empty()).then_some({
+                                    ChoiceLogprobs {
+                                        content: logprobs,
+                                        refusal: None,
+                                    }
+                                }),
                                 finish_reason: None,
                             }],
                             usage_field,

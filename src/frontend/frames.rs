@@ -12,7 +12,7 @@ use futures::StreamExt;
 use super::metrics::Metrics;
 use crate::bus::{Bus, FrameStream};
 use crate::error::{ClassifiedError, ErrorClass};
-use crate::protocol::{CancelRequest, DoneBody, FrameBody};
+use crate::protocol::{CancelRequest, DoneBody, FrameBody, TokenLogprob, ToolCallFrame};
 
 /// What the reader yields.
 #[derive(Debug)]
@@ -21,6 +21,8 @@ pub enum Event {
         index: u32,
         text: String,
         token_ids: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+        tool_calls: Vec<ToolCallFrame>,
     },
     Done(DoneBody),
 }
@@ -166,6 +168,8 @@ impl FrameReader {
                     text,
                     token_ids,
                     index,
+                    logprobs,
+                    tool_calls,
                 } => {
                     if !text.is_empty() {
                         let now = std::time::Instant::now();
@@ -184,6 +188,8 @@ impl FrameReader {
                         index,
                         text,
                         token_ids,
+                        logprobs,
+                        tool_calls,
                     })
                 }
                 FrameBody::Done(d) => {

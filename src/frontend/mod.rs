@@ -6,6 +6,7 @@
 //! status and OpenAI's error body.
 
 mod chat;
+mod completions;
 mod frames;
 pub mod media;
 pub mod metrics;
@@ -230,6 +231,13 @@ pub fn routes(
         .and(warp::header::optional::<String>("authorization"))
         .and(body_limited(state.cfg.max_body_bytes))
         .then(chat::handle);
+    let text_completions = warp::path!("v1" / "completions")
+        .and(warp::post())
+        .and(with_auth(state.clone()))
+        .and(st.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(body_limited(state.cfg.max_body_bytes))
+        .then(completions::handle);
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(with_auth(state.clone()))
@@ -307,7 +315,9 @@ pub fn routes(
                 warp::reply::with_header(text, "content-type", "text/plain; version=0.0.4")
                     .into_response()
             });
-    chat.or(models)
+    chat.or(text_completions)
+        .unify()
+        .or(models)
         .unify()
         .or(model)
         .unify()

@@ -32,10 +32,12 @@ use crate::engine::schedule::PrefillPolicy;
 use crate::engine::thread::{SharedStep, StepKind, StepTask, TaskState};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::detok::IncrementalDecoder;
-use crate::pipeline::sampling::{Sampler, SamplingParams};
+use crate::pipeline::grammar::{Constraint, Vocab};
+use crate::pipeline::logprobs;
+use crate::pipeline::sampling::{greedy, Sampler, SamplingParams};
 use crate::pipeline::stop::{StopMatcher, StopOutcome};
 use crate::protocol::prefix::{self, ChainState};
-use crate::protocol::FinishReason;
+use crate::protocol::{FinishReason, TokenLogprob, TopLogprob};
 
 /// Everything about how to generate, resolved against the model's defaults.
 #[derive(Debug, Clone)]
@@ -52,6 +54,33 @@ pub struct GenParams {
     /// The conversation digest chain after the job's messages: the cache entries this generation
     /// leaves are tagged with the digests a front end routes by. `None` = no tags.
     pub conversation: Option<ChainState>,
+    /// The grammar every choice's answer must match (each choice starts from its own copy).
+    pub constraint: Option<Constraint>,
+    /// Report each token's log-probability and this many alternatives (`None` = none).
+    pub logprobs: Option<usize>,
+    /// Added to the logits of these ids before sampling.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// The vocabulary's token bytes (for log-probabilities).
+    pub vocab: Option<Vocab>,
+}
+
+impl GenParams {
+    /// Plain generation: no grammar, log-probabilities or biases.
+    pub fn new(sampling: SamplingParams, max_new_tokens: usize, eos_ids: Vec<u32>) -> Self {
+        Self {
+            sampling,
+            max_new_tokens,
+            stop: Vec::new(),
+            eos_ids,
+            n: 1,
+            cache_scope: String::new(),
+            conversation: None,
+            constraint: None,
+            logprobs: None,
+            logit_bias: Vec::new(),
+            vocab: None,
+        }
+    }
 }
 
 /// What a generation reports, in order: deltas (of any choice), then one `Done` or `Error`.
@@ -61,6 +90,8 @@ pub enum GenEvent {
         index: usize,
         text: String,
         token_ids: Vec<u32>,
+        /// One per id, when asked for.
+        logprobs: Vec<TokenLogprob>,
     },
     Done {
         /// Per choice: why it ended and how many ids it generated.
@@ -333,6 +364,8 @@ struct Choice {
     stop: StopMatcher,
     generated: Vec<u32>,
     unsent_ids: Vec<u32>,
+    unsent_logprobs: Vec<TokenLogprob>,
+    constraint: Option<Constraint>,
     /// Everything emitted so far (the answer a client sees).
     text: String,
     finish: Option<FinishReason>,
@@ -462,6 +495,8 @@ impl<M: ChatModel> Generation<M> {
                 stop: StopMatcher::new(self.params.stop.clone()),
                 generated: Vec::new(),
                 unsent_ids: Vec::new(),
+                unsent_logprobs: Vec::new(),
+                constraint: self.params.constraint.clone(),
                 text: String::new(),
                 finish: None,
             });
@@ -573,8 +608,32 @@ impl<M: ChatModel> Generation<M> {
     /// Samples choice `i`'s next token from `logits` and emits what it adds.
     fn accept(&mut self, i: usize, logits: &mut [f32]) -> Result<(), ModelError> {
         let max = self.params.max_new_tokens;
+        // The model's own distribution, before biases, masks and the sampler's changes.
+        let raw = self.params.logprobs.map(|_| logits.to_vec());
+        for &(id, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
         let c = &mut self.choices[i];
-        let token = c.sampler.sample(logits);
+        if let Some(g) = &mut c.constraint {
+            g.apply(logits).map_err(|e| grammar_error(&e))?;
+        }
+        let mut token = c.sampler.sample(logits);
+        let mut grammar_done = false;
+        if let Some(g) = &mut c.constraint {
+            if !g.allowed(token) {
+                // Only reachable through rounding in the sampler's walk: the best allowed id.
+                token = greedy(logits);
+            }
+            g.commit(token).map_err(|e| grammar_error(&e))?;
+            grammar_done = g.is_stopped() && !self.params.eos_ids.contains(&token);
+        }
+        if let (Some(raw), Some(k)) = (raw, self.params.logprobs) {
+            let entry = self.logprob_entry(&raw, token, k);
+            self.choices[i].unsent_logprobs.push(entry);
+        }
+        let c = &mut self.choices[i];
         c.generated.push(token);
         c.unsent_ids.push(token);
         if self.params.eos_ids.contains(&token) {
@@ -591,10 +650,47 @@ impl<M: ChatModel> Generation<M> {
             }
             StopOutcome::Continue { emit } => self.emit(i, emit),
         }
+        if grammar_done {
+            // The grammar allows nothing more: the answer is complete.
+            return self.finish_choice(i, FinishReason::Stop, true);
+        }
         if self.choices[i].generated.len() >= max {
             return self.finish_choice(i, FinishReason::Length, true);
         }
         Ok(())
+    }
+
+    /// Token `id`'s log-probability and the `k` most likely ids, from the raw logits.
+    fn logprob_entry(&self, raw: &[f32], id: u32, k: usize) -> TokenLogprob {
+        let lse = logprobs::log_sum_exp(raw);
+        let piece = |id: u32| -> (String, Vec<u8>) {
+            let bytes = match &self.params.vocab {
+                Some(v) => v.token_bytes(id),
+                None => self
+                    .tokenizer
+                    .decode(&[id], false)
+                    .unwrap_or_default()
+                    .into_bytes(),
+            };
+            (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+        };
+        let (token, bytes) = piece(id);
+        TokenLogprob {
+            token,
+            logprob: logprobs::of(raw, lse, id),
+            bytes,
+            top_logprobs: logprobs::top(raw, lse, k)
+                .into_iter()
+                .map(|(t, logprob)| {
+                    let (token, bytes) = piece(t);
+                    TopLogprob {
+                        token,
+                        logprob,
+                        bytes,
+                    }
+                })
+                .collect(),
+        }
     }
 
     fn emit(&mut self, i: usize, text: String) {
@@ -602,10 +698,12 @@ impl<M: ChatModel> Generation<M> {
         let ids = std::mem::take(&mut c.unsent_ids);
         if !text.is_empty() || !ids.is_empty() {
             c.text.push_str(&text);
+            let logprobs = std::mem::take(&mut c.unsent_logprobs);
             let _ = self.events.send(GenEvent::Delta {
                 index: i,
                 text,
                 token_ids: ids,
+                logprobs,
             });
         }
     }
@@ -693,6 +791,10 @@ impl<M: ChatModel> Generation<M> {
             e.prefix.insert(&self.params.cache_scope, keys, cache, tags);
         }
     }
+}
+
+fn grammar_error(e: &str) -> ModelError {
+    internal(format!("constrained decoding failed: {e}"))
 }
 
 fn internal(message: String) -> ModelError {

@@ -23,8 +23,14 @@ use crate::engine::prefix_cache::{PrefixCache, PrefixCacheStats};
 use crate::engine::session::SessionOptions;
 use crate::engine::thread::EngineThread;
 use crate::error::{ClassifiedError, ErrorClass};
+use crate::pipeline::grammar::{Constraint, Vocab};
 use crate::pipeline::sampling::SamplingParams;
-use crate::protocol::{prefix, ChatMessage, ContentPart, Job, WorkerModel, MAX_CHOICES};
+use crate::protocol::{
+    prefix, ChatMessage, ContentPart, Job, WorkerModel, MAX_CHOICES, MAX_TOP_LOGPROBS,
+};
+use std::borrow::Cow;
+
+use super::tools;
 
 /// Load-time settings.
 #[derive(Debug, Clone)]
@@ -196,6 +202,8 @@ pub struct LoadedFamily {
     pub tokenizer: Arc<Tokenizer>,
     pub defaults: GenerationDefaults,
     pub context_length: usize,
+    /// Placeholder ids the media embeddings replace (refused in raw text prompts).
+    pub media_ids: Vec<u32>,
     pub vision: bool,
     pub audio: bool,
 }
@@ -206,10 +214,13 @@ pub struct LoadedModel {
     defaults: GenerationDefaults,
     backend: Box<dyn FamilyBackend>,
     max_prompt_tokens: Option<usize>,
+    media_ids: Vec<u32>,
     /// Encoder-cache hits and misses, for metrics.
     pub cache_stats: Arc<CacheStats>,
     /// The prefix cache's counters and the conversation digests it holds (for heartbeats).
     pub prefix: PrefixShare,
+    /// The vocabulary for constrained decoding and token bytes (`Err`: why there is none).
+    vocab: Result<Vocab, String>,
 }
 
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, ModelError> {
@@ -238,13 +249,32 @@ impl LoadedModel {
             audio: loaded.audio,
             created: crate::protocol::now_ms() / 1000,
         };
+        let t1 = Instant::now();
+        let n_vocab = loaded.tokenizer.get_vocab_size(true);
+        let vocab = Vocab::new(
+            loaded.tokenizer.clone(),
+            &loaded.defaults.eos_token_ids,
+            n_vocab,
+        );
+        match &vocab {
+            Ok(v) => tracing::debug!(
+                size = v.size(),
+                seconds = t1.elapsed().as_secs_f64(),
+                "constrained-decoding vocabulary built"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "no constrained decoding for this model (response_format and tools are refused)")
+            }
+        }
         tracing::info!(model = %info.name, quant = %info.quant, seconds = t0.elapsed().as_secs_f64(), "model loaded");
         Ok(Self {
+            vocab,
             info,
             tokenizer: loaded.tokenizer,
             defaults: loaded.defaults,
             backend: loaded.backend,
             max_prompt_tokens: opts.max_prompt_tokens,
+            media_ids: loaded.media_ids,
             cache_stats,
             prefix,
         })
@@ -284,12 +314,67 @@ impl LoadedModel {
                 ));
             }
         }
-        let input = self.backend.prepare_input(job)?;
+        let input = match &job.prompt {
+            Some(text) => self.raw_input(text)?,
+            None => match tools::prompt_messages(job)? {
+                Cow::Borrowed(_) => self.backend.prepare_input(job)?,
+                Cow::Owned(messages) => self.backend.prepare_input(&Job {
+                    messages,
+                    ..job.clone()
+                })?,
+            },
+        };
         let params = self.resolve_params(job, input.ids.len())?;
         Ok(PreparedJob {
             input,
             params,
             preprocess_ms: t0.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// A text completion's prompt: the raw text through the tokenizer (special tokens included),
+    /// no template and no media.
+    fn raw_input(&self, text: &str) -> Result<PreparedInput, ClassifiedError> {
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| ClassifiedError::new(ErrorClass::Internal, format!("tokenizer: {e}")))?;
+        let ids = enc.get_ids().to_vec();
+        if ids.is_empty() {
+            return Err(ClassifiedError::invalid("prompt", "the prompt is empty"));
+        }
+        if let Some(bad) = ids.iter().find(|id| self.media_ids.contains(id)) {
+            let name = self.tokenizer.id_to_token(*bad).unwrap_or_default();
+            return Err(ClassifiedError::invalid(
+                "prompt",
+                format!("the prompt holds the media placeholder {name}; text completions take text only (use /v1/chat/completions for images and audio)"),
+            ));
+        }
+        Ok(PreparedInput {
+            ids,
+            images: Vec::new(),
+            audio: Vec::new(),
+        })
+    }
+
+    /// The grammar of a job compiled against this model's vocabulary.
+    fn constraint(&self, job: &Job) -> Result<Option<Constraint>, ClassifiedError> {
+        let Some(grammar) = tools::job_grammar(job)? else {
+            return Ok(None);
+        };
+        let param = if tools::active_choice(job).is_some() {
+            "tools"
+        } else {
+            "response_format"
+        };
+        let vocab = self.vocab.as_ref().map_err(|e| {
+            ClassifiedError::invalid(
+                param,
+                format!("model {} cannot constrain its output: {e}", self.info.name),
+            )
+        })?;
+        vocab.constraint(&grammar).map(Some).map_err(|e| {
+            ClassifiedError::invalid(param, format!("{param}: the grammar does not compile: {e}"))
         })
     }
 
@@ -351,11 +436,25 @@ impl LoadedModel {
             },
             n: n as usize,
             cache_scope: job.cache_scope.clone().unwrap_or_default(),
-            conversation: Some(prefix::chain(
-                job.cache_scope.as_deref().unwrap_or(""),
-                &job.model,
-                &job.messages,
-            )),
+            conversation: job.prompt.is_none().then(|| {
+                prefix::chain(
+                    job.cache_scope.as_deref().unwrap_or(""),
+                    &job.model,
+                    &job.messages,
+                )
+            }),
+            constraint: self.constraint(job)?,
+            logprobs: match job.logprobs {
+                Some(k) if k > MAX_TOP_LOGPROBS => {
+                    return Err(ClassifiedError::invalid(
+                        "top_logprobs",
+                        format!("top_logprobs must be at most {MAX_TOP_LOGPROBS}, got {k}"),
+                    ))
+                }
+                k => k.map(|k| k as usize),
+            },
+            logit_bias: job.logit_bias.iter().map(|(&id, &b)| (id, b)).collect(),
+            vocab: self.vocab.as_ref().ok().cloned(),
         })
     }
 

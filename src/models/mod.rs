@@ -24,6 +24,7 @@ pub mod loaded;
 pub mod media;
 pub mod resolve;
 pub mod smolvlm;
+pub mod tools;
 
 use crate::engine::batch::BatchKv;
 use crate::engine::kv::{KvCache, KvLayout};

@@ -2,6 +2,7 @@
 //! [`request::ValidChatRequest`], its conversion to a wire [`crate::protocol::Job`], and the response
 //! bodies ([`response`]).
 
+pub mod completions;
 pub mod request;
 pub mod response;
 
@@ -39,6 +40,13 @@ impl ValidChatRequest {
             deadline_ms,
             n: (self.n > 1).then_some(self.n),
             cache_scope,
+            prompt: None,
+            response_format: self.response_format,
+            tools: self.tools,
+            tool_choice: self.tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls,
+            logprobs: self.logprobs,
+            logit_bias: self.logit_bias,
         }
     }
 }
@@ -70,7 +78,7 @@ pub fn cache_scope(api_key: Option<&str>, salt: Option<&str>) -> Option<String> 
 }
 
 /// A random seed from a fresh UUID's bits (no extra RNG dependency needed).
-fn rand_seed() -> u64 {
+pub(crate) fn rand_seed() -> u64 {
     let b = uuid::Uuid::new_v4().into_bytes();
     u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]])
 }

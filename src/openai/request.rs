@@ -4,10 +4,16 @@
 //! field (`param`) and says what was expected — serde's own messages ("invalid type at line 1 column
 //! 40") would not. Unknown fields are ignored, as OpenAI's API does.
 
+use std::collections::BTreeMap;
+
 use serde_json::{Map, Value};
 
 use crate::error::{ClassifiedError, ErrorClass};
-use crate::protocol::{ChatMessage, ContentPart, MediaSource, Role, SamplingOverrides};
+use crate::pipeline::grammar::Grammar;
+use crate::protocol::{
+    ChatMessage, ContentPart, MediaSource, ResponseFormat, Role, SamplingOverrides, ToolCall,
+    ToolChoice, ToolSpec, MAX_TOP_LOGPROBS,
+};
 
 /// Request-shape limits the front end enforces before anything is queued.
 #[derive(Debug, Clone)]
@@ -52,6 +58,13 @@ pub struct ValidChatRequest {
     /// vLLM's `cache_salt`: requests reuse cached KV only from requests with the same salt (and the
     /// same API key).
     pub cache_salt: Option<String>,
+    pub response_format: Option<ResponseFormat>,
+    pub tools: Vec<ToolSpec>,
+    pub tool_choice: Option<ToolChoice>,
+    pub parallel_tool_calls: Option<bool>,
+    /// `logprobs: true` with this many `top_logprobs`.
+    pub logprobs: Option<u32>,
+    pub logit_bias: BTreeMap<u32, f32>,
 }
 
 fn is_remote(url: &str) -> bool {
@@ -104,11 +117,11 @@ impl ValidChatRequest {
     }
 }
 
-fn invalid(param: &str, msg: impl Into<String>) -> ClassifiedError {
+pub(crate) fn invalid(param: &str, msg: impl Into<String>) -> ClassifiedError {
     ClassifiedError::invalid(param, msg)
 }
 
-fn type_name(v: &Value) -> &'static str {
+pub(crate) fn type_name(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -120,11 +133,11 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// A field that is absent or `null` is `None`.
-fn field<'a>(o: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
+pub(crate) fn field<'a>(o: &'a Map<String, Value>, k: &str) -> Option<&'a Value> {
     o.get(k).filter(|v| !v.is_null())
 }
 
-fn number(
+pub(crate) fn number(
     o: &Map<String, Value>,
     k: &str,
     lo: f64,
@@ -149,7 +162,7 @@ fn number(
     Ok(Some(x as f32))
 }
 
-fn integer(o: &Map<String, Value>, k: &str) -> Result<Option<i64>, ClassifiedError> {
+pub(crate) fn integer(o: &Map<String, Value>, k: &str) -> Result<Option<i64>, ClassifiedError> {
     let Some(v) = field(o, k) else {
         return Ok(None);
     };
@@ -168,7 +181,7 @@ fn integer(o: &Map<String, Value>, k: &str) -> Result<Option<i64>, ClassifiedErr
     }
 }
 
-fn boolean(o: &Map<String, Value>, k: &str) -> Result<bool, ClassifiedError> {
+pub(crate) fn boolean(o: &Map<String, Value>, k: &str) -> Result<bool, ClassifiedError> {
     match field(o, k) {
         None => Ok(false),
         Some(Value::Bool(b)) => Ok(*b),
@@ -229,30 +242,59 @@ pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest
             ))
         }
     };
-    if boolean(o, "logprobs")? {
-        return Err(invalid(
-            "logprobs",
-            "logprobs are not supported by this server",
-        ));
-    }
-    if let Some(Value::Array(tools)) = field(o, "tools") {
-        if !tools.is_empty() {
-            return Err(invalid(
-                "tools",
-                "tool calling is not supported by this server",
-            ));
-        }
-    }
-    if let Some(rf) = field(o, "response_format") {
-        let t = rf.get("type").and_then(Value::as_str).unwrap_or("");
-        if t != "text" {
-            return Err(invalid(
-                "response_format",
-                format!("response_format type {t:?} is not supported; only \"text\""),
-            ));
-        }
-    }
+    refuse_unsupported(o)?;
+    let logprobs = logprobs_field(o)?;
+    let response_format = response_format(o)?;
+    let (tools, tool_choice) = tools_fields(o)?;
+    let parallel_tool_calls = match field(o, "parallel_tool_calls") {
+        None => None,
+        Some(_) => Some(boolean(o, "parallel_tool_calls")?),
+    };
+    let logit_bias = logit_bias(o)?;
 
+    let common = common_fields(o, limits)?;
+    let Common {
+        sampling,
+        max_tokens,
+        stop,
+        stream,
+        include_usage,
+    } = common;
+    Ok(ValidChatRequest {
+        model,
+        messages,
+        sampling,
+        max_tokens,
+        stop,
+        stream,
+        include_usage,
+        return_token_ids: boolean(o, "return_token_ids")?,
+        ignore_eos: boolean(o, "ignore_eos")?,
+        n,
+        cache_salt,
+        response_format,
+        tools,
+        tool_choice,
+        parallel_tool_calls,
+        logprobs,
+        logit_bias,
+    })
+}
+
+/// Fields `/v1/chat/completions` and `/v1/completions` share.
+pub(crate) struct Common {
+    pub sampling: SamplingOverrides,
+    pub max_tokens: Option<u32>,
+    pub stop: Vec<String>,
+    pub stream: bool,
+    pub include_usage: bool,
+}
+
+/// Sampling, `max_tokens` / `max_completion_tokens`, `stop`, `stream`, `stream_options`.
+pub(crate) fn common_fields(
+    o: &Map<String, Value>,
+    limits: &RequestLimits,
+) -> Result<Common, ClassifiedError> {
     let top_k = match integer(o, "top_k")? {
         None => None,
         Some(k) if k == -1 || k == 0 => Some(0),
@@ -339,19 +381,397 @@ pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest
             ))
         }
     };
-    Ok(ValidChatRequest {
-        model,
-        messages,
+    Ok(Common {
         sampling,
         max_tokens,
         stop,
         stream,
         include_usage,
-        return_token_ids: boolean(o, "return_token_ids")?,
-        ignore_eos: boolean(o, "ignore_eos")?,
-        n,
-        cache_salt,
     })
+}
+
+/// OpenAI request fields this server accepts and ignores, with why (the README lists them).
+pub const IGNORED_FIELDS: &[(&str, &str)] = &[
+    ("metadata", "stored-completion tags; nothing is stored"),
+    ("store", "nothing is stored"),
+    ("user", "an end-user id for OpenAI's abuse monitoring"),
+    (
+        "safety_identifier",
+        "an end-user id for OpenAI's abuse monitoring",
+    ),
+    ("service_tier", "one tier here"),
+    (
+        "prompt_cache_key",
+        "the prefix cache needs no hint (cache_salt isolates)",
+    ),
+    (
+        "reasoning_effort",
+        "the served models do not reason in hidden tokens",
+    ),
+    ("verbosity", "no length presets; use max_tokens"),
+    (
+        "prediction",
+        "predicted outputs only speed up; every token is generated",
+    ),
+    (
+        "modalities",
+        "[\"text\"] is what is produced (\"audio\" is refused)",
+    ),
+    (
+        "stream_options.include_obfuscation",
+        "no obfuscation padding is sent",
+    ),
+];
+
+/// Fields OpenAI documents that this server cannot honour: a 400 naming them.
+pub(crate) fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ClassifiedError> {
+    if field(o, "audio").is_some() {
+        return Err(invalid(
+            "audio",
+            "audio output is not supported by this server",
+        ));
+    }
+    if let Some(Value::Array(m)) = field(o, "modalities") {
+        if m.iter().any(|x| x.as_str() == Some("audio")) {
+            return Err(invalid(
+                "modalities",
+                "audio output is not supported by this server; use [\"text\"]",
+            ));
+        }
+    }
+    if field(o, "web_search_options").is_some() {
+        return Err(invalid(
+            "web_search_options",
+            "web search is not supported by this server",
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn logprobs_field(o: &Map<String, Value>) -> Result<Option<u32>, ClassifiedError> {
+    let on = boolean(o, "logprobs")?;
+    let top = integer(o, "top_logprobs")?;
+    match (on, top) {
+        (false, None) => Ok(None),
+        (false, Some(_)) => Err(invalid(
+            "top_logprobs",
+            "top_logprobs needs logprobs set to true",
+        )),
+        (true, None) => Ok(Some(0)),
+        (true, Some(k)) if (0..=MAX_TOP_LOGPROBS as i64).contains(&k) => Ok(Some(k as u32)),
+        (true, Some(k)) => Err(invalid(
+            "top_logprobs",
+            format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+        )),
+    }
+}
+
+/// Checks that a grammar compiles; the error names `param`.
+fn check_grammar(param: &str, g: Grammar) -> Result<(), ClassifiedError> {
+    g.check().map_err(|e| {
+        invalid(
+            param,
+            format!("{param} cannot be used for constrained decoding: {e}"),
+        )
+    })
+}
+
+fn response_format(o: &Map<String, Value>) -> Result<Option<ResponseFormat>, ClassifiedError> {
+    let Some(rf) = field(o, "response_format") else {
+        return Ok(None);
+    };
+    let rf = rf.as_object().ok_or_else(|| {
+        invalid(
+            "response_format",
+            format!("response_format must be an object, got {}", type_name(rf)),
+        )
+    })?;
+    let t = rf
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| invalid("response_format.type", "response_format.type is required"))?;
+    let string_of = |k: &str| -> Result<String, ClassifiedError> {
+        let p = format!("response_format.{k}");
+        rf.get(k)
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .ok_or_else(|| invalid(&p, format!("{p} must be a string")))
+    };
+    let f = match t {
+        "text" => return Ok(None),
+        "json_object" => ResponseFormat::JsonObject,
+        "json_schema" => {
+            let js = rf
+                .get("json_schema")
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    invalid(
+                        "response_format.json_schema",
+                        "response_format.json_schema must be an object with a schema",
+                    )
+                })?;
+            let name = match js.get("name") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(n)) => Some(n.clone()),
+                Some(_) => {
+                    return Err(invalid(
+                        "response_format.json_schema.name",
+                        "response_format.json_schema.name must be a string",
+                    ))
+                }
+            };
+            if let Some(v) = js.get("strict").filter(|v| !v.is_null() && !v.is_boolean()) {
+                return Err(invalid(
+                    "response_format.json_schema.strict",
+                    format!(
+                        "response_format.json_schema.strict must be a boolean, got {}",
+                        type_name(v)
+                    ),
+                ));
+            }
+            let schema = match js.get("schema") {
+                None | Some(Value::Null) => serde_json::json!({}),
+                Some(s @ Value::Object(_)) | Some(s @ Value::Bool(_)) => s.clone(),
+                Some(v) => {
+                    return Err(invalid(
+                        "response_format.json_schema.schema",
+                        format!(
+                            "response_format.json_schema.schema must be a JSON Schema object, got {}",
+                            type_name(v)
+                        ),
+                    ))
+                }
+            };
+            check_grammar(
+                "response_format.json_schema.schema",
+                Grammar::JsonSchema(schema.clone()),
+            )?;
+            ResponseFormat::JsonSchema { schema, name }
+        }
+        "grammar" => {
+            let grammar = string_of("grammar")?;
+            check_grammar("response_format.grammar", Grammar::Lark(grammar.clone()))?;
+            ResponseFormat::Grammar { grammar }
+        }
+        "regex" => {
+            let pattern = string_of("pattern")?;
+            check_grammar("response_format.pattern", Grammar::regex(&pattern))?;
+            ResponseFormat::Regex { pattern }
+        }
+        other => {
+            return Err(invalid(
+                "response_format.type",
+                format!("response_format.type {other:?} is not supported; use text, json_object or json_schema (or the extensions grammar and regex)"),
+            ))
+        }
+    };
+    Ok(Some(f))
+}
+
+fn valid_function_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 64
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+}
+
+/// One `{"name", "description", "parameters"}` function object.
+fn function_spec(p: &str, f: &Value) -> Result<ToolSpec, ClassifiedError> {
+    let f = f
+        .as_object()
+        .ok_or_else(|| invalid(p, format!("{p} must be an object")))?;
+    let name = match f.get("name") {
+        Some(Value::String(n)) if valid_function_name(n) => n.clone(),
+        Some(Value::String(n)) => {
+            return Err(invalid(
+                &format!("{p}.name"),
+                format!("{p}.name {n:?} must be 1-64 letters, digits, '_', '-' or '.'"),
+            ))
+        }
+        _ => {
+            return Err(invalid(
+                &format!("{p}.name"),
+                format!("{p}.name is required"),
+            ))
+        }
+    };
+    let description = match f.get("description") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => Some(d.clone()),
+        Some(_) => {
+            return Err(invalid(
+                &format!("{p}.description"),
+                format!("{p}.description must be a string"),
+            ))
+        }
+    };
+    let parameters = match f.get("parameters") {
+        None | Some(Value::Null) => serde_json::json!({"type": "object", "properties": {}}),
+        Some(v @ Value::Object(_)) => v.clone(),
+        Some(v) => {
+            return Err(invalid(
+                &format!("{p}.parameters"),
+                format!(
+                    "{p}.parameters must be a JSON Schema object, got {}",
+                    type_name(v)
+                ),
+            ))
+        }
+    };
+    check_grammar(
+        &format!("{p}.parameters"),
+        Grammar::JsonSchema(parameters.clone()),
+    )?;
+    Ok(ToolSpec {
+        name,
+        description,
+        parameters,
+    })
+}
+
+/// `tools` and `tool_choice` (and the deprecated `functions` and `function_call`, mapped to them).
+fn tools_fields(
+    o: &Map<String, Value>,
+) -> Result<(Vec<ToolSpec>, Option<ToolChoice>), ClassifiedError> {
+    let mut tools = Vec::new();
+    let (list_key, choice_key) = if field(o, "tools").is_some() || field(o, "functions").is_none() {
+        ("tools", "tool_choice")
+    } else {
+        ("functions", "function_call")
+    };
+    if let Some(v) = field(o, list_key) {
+        let arr = v.as_array().ok_or_else(|| {
+            invalid(
+                list_key,
+                format!("{list_key} must be an array, got {}", type_name(v)),
+            )
+        })?;
+        for (i, t) in arr.iter().enumerate() {
+            let p = format!("{list_key}[{i}]");
+            let spec = if list_key == "functions" {
+                function_spec(&p, t)?
+            } else {
+                let to = t
+                    .as_object()
+                    .ok_or_else(|| invalid(&p, format!("{p} must be an object")))?;
+                match to.get("type").and_then(Value::as_str) {
+                    Some("function") => {}
+                    Some(other) => {
+                        return Err(invalid(
+                            &format!("{p}.type"),
+                            format!("{p}.type {other:?} is not supported; use \"function\""),
+                        ))
+                    }
+                    None => {
+                        return Err(invalid(
+                            &format!("{p}.type"),
+                            format!("{p}.type is required"),
+                        ))
+                    }
+                }
+                function_spec(
+                    &format!("{p}.function"),
+                    to.get("function").unwrap_or(&Value::Null),
+                )?
+            };
+            if tools.iter().any(|x: &ToolSpec| x.name == spec.name) {
+                return Err(invalid(
+                    &p,
+                    format!("{p}: two functions are named {:?}", spec.name),
+                ));
+            }
+            tools.push(spec);
+        }
+    }
+    let choice = match field(o, choice_key) {
+        None => None,
+        Some(Value::String(s)) => Some(match s.as_str() {
+            "none" => ToolChoice::None,
+            "auto" => ToolChoice::Auto,
+            "required" if choice_key == "tool_choice" => ToolChoice::Required,
+            other => {
+                return Err(invalid(
+                    choice_key,
+                    format!("{choice_key} {other:?} is not one of none, auto, required, or a function object"),
+                ))
+            }
+        }),
+        Some(Value::Object(c)) => {
+            let name = c
+                .get("function")
+                .and_then(|f| f.get("name"))
+                .or_else(|| c.get("name"))
+                .and_then(Value::as_str)
+                .ok_or_else(|| {
+                    invalid(
+                        choice_key,
+                        format!("{choice_key} must name a function: {{\"type\": \"function\", \"function\": {{\"name\": …}}}}"),
+                    )
+                })?;
+            if !tools.iter().any(|t| t.name == name) {
+                return Err(invalid(
+                    choice_key,
+                    format!("{choice_key} names the function {name:?}, which is not in {list_key}"),
+                ));
+            }
+            Some(ToolChoice::Function {
+                name: name.to_string(),
+            })
+        }
+        Some(v) => {
+            return Err(invalid(
+                choice_key,
+                format!("{choice_key} must be a string or an object, got {}", type_name(v)),
+            ))
+        }
+    };
+    if tools.is_empty()
+        && matches!(
+            choice,
+            Some(ToolChoice::Required | ToolChoice::Function { .. })
+        )
+    {
+        return Err(invalid(
+            choice_key,
+            format!("{choice_key} asks for a call but no {list_key} are given"),
+        ));
+    }
+    Ok((tools, choice))
+}
+
+pub(crate) fn logit_bias(o: &Map<String, Value>) -> Result<BTreeMap<u32, f32>, ClassifiedError> {
+    let Some(v) = field(o, "logit_bias") else {
+        return Ok(BTreeMap::new());
+    };
+    let m = v.as_object().ok_or_else(|| {
+        invalid(
+            "logit_bias",
+            format!(
+                "logit_bias must be an object of token ids to numbers, got {}",
+                type_name(v)
+            ),
+        )
+    })?;
+    let mut out = BTreeMap::new();
+    for (k, b) in m {
+        let id: u32 = k.parse().map_err(|_| {
+            invalid(
+                "logit_bias",
+                format!("logit_bias keys must be token ids, got {k:?}"),
+            )
+        })?;
+        let b = b
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                invalid(
+                    "logit_bias",
+                    format!("logit_bias[{k:?}] must be a number in [-100, 100]"),
+                )
+            })?;
+        out.insert(id, b as f32);
+    }
+    Ok(out)
 }
 
 fn parse_messages(
@@ -400,10 +820,11 @@ fn parse_message(i: usize, m: &Value, remote: bool) -> Result<ChatMessage, Class
         Some("system") | Some("developer") => Role::System,
         Some("user") => Role::User,
         Some("assistant") => Role::Assistant,
+        Some("tool") => Role::Tool,
         Some(other) => {
             return Err(invalid(
                 &format!("{p}.role"),
-                format!("{p}.role {other:?} is not supported; use system, user or assistant"),
+                format!("{p}.role {other:?} is not supported; use system, developer, user, assistant or tool"),
             ))
         }
         None => {
@@ -433,7 +854,82 @@ fn parse_message(i: usize, m: &Value, remote: bool) -> Result<ChatMessage, Class
         }
         None => return Err(invalid(&pc, format!("{pc} is required"))),
     };
-    Ok(ChatMessage { role, content })
+    let tool_calls = if role == Role::Assistant {
+        history_calls(&p, m)?
+    } else {
+        Vec::new()
+    };
+    if role == Role::Assistant && content.is_empty() && tool_calls.is_empty() {
+        return Err(invalid(&pc, format!("{pc} is required (or tool_calls)")));
+    }
+    let tool_call_id = match (role, m.get("tool_call_id")) {
+        (Role::Tool, Some(Value::String(id))) => Some(id.clone()),
+        (Role::Tool, _) => {
+            return Err(invalid(
+                &format!("{p}.tool_call_id"),
+                format!("{p}.tool_call_id is required in a tool message"),
+            ))
+        }
+        _ => None,
+    };
+    Ok(ChatMessage {
+        role,
+        content,
+        tool_calls,
+        tool_call_id,
+    })
+}
+
+/// An assistant message's `tool_calls` (history).
+fn history_calls(p: &str, m: &Map<String, Value>) -> Result<Vec<ToolCall>, ClassifiedError> {
+    let Some(v) = m.get("tool_calls").filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let pt = format!("{p}.tool_calls");
+    let arr = v
+        .as_array()
+        .ok_or_else(|| invalid(&pt, format!("{pt} must be an array")))?;
+    arr.iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let pc = format!("{pt}[{i}]");
+            let f = c
+                .get("function")
+                .and_then(Value::as_object)
+                .ok_or_else(|| {
+                    invalid(
+                        &format!("{pc}.function"),
+                        format!("{pc}.function must be an object"),
+                    )
+                })?;
+            let name = f.get("name").and_then(Value::as_str).ok_or_else(|| {
+                invalid(
+                    &format!("{pc}.function.name"),
+                    format!("{pc}.function.name must be a string"),
+                )
+            })?;
+            let arguments = match f.get("arguments") {
+                Some(Value::String(a)) => a.clone(),
+                Some(v @ Value::Object(_)) => v.to_string(),
+                None | Some(Value::Null) => "{}".into(),
+                Some(_) => {
+                    return Err(invalid(
+                        &format!("{pc}.function.arguments"),
+                        format!("{pc}.function.arguments must be a JSON string"),
+                    ))
+                }
+            };
+            Ok(ToolCall {
+                id: c
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+                name: name.to_string(),
+                arguments,
+            })
+        })
+        .collect()
 }
 
 fn parse_part(
@@ -721,8 +1217,10 @@ mod tests {
             Some("messages")
         );
         assert_eq!(base("model", json!(3)).param.as_deref(), Some("model"));
-        let e = base("messages", json!([{"role": "tool", "content": "x"}]));
+        let e = base("messages", json!([{"role": "function", "content": "x"}]));
         assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = base("messages", json!([{"role": "tool", "content": "x"}]));
+        assert_eq!(e.param.as_deref(), Some("messages[0].tool_call_id"));
         let e = base(
             "messages",
             json!([{"role": "user", "content": [{"type": "video"}]}]),

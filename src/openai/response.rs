@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use crate::error::ClassifiedError;
-use crate::protocol::{Timings, Usage};
+use crate::protocol::{Timings, TokenLogprob, ToolCallFrame, Usage};
 
 #[derive(Debug, Serialize)]
 pub struct ChatCompletion {
@@ -23,7 +23,7 @@ pub struct ChatCompletion {
 pub struct Choice {
     pub index: u32,
     pub message: AssistantMessage,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: &'static str,
     /// Extension (as vLLM), only with `return_token_ids: true`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -33,7 +33,50 @@ pub struct Choice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    pub content: String,
+    /// `null` when the answer is tool calls.
+    pub content: Option<String>,
+    pub refusal: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
+}
+
+/// `{"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}`.
+#[derive(Debug, Default, Serialize)]
+pub struct ChoiceLogprobs {
+    pub content: Vec<TokenLogprob>,
+    pub refusal: Option<Vec<TokenLogprob>>,
+}
+
+/// A call as OpenAI writes it: `{"id", "type": "function", "function": {"name", "arguments"}}`
+/// (in stream deltas with the call's `index` too).
+#[derive(Debug, Serialize)]
+pub struct ToolCallOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<u32>,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub function: FunctionOut,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FunctionOut {
+    pub name: String,
+    pub arguments: String,
+}
+
+impl ToolCallOut {
+    pub fn new(c: ToolCallFrame, streamed: bool) -> Self {
+        Self {
+            index: streamed.then_some(c.index),
+            id: c.id,
+            kind: "function",
+            function: FunctionOut {
+                name: c.name,
+                arguments: c.arguments,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -53,7 +96,7 @@ pub struct ChatCompletionChunk {
 pub struct ChunkChoice {
     pub index: u32,
     pub delta: Delta,
-    pub logprobs: Option<()>,
+    pub logprobs: Option<ChoiceLogprobs>,
     pub finish_reason: Option<&'static str>,
 }
 
@@ -63,6 +106,8 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCallOut>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_ids: Option<Vec<u32>>,
 }
@@ -126,6 +171,74 @@ impl ResponseMeta {
         ChatCompletionChunk {
             id: self.id.clone(),
             object: "chat.completion.chunk",
+            created: self.created,
+            model: self.model.clone(),
+            system_fingerprint: self.fingerprint.clone(),
+            choices,
+            usage,
+        }
+    }
+}
+
+/// `text_completion` (the legacy `/v1/completions`), whole or as one stream chunk.
+#[derive(Debug, Serialize)]
+pub struct TextCompletion {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    pub system_fingerprint: String,
+    pub choices: Vec<TextChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TextChoice {
+    pub index: u32,
+    pub text: String,
+    pub logprobs: Option<LegacyLogprobs>,
+    pub finish_reason: Option<&'static str>,
+}
+
+/// The legacy log-probability layout: parallel lists, `text_offset` in characters of the choice's
+/// text (after an echoed prompt).
+#[derive(Debug, Default, Serialize)]
+pub struct LegacyLogprobs {
+    pub tokens: Vec<String>,
+    pub token_logprobs: Vec<f32>,
+    pub top_logprobs: Vec<serde_json::Map<String, serde_json::Value>>,
+    pub text_offset: Vec<usize>,
+}
+
+impl LegacyLogprobs {
+    /// Appends tokens whose text starts at character `offset`; returns the offset after them.
+    pub fn extend(&mut self, entries: Vec<TokenLogprob>, mut offset: usize) -> usize {
+        for e in entries {
+            self.text_offset.push(offset);
+            offset += e.token.chars().count();
+            self.top_logprobs.push(
+                e.top_logprobs
+                    .into_iter()
+                    .map(|t| (t.token, serde_json::json!(t.logprob)))
+                    .collect(),
+            );
+            self.tokens.push(e.token);
+            self.token_logprobs.push(e.logprob);
+        }
+        offset
+    }
+}
+
+impl ResponseMeta {
+    pub fn text_completion(
+        &self,
+        choices: Vec<TextChoice>,
+        usage: Option<Usage>,
+    ) -> TextCompletion {
+        TextCompletion {
+            id: self.id.clone(),
+            object: "text_completion",
             created: self.created,
             model: self.model.clone(),
             system_fingerprint: self.fingerprint.clone(),

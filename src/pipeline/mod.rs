@@ -11,7 +11,9 @@
 
 pub mod audio;
 pub mod detok;
+pub mod grammar;
 pub mod image;
+pub mod logprobs;
 pub mod sampling;
 pub mod stop;
 pub mod template;

@@ -37,11 +37,47 @@ pub enum FrameBody {
         /// The choice (`0 .. n`) the text belongs to; absent = 0.
         #[serde(default, skip_serializing_if = "is_zero")]
         index: u32,
+        /// One per id in `token_ids`, when the job asked for log-probabilities.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        logprobs: Vec<TokenLogprob>,
+        /// Calls the answer makes (the answer is a tool call, not text), each complete.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tool_calls: Vec<ToolCallFrame>,
     },
     Done(DoneBody),
     Error {
         error: WireError,
     },
+}
+
+/// A generated token's log-probability under the model (the log-softmax of its logits, before
+/// temperature, penalties, biases and grammar masks), and the most likely alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    pub token: String,
+    pub logprob: f32,
+    /// The token's bytes (UTF-8 pieces of one character can be split across tokens).
+    pub bytes: Vec<u8>,
+    #[serde(default)]
+    pub top_logprobs: Vec<TopLogprob>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TopLogprob {
+    pub token: String,
+    pub logprob: f32,
+    pub bytes: Vec<u8>,
+}
+
+/// One call of an answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCallFrame {
+    /// Position among the answer's calls, from 0.
+    pub index: u32,
+    pub id: String,
+    pub name: String,
+    /// The arguments object as JSON text.
+    pub arguments: String,
 }
 
 impl FrameBody {
@@ -78,6 +114,8 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context limit.
     Length,
+    /// The answer is a set of tool calls.
+    ToolCalls,
 }
 
 impl FinishReason {
@@ -85,6 +123,7 @@ impl FinishReason {
         match self {
             Self::Stop => "stop",
             Self::Length => "length",
+            Self::ToolCalls => "tool_calls",
         }
     }
 }
@@ -186,6 +225,8 @@ mod tests {
                 text: "hi".into(),
                 token_ids: vec![5],
                 index: 0,
+                logprobs: vec![],
+                tool_calls: vec![],
             },
         };
         let v = serde_json::to_value(&f).unwrap();

@@ -1,9 +1,12 @@
 //! A job: one normalised chat request, as a front end (or any other program) publishes it for workers.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 /// One chat completion to run. Published on `onnxchat.v1.jobs.<model>`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     /// Unique id (UUID v4 text); frames and cancellations refer to it.
     pub job_id: String,
@@ -41,6 +44,90 @@ pub struct Job {
     /// request's `cache_salt`; it is opaque to workers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_scope: Option<String>,
+    /// A text completion (`/v1/completions`): this raw text is the prompt, tokenized as it is
+    /// (with the tokenizer's start-of-sequence id), and `messages` is empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// Constrains the answer (structured outputs); absent = free text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
+    /// Functions the model may call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<ToolSpec>,
+    /// Whether and which tool to call (absent = `auto` when there are tools).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// Allow several calls in one answer (absent = true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    /// Report each generated token's log-probability and this many most likely alternatives
+    /// (0 ..= 20); absent = no log-probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<u32>,
+    /// Token id → bias added to its logit before sampling (-100 ..= 100).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub logit_bias: BTreeMap<u32, f32>,
+}
+
+/// Most `top_logprobs` one token may ask for.
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// What shape the answer must have.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ResponseFormat {
+    /// Free text (the default).
+    Text,
+    /// Any JSON object.
+    JsonObject,
+    /// JSON valid against `schema`.
+    JsonSchema {
+        schema: Value,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Extension: text matching a Lark grammar in llguidance's dialect.
+    Grammar { grammar: String },
+    /// Extension: text matching a regular expression.
+    Regex { pattern: String },
+}
+
+/// A function the model may call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// JSON Schema of the arguments object.
+    #[serde(default = "empty_object_schema")]
+    pub parameters: Value,
+}
+
+fn empty_object_schema() -> Value {
+    serde_json::json!({"type": "object", "properties": {}})
+}
+
+/// Whether the model answers with text, tool calls, or either.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// Text only; the tools are not shown to the model.
+    None,
+    /// The model chooses.
+    Auto,
+    /// At least one call.
+    Required,
+    /// A call of this function.
+    Function { name: String },
+}
+
+/// A call an assistant message made (in the history) or an answer makes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments as JSON text.
+    pub arguments: String,
 }
 
 /// Most choices (`n`) one job may ask for.
@@ -85,6 +172,8 @@ pub enum Role {
     System,
     User,
     Assistant,
+    /// A tool's result (`tool_call_id` names the call).
+    Tool,
 }
 
 impl Role {
@@ -93,6 +182,7 @@ impl Role {
             Self::System => "system",
             Self::User => "user",
             Self::Assistant => "assistant",
+            Self::Tool => "tool",
         }
     }
 }
@@ -102,6 +192,24 @@ impl Role {
 pub struct ChatMessage {
     pub role: Role,
     pub content: Vec<ContentPart>,
+    /// The calls an assistant message made.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A message of text parts only.
+    pub fn text(role: Role, text: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: vec![ContentPart::Text { text: text.into() }],
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
+    }
 }
 
 /// A part of a message.

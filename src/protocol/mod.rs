@@ -9,12 +9,13 @@ pub mod prefix;
 pub mod subjects;
 
 pub use frame::{
-    ChoiceEnd, DoneBody, FinishReason, Frame, FrameBody, PromptTokensDetails, Timings, Usage,
-    WireError,
+    ChoiceEnd, DoneBody, FinishReason, Frame, FrameBody, PromptTokensDetails, Timings,
+    TokenLogprob, ToolCallFrame, TopLogprob, Usage, WireError,
 };
 pub use job::{
-    CancelRequest, ChatMessage, ContentPart, Job, MediaSource, OfferReply, Role, SamplingOverrides,
-    WorkerHeartbeat, WorkerModel, MAX_CHOICES,
+    CancelRequest, ChatMessage, ContentPart, Job, MediaSource, OfferReply, ResponseFormat, Role,
+    SamplingOverrides, ToolCall, ToolChoice, ToolSpec, WorkerHeartbeat, WorkerModel, MAX_CHOICES,
+    MAX_TOP_LOGPROBS,
 };
 
 /// Version of the wire protocol; part of every subject.

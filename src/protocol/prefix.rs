@@ -16,7 +16,7 @@
 
 use sha2::{Digest, Sha256};
 
-use super::{ChatMessage, ContentPart, Role};
+use super::{ChatMessage, Role};
 
 /// One link of the chain.
 pub type ChainState = [u8; 32];
@@ -65,12 +65,7 @@ pub fn digests(scope: &str, model: &str, messages: &[ChatMessage]) -> Vec<String
 pub fn answer_digest(state: &ChainState, text: &str) -> String {
     digest(&chain_next(
         state,
-        &ChatMessage {
-            role: Role::Assistant,
-            content: vec![ContentPart::Text {
-                text: text.to_string(),
-            }],
-        },
+        &ChatMessage::text(Role::Assistant, text),
     ))
 }
 
@@ -79,10 +74,7 @@ mod tests {
     use super::*;
 
     fn msg(role: Role, text: &str) -> ChatMessage {
-        ChatMessage {
-            role,
-            content: vec![ContentPart::Text { text: text.into() }],
-        }
+        ChatMessage::text(role, text)
     }
 
     #[test]

@@ -18,6 +18,7 @@ use crate::bus::{Bus, Delivery};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::generate::GenEvent;
 use crate::models::loaded::LoadedModel;
+use crate::models::tools::{self, ToolEnd, ToolStream};
 use crate::protocol::{
     now_ms, ChoiceEnd, DoneBody, Frame, FrameBody, Job, Timings, Usage, WorkerHeartbeat,
 };
@@ -420,6 +421,14 @@ async fn run_job(
         out.error(e).await;
         return true;
     }
+    // With tools in play, each choice's text goes through a tool-call parser.
+    let mut streams: Vec<ToolStream> = if tools::active_choice(job).is_some() {
+        (0..job.n.unwrap_or(1).max(1))
+            .map(|_| ToolStream::default())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut progress = tokio::time::interval(state.cfg.progress_interval);
     progress.tick().await;
     loop {
@@ -444,18 +453,54 @@ async fn run_job(
                 index,
                 text,
                 token_ids,
+                logprobs,
             } => FrameBody::Delta {
-                text,
+                text: match streams.get_mut(index) {
+                    Some(s) => s.push(&text),
+                    None => text,
+                },
                 token_ids,
                 index: index as u32,
+                logprobs,
+                tool_calls: Vec::new(),
             },
             GenEvent::Done {
-                choices,
+                mut choices,
                 prompt_tokens,
                 cached_tokens,
                 prefill_ms,
                 decode_ms,
             } => {
+                // Answers held back as possible tool calls: their calls, or their text.
+                for (i, s) in streams.iter_mut().enumerate() {
+                    let body = match s.finish(&job.tools, &job.job_id, i) {
+                        ToolEnd::Text(text) if text.is_empty() => continue,
+                        ToolEnd::Text(text) => FrameBody::Delta {
+                            text,
+                            token_ids: Vec::new(),
+                            index: i as u32,
+                            logprobs: Vec::new(),
+                            tool_calls: Vec::new(),
+                        },
+                        ToolEnd::Calls(tool_calls) => {
+                            if let Some(c) = choices.get_mut(i) {
+                                c.0 = crate::protocol::FinishReason::ToolCalls;
+                            }
+                            FrameBody::Delta {
+                                text: String::new(),
+                                token_ids: Vec::new(),
+                                index: i as u32,
+                                logprobs: Vec::new(),
+                                tool_calls,
+                            }
+                        }
+                    };
+                    if let Err(e) = out.send(body).await {
+                        tracing::info!(error = %e, "frame not delivered; stopping the job");
+                        cancel.store(true, Ordering::Relaxed);
+                        return true;
+                    }
+                }
                 let completion_tokens = GenEvent::completion_tokens(&choices);
                 state.cfg.metrics.generation(
                     prompt_tokens,

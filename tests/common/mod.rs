@@ -301,8 +301,13 @@ impl Server {
     }
 
     pub async fn chat(&self, body: &Value) -> (u16, Value) {
+        self.post("/v1/chat/completions", body).await
+    }
+
+    /// POSTs `body` to `path`: the status and the JSON answer.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let r = reqwest::Client::new()
-            .post(self.url("/v1/chat/completions"))
+            .post(self.url(path))
             .json(body)
             .send()
             .await
@@ -313,8 +318,13 @@ impl Server {
 
     /// A streaming request: the parsed `data:` payloads, in order (`[DONE]` as a string).
     pub async fn chat_stream(&self, body: &Value) -> (u16, Vec<Value>) {
+        self.post_stream("/v1/chat/completions", body).await
+    }
+
+    /// A streaming POST to `path`: the parsed `data:` payloads, in order (`[DONE]` as a string).
+    pub async fn post_stream(&self, path: &str, body: &Value) -> (u16, Vec<Value>) {
         let r = reqwest::Client::new()
-            .post(self.url("/v1/chat/completions"))
+            .post(self.url(path))
             .json(body)
             .send()
             .await

@@ -112,6 +112,7 @@ pub fn load(
         tokenizer,
         defaults,
         context_length: cfg.context_length,
+        media_ids: vec![cfg.image_token_id, cfg.audio_token_id],
         vision: model.plan.graph(Component::VisionEncoder).is_some(),
         audio: model.plan.graph(Component::AudioEncoder).is_some(),
     })

@@ -131,6 +131,7 @@ pub fn load(
         tokenizer,
         defaults,
         context_length: cfg.context_length,
+        media_ids: vec![cfg.image_token_id],
         vision: model.plan.graph(Component::VisionEncoder).is_some(),
         audio: false,
     })

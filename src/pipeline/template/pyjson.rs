@@ -298,10 +298,11 @@ mod tests {
     #[test]
     fn matches_python_json_dumps() {
         let v = serde_json::json!({"b": [1, 2.5, true, null], "a": "x<&>'\"\n\u{1}é🙂"});
-        // serde_json's map is ordered by key here, like `sort_keys=True` in Python.
+        // serde_json keeps insertion order (its `preserve_order`, which llguidance needs), as a
+        // Python dict does.
         assert_eq!(
             dump(v.clone(), DumpOptions::default()),
-            r#"{"a": "x<&>'\"\n\u0001é🙂", "b": [1, 2.5, true, null]}"#
+            r#"{"b": [1, 2.5, true, null], "a": "x<&>'\"\n\u0001é🙂"}"#
         );
         let ascii = DumpOptions {
             ensure_ascii: true,
