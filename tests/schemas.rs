@@ -89,6 +89,7 @@ fn sample_job() -> Job {
         n: Some(2),
         cache_scope: Some("0123abcd".into()),
         prompt: None,
+        prompt_token_ids: vec![],
         response_format: Some(ResponseFormat::JsonSchema {
             schema: json!({"type": "object"}),
             name: Some("answer".into()),

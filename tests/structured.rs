@@ -601,8 +601,12 @@ async fn text_completions() {
             "suffix",
         ),
         (
-            json!({"model": "tiny-gemma3n", "prompt": [[1, 2]]}),
+            json!({"model": "tiny-gemma3n", "prompt": [[2, 99999]]}),
             "prompt",
+        ),
+        (
+            json!({"model": "tiny-gemma3n", "prompt": [[2, 5]], "echo": true}),
+            "echo",
         ),
         (json!({"model": "tiny-gemma3n"}), "prompt"),
         (
@@ -619,6 +623,36 @@ async fn text_completions() {
         assert!(status == 400 || status == 404, "{b}: {v}");
         assert_eq!(v["error"]["param"], param, "{v}");
     }
+    // A prompt given as token ids is the same prompt as its text (the tokenizer's ids, `<bos>` included).
+    let tok =
+        tokenizers::Tokenizer::from_file(common::fixture_dir().join("tokenizer.json")).unwrap();
+    let ids = tok
+        .encode("Once upon a time", true)
+        .unwrap()
+        .get_ids()
+        .to_vec();
+    let (_, v) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny-gemma3n", "prompt": ids, "max_tokens": 5, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), first, "{v}");
+    // Offsets stay inside the text even when special tokens (which add no text) are generated.
+    let (_, v) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny-gemma3n", "prompt": "Hi", "max_tokens": 3, "temperature": 0,
+                "logit_bias": {"45": 100}, "logprobs": 1}),
+        )
+        .await;
+    let text_len = v["choices"][0]["text"].as_str().unwrap().chars().count() as u64;
+    for o in v["choices"][0]["logprobs"]["text_offset"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(o.as_u64().unwrap() <= text_len, "{v}");
+    }
     // The model card.
     let r = reqwest::get(s.url("/v1/models/tiny-gemma3n"))
         .await
@@ -628,4 +662,65 @@ async fn text_completions() {
     assert_eq!(card["id"], "tiny-gemma3n");
     assert_eq!(card["object"], "model");
     s.shutdown().await;
+}
+
+/// A model whose chat template has its own tool syntax gets the tools (and the calls and results
+/// in the history) through the template, not the Gemma prompt; its calls are parsed afterwards.
+#[test]
+fn a_template_with_tool_syntax_renders_the_tools_itself() {
+    let src = common::fixture_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tool-template-model");
+    std::fs::create_dir(&dir).unwrap();
+    for e in std::fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        let to = dir.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::os::unix::fs::symlink(e.path(), to).unwrap();
+        } else if e.file_name() != "chat_template.jinja" {
+            std::fs::copy(e.path(), to).unwrap();
+        }
+    }
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{{ bos_token }}{% if tools %}<start_of_turn>system\nTOOLS:{{ tools | tojson }}<end_of_turn>\n{% endif %}\
+         {% for m in messages %}<start_of_turn>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}\
+         <tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% elif m.role == 'tool' %}RESULT {{ m.tool_call_id }}: {{ m.content }}\
+         {% else %}{{ m.content }}{% endif %}<end_of_turn>\n{% endfor %}<start_of_turn>model\n",
+    )
+    .unwrap();
+    let resolved = common::resolve_dir(&dir, "tool-template", "FP32");
+    let model = common::load_with(&resolved, common::EngineOpts::ONE_SHOT);
+    let job: onnx_chat::protocol::Job = serde_json::from_value(json!({
+        "job_id": "j", "model": "tool-template", "reply_to": "r",
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Weather?"}]},
+            {"role": "assistant", "content": [], "tool_calls": [{"id": "c1", "name": "get_time", "arguments": "{\"city\": \"Oslo\"}"}]},
+            {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "noon"}]}],
+        "tools": [{"name": "get_time", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+        "tool_choice": {"type": "required"}
+    }))
+    .unwrap();
+    let prepared = model.prepare(&job).unwrap();
+    let text = model
+        .tokenizer()
+        .decode(&prepared.input.ids, false)
+        .unwrap();
+    assert!(
+        text.contains("TOOLS:[{\"type\": \"function\", \"function\": {\"name\": \"get_time\""),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "<tool_call>{\"name\": \"get_time\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("RESULT c1: noon"),
+        "the tool message reaches the template as it is: {text}"
+    );
+    assert!(!text.contains("You have access to functions"), "{text}");
+    // The call format is the template's: parsed after the fact, not constrained.
+    assert!(prepared.params.constraint.is_none());
 }

@@ -16,7 +16,7 @@ use super::chat::{served_model, submit, InFlight};
 use super::frames::{Event, FrameReader};
 use super::{error_response, json_response, AppState};
 use crate::error::ClassifiedError;
-use crate::openai::completions::{self, ValidCompletionRequest};
+use crate::openai::completions::{self, PromptInput, ValidCompletionRequest};
 use crate::openai::response::{ErrorBody, LegacyLogprobs, ResponseMeta, TextChoice};
 use crate::protocol::{now_ms, DoneBody, Usage};
 
@@ -114,7 +114,10 @@ async fn collect(
     let mut choices = Vec::new();
     let mut usage = Usage::default();
     for (p, mut r) in running.into_iter().enumerate() {
-        let prompt = &req.prompts[p];
+        let prompt = match &req.prompts[p] {
+            PromptInput::Text(t) => t.as_str(),
+            PromptInput::Ids(_) => "",
+        };
         let mut texts = vec![String::new(); n];
         let mut lps: Vec<LegacyLogprobs> = (0..n).map(|_| LegacyLogprobs::default()).collect();
         let mut offsets = vec![if req.echo { prompt.chars().count() } else { 0 }; n];
@@ -129,7 +132,7 @@ async fn collect(
                 } => {
                     let i = (index as usize).min(n - 1);
                     texts[i].push_str(&text);
-                    offsets[i] = lps[i].extend(logprobs, offsets[i]);
+                    offsets[i] = lps[i].extend(logprobs, offsets[i], text.chars().count());
                 }
                 Event::Done(d) => break d,
             }
@@ -214,7 +217,9 @@ fn sse(
         if req.echo {
             for p in 0..prompts {
                 for i in 0..n {
-                    let text = req.prompts[p].clone();
+                    let PromptInput::Text(text) = req.prompts[p].clone() else {
+                        continue;
+                    };
                     offsets[p * n + i] = text.chars().count();
                     if tx.send(chunk(p * n + i, text, None, None)).await.is_err() {
                         return;
@@ -242,7 +247,7 @@ fn sse(
                     }
                     let lp = req.logprobs.is_some().then(|| {
                         let mut lp = LegacyLogprobs::default();
-                        offsets[k] = lp.extend(logprobs, offsets[k]);
+                        offsets[k] = lp.extend(logprobs, offsets[k], text.chars().count());
                         lp
                     });
                     vec![chunk(k, text, lp, None)]

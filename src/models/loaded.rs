@@ -112,7 +112,10 @@ pub trait FamilyBackend: Send + Sync {
     /// The prompt of a conversation at each stage (for tests and debugging).
     fn prompt(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError>;
     /// Media decoding and preprocessing plus the prompt: everything the prefill needs (blocking).
+    /// With [`Self::native_tools`], the template also gets the job's tools.
     fn prepare_input(&self, job: &Job) -> Result<PreparedInput, ClassifiedError>;
+    /// The chat template has its own tool syntax (reads `tools`).
+    fn native_tools(&self) -> bool;
     /// Queues a generation on the family's owner thread.
     fn start(
         &self,
@@ -316,7 +319,10 @@ impl LoadedModel {
         }
         let input = match &job.prompt {
             Some(text) => self.raw_input(text)?,
-            None => match tools::prompt_messages(job)? {
+            None if !job.prompt_token_ids.is_empty() => {
+                self.raw_ids(job.prompt_token_ids.clone())?
+            }
+            None => match tools::prompt_messages(job, self.backend.native_tools())? {
                 Cow::Borrowed(_) => self.backend.prepare_input(job)?,
                 Cow::Owned(messages) => self.backend.prepare_input(&Job {
                     messages,
@@ -343,6 +349,18 @@ impl LoadedModel {
         if ids.is_empty() {
             return Err(ClassifiedError::invalid("prompt", "the prompt is empty"));
         }
+        self.raw_ids(ids)
+    }
+
+    /// A text completion's prompt as ids (checked against the vocabulary and media placeholders).
+    fn raw_ids(&self, ids: Vec<u32>) -> Result<PreparedInput, ClassifiedError> {
+        let size = self.tokenizer.get_vocab_size(true) as u32;
+        if let Some(bad) = ids.iter().find(|&&id| id >= size) {
+            return Err(ClassifiedError::invalid(
+                "prompt",
+                format!("token id {bad} is past the vocabulary ({size} ids)"),
+            ));
+        }
         if let Some(bad) = ids.iter().find(|id| self.media_ids.contains(id)) {
             let name = self.tokenizer.id_to_token(*bad).unwrap_or_default();
             return Err(ClassifiedError::invalid(
@@ -359,7 +377,7 @@ impl LoadedModel {
 
     /// The grammar of a job compiled against this model's vocabulary.
     fn constraint(&self, job: &Job) -> Result<Option<Constraint>, ClassifiedError> {
-        let Some(grammar) = tools::job_grammar(job)? else {
+        let Some(grammar) = tools::job_grammar(job, self.backend.native_tools())? else {
             return Ok(None);
         };
         let param = if tools::active_choice(job).is_some() {
@@ -436,7 +454,7 @@ impl LoadedModel {
             },
             n: n as usize,
             cache_scope: job.cache_scope.clone().unwrap_or_default(),
-            conversation: job.prompt.is_none().then(|| {
+            conversation: (job.prompt.is_none() && job.prompt_token_ids.is_empty()).then(|| {
                 prefix::chain(
                     job.cache_scope.as_deref().unwrap_or(""),
                     &job.model,

@@ -136,8 +136,13 @@ fn text_of(m: &ChatMessage) -> String {
 
 /// The messages the chat template sees: tool declarations in the system prompt, history calls
 /// and results as text, and consecutive turns of one role merged (Gemma's template requires
-/// alternating roles). Unchanged (borrowed) when no tools are involved.
-pub fn prompt_messages(job: &Job) -> Result<Cow<'_, [ChatMessage]>, ClassifiedError> {
+/// alternating roles). Unchanged (borrowed) when no tools are involved, or when the chat
+/// template has its own tool syntax (`native`: it gets the messages and [`template_tools`] as
+/// they are).
+pub fn prompt_messages(job: &Job, native: bool) -> Result<Cow<'_, [ChatMessage]>, ClassifiedError> {
+    if native {
+        return Ok(Cow::Borrowed(&job.messages));
+    }
     let choice = active_choice(job);
     let history_tools = job
         .messages
@@ -215,6 +220,44 @@ fn merge(prev: &mut ChatMessage, next: ChatMessage) {
     prev.content.extend(parts);
 }
 
+/// OpenAI's `tools` list of the functions shown, for a template with its own tool syntax.
+pub fn template_tools(job: &Job) -> Result<Option<Value>, ClassifiedError> {
+    let Some(choice) = active_choice(job) else {
+        return Ok(None);
+    };
+    let list: Vec<Value> = shown(job, &choice)?
+        .iter()
+        .map(|t| {
+            let mut f = json!({"name": t.name, "parameters": t.parameters});
+            if let Some(d) = &t.description {
+                f["description"] = json!(d);
+            }
+            json!({"type": "function", "function": f})
+        })
+        .collect();
+    Ok(Some(Value::Array(list)))
+}
+
+/// Adds a message's `tool_calls` (arguments as an object, as transformers' templates expect) and
+/// `tool_call_id` to its template form.
+pub fn add_template_fields(m: &ChatMessage, obj: &mut Value) {
+    if !m.tool_calls.is_empty() {
+        obj["tool_calls"] = m
+            .tool_calls
+            .iter()
+            .map(|c| {
+                let args: Value = serde_json::from_str(&c.arguments)
+                    .unwrap_or(Value::String(c.arguments.clone()));
+                json!({"id": c.id, "type": "function",
+                       "function": {"name": c.name, "arguments": args}})
+            })
+            .collect();
+    }
+    if let Some(id) = &m.tool_call_id {
+        obj["tool_call_id"] = json!(id);
+    }
+}
+
 /// The schema of one call of `t`.
 fn call_schema(t: &ToolSpec) -> Value {
     json!({
@@ -244,10 +287,12 @@ fn with_layout(mut schema: Value) -> Value {
 }
 
 /// The grammar the answer is constrained to, if any: the response format's, the tool calls', or
-/// (tool choice `auto`) either one. The error names the request field at fault.
-pub fn job_grammar(job: &Job) -> Result<Option<Grammar>, ClassifiedError> {
+/// (tool choice `auto`) either one. With a template's own tool syntax (`native`) the call format
+/// is the model's, so calls are parsed after the fact and only a response format constrains.
+/// The error names the request field at fault.
+pub fn job_grammar(job: &Job, native: bool) -> Result<Option<Grammar>, ClassifiedError> {
     let format = job.response_format.as_ref().and_then(format_grammar);
-    let Some(choice) = active_choice(job) else {
+    let Some(choice) = active_choice(job).filter(|_| !native) else {
         return Ok(format);
     };
     let tools = shown(job, &choice)?;
@@ -282,6 +327,9 @@ pub fn job_grammar(job: &Job) -> Result<Option<Grammar>, ClassifiedError> {
     Ok(Some(Grammar::Lark(lark)))
 }
 
+const CALL_OPEN: &str = "<tool_call>";
+const CALL_CLOSE: &str = "</tool_call>";
+
 /// A call as the model writes it; the arguments stay the text the model wrote (numbers of any
 /// size included: the grammar allows what JSON allows).
 #[derive(serde::Deserialize)]
@@ -295,6 +343,8 @@ struct WrittenCall<'a> {
 /// (or `"arguments"`), separated by whitespace. `None` when the text is anything else.
 pub fn parse_calls(text: &str, tools: &[ToolSpec]) -> Option<Vec<(String, String)>> {
     let mut calls = Vec::new();
+    // Templates with their own tool syntax often wrap each call (Hermes, Qwen).
+    let text = text.replace(CALL_OPEN, " ").replace(CALL_CLOSE, " ");
     for c in serde_json::Deserializer::from_str(text.trim()).into_iter::<WrittenCall>() {
         let c = c.ok()?;
         if !tools.iter().any(|t| t.name == c.name) {
@@ -358,16 +408,16 @@ impl ToolStream {
             }
             StreamState::Undecided => {
                 self.held.push_str(text);
-                match self.held.trim_start().chars().next() {
-                    None => String::new(),
-                    Some('{') => {
-                        self.state = StreamState::Call;
-                        String::new()
-                    }
-                    Some(_) => {
-                        self.state = StreamState::Text;
-                        std::mem::take(&mut self.held)
-                    }
+                let t = self.held.trim_start();
+                if t.is_empty() || (CALL_OPEN.starts_with(t) && t.len() < CALL_OPEN.len()) {
+                    // Whitespace, or maybe the start of a wrapped call.
+                    String::new()
+                } else if t.starts_with('{') || t.starts_with(CALL_OPEN) {
+                    self.state = StreamState::Call;
+                    String::new()
+                } else {
+                    self.state = StreamState::Text;
+                    std::mem::take(&mut self.held)
                 }
             }
         }
@@ -422,8 +472,11 @@ mod tests {
     #[test]
     fn no_tools_leave_messages_alone() {
         let j = job(vec![], None, vec![ChatMessage::text(Role::User, "hi")]);
-        assert!(matches!(prompt_messages(&j).unwrap(), Cow::Borrowed(_)));
-        assert_eq!(job_grammar(&j).unwrap(), None);
+        assert!(matches!(
+            prompt_messages(&j, false).unwrap(),
+            Cow::Borrowed(_)
+        ));
+        assert_eq!(job_grammar(&j, false).unwrap(), None);
     }
 
     #[test]
@@ -448,7 +501,7 @@ mod tests {
                 ChatMessage::text(Role::User, "and so?"),
             ],
         );
-        let m = prompt_messages(&j).unwrap();
+        let m = prompt_messages(&j, false).unwrap();
         assert_eq!(m.len(), 4, "{m:?}");
         let sys = text_of(&m[0]);
         assert!(sys.starts_with("You have access to functions."));
@@ -465,15 +518,18 @@ mod tests {
     #[test]
     fn grammars_per_choice() {
         let tools = vec![tool("a"), tool("b")];
-        let auto = job_grammar(&job(tools.clone(), None, vec![]))
+        let auto = job_grammar(&job(tools.clone(), None, vec![]), false)
             .unwrap()
             .unwrap();
         let Grammar::Lark(g) = &auto else { panic!() };
         assert!(g.starts_with("start: calls | TEXT"), "{g}");
         auto.check().unwrap();
-        let req = job_grammar(&job(tools.clone(), Some(ToolChoice::Required), vec![]))
-            .unwrap()
-            .unwrap();
+        let req = job_grammar(
+            &job(tools.clone(), Some(ToolChoice::Required), vec![]),
+            false,
+        )
+        .unwrap()
+        .unwrap();
         req.check().unwrap();
         let named = job(
             tools.clone(),
@@ -481,7 +537,7 @@ mod tests {
             vec![],
         );
         assert_eq!(
-            job_grammar(&named).unwrap_err().param.as_deref(),
+            job_grammar(&named, false).unwrap_err().param.as_deref(),
             Some("tool_choice")
         );
         let none = job(
@@ -489,8 +545,11 @@ mod tests {
             Some(ToolChoice::None),
             vec![ChatMessage::text(Role::User, "x")],
         );
-        assert_eq!(job_grammar(&none).unwrap(), None);
-        assert!(matches!(prompt_messages(&none).unwrap(), Cow::Borrowed(_)));
+        assert_eq!(job_grammar(&none, false).unwrap(), None);
+        assert!(matches!(
+            prompt_messages(&none, false).unwrap(),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]
@@ -526,6 +585,19 @@ mod tests {
         assert_eq!(s.push("Hi"), " Hi");
         assert_eq!(s.push("!"), "!");
         assert_eq!(s.finish(&tools, "job", 0), ToolEnd::Text(String::new()));
+
+        let mut s = ToolStream::default();
+        assert_eq!(s.push("<tool"), "");
+        assert_eq!(
+            s.push("_call>{\"name\": \"weather\", \"arguments\": {}}</tool_call>"),
+            ""
+        );
+        let ToolEnd::Calls(c) = s.finish(&tools, "job", 0) else {
+            panic!()
+        };
+        assert_eq!(c[0].arguments, "{}");
+        let mut s = ToolStream::default();
+        assert_eq!(s.push("<b>"), "<b>");
 
         let mut s = ToolStream::default();
         assert_eq!(s.push("{not a call"), "");

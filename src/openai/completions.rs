@@ -20,10 +20,17 @@ pub const MAX_PROMPTS: usize = 64;
 /// Most `logprobs` alternatives (OpenAI allows 5; the chat endpoint's 20 here too).
 pub const MAX_LOGPROBS: u32 = crate::protocol::MAX_TOP_LOGPROBS;
 
+/// One prompt: text, or token ids.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ValidCompletionRequest {
     pub model: String,
-    pub prompts: Vec<String>,
+    pub prompts: Vec<PromptInput>,
     pub sampling: SamplingOverrides,
     pub max_tokens: u32,
     pub stop: Vec<String>,
@@ -38,28 +45,41 @@ pub struct ValidCompletionRequest {
     pub cache_salt: Option<String>,
 }
 
-fn prompts(o: &Map<String, Value>) -> Result<Vec<String>, ClassifiedError> {
-    let token_ids = || {
-        invalid(
-            "prompt",
-            "prompts given as token ids are not supported; send the text",
-        )
-    };
+fn token_ids(p: &str, a: &[Value]) -> Result<Vec<u32>, ClassifiedError> {
+    if a.is_empty() {
+        return Err(invalid(p, format!("{p} must not be empty")));
+    }
+    a.iter()
+        .map(|v| {
+            v.as_u64()
+                .filter(|&id| id <= u32::MAX as u64)
+                .map(|id| id as u32)
+                .ok_or_else(|| invalid(p, format!("{p} must hold token ids (integers ≥ 0)")))
+        })
+        .collect()
+}
+
+/// `prompt`: a string, a list of strings, a list of token ids, or a list of such lists.
+fn prompts(o: &Map<String, Value>) -> Result<Vec<PromptInput>, ClassifiedError> {
     let v = field(o, "prompt").ok_or_else(|| invalid("prompt", "prompt is required"))?;
     let list = match v {
-        Value::String(s) => vec![s.clone()],
+        Value::String(s) => vec![PromptInput::Text(s.clone())],
         Value::Array(a) if a.is_empty() => {
             return Err(invalid("prompt", "prompt must not be an empty list"))
         }
+        Value::Array(a) if a[0].is_number() => vec![PromptInput::Ids(token_ids("prompt", a)?)],
         Value::Array(a) => a
             .iter()
             .enumerate()
             .map(|(i, p)| match p {
-                Value::String(s) => Ok(s.clone()),
-                Value::Number(_) | Value::Array(_) => Err(token_ids()),
+                Value::String(s) => Ok(PromptInput::Text(s.clone())),
+                Value::Array(ids) => Ok(PromptInput::Ids(token_ids(&format!("prompt[{i}]"), ids)?)),
                 other => Err(invalid(
                     &format!("prompt[{i}]"),
-                    format!("prompt[{i}] must be a string, got {}", type_name(other)),
+                    format!(
+                        "prompt[{i}] must be a string or a list of token ids, got {}",
+                        type_name(other)
+                    ),
                 )),
             })
             .collect::<Result<_, _>>()?,
@@ -67,7 +87,7 @@ fn prompts(o: &Map<String, Value>) -> Result<Vec<String>, ClassifiedError> {
             return Err(invalid(
                 "prompt",
                 format!(
-                    "prompt must be a string or an array of strings, got {}",
+                    "prompt must be a string, a list of strings or token ids, got {}",
                     type_name(other)
                 ),
             ))
@@ -82,7 +102,10 @@ fn prompts(o: &Map<String, Value>) -> Result<Vec<String>, ClassifiedError> {
             ),
         ));
     }
-    if let Some(i) = list.iter().position(|p| p.is_empty()) {
+    if let Some(i) = list
+        .iter()
+        .position(|p| matches!(p, PromptInput::Text(t) if t.is_empty()))
+    {
         return Err(invalid("prompt", format!("prompt {i} is empty")));
     }
     Ok(list)
@@ -146,6 +169,12 @@ pub fn validate(
         }
     };
     let echo = boolean(o, "echo")?;
+    if echo && prompts.iter().any(|p| matches!(p, PromptInput::Ids(_))) {
+        return Err(invalid(
+            "echo",
+            "echo needs the prompt's text; prompts given as token ids cannot be echoed here",
+        ));
+    }
     if echo && logprobs.is_some() {
         return Err(invalid(
             "echo",
@@ -216,7 +245,14 @@ impl ValidCompletionRequest {
                     deadline_ms,
                     n: (self.n > 1).then_some(self.n),
                     cache_scope: cache_scope(api_key, self.cache_salt.as_deref()),
-                    prompt: Some(p.clone()),
+                    prompt: match p {
+                        PromptInput::Text(t) => Some(t.clone()),
+                        PromptInput::Ids(_) => None,
+                    },
+                    prompt_token_ids: match p {
+                        PromptInput::Ids(ids) => ids.clone(),
+                        PromptInput::Text(_) => Vec::new(),
+                    },
                     logprobs: self.logprobs,
                     logit_bias: self.logit_bias.clone(),
                     ..Job::default()
@@ -238,7 +274,7 @@ mod tests {
     #[test]
     fn prompts_defaults_and_refusals() {
         let r = v(json!({"model": "m", "prompt": "Once"})).unwrap();
-        assert_eq!(r.prompts, vec!["Once"]);
+        assert_eq!(r.prompts, vec![PromptInput::Text("Once".into())]);
         assert_eq!(r.max_tokens, DEFAULT_MAX_TOKENS);
         let r = v(json!({"model": "m", "prompt": ["a", "b"], "n": 2, "best_of": 2, "logprobs": 3, "echo": false})).unwrap();
         assert_eq!(r.prompts.len(), 2);
@@ -250,7 +286,27 @@ mod tests {
         assert_eq!(jobs[1].prompt.as_deref(), Some("b"));
         let param = |b: Value| v(b).unwrap_err().param.unwrap();
         assert_eq!(param(json!({"model": "m"})), "prompt");
-        assert_eq!(param(json!({"model": "m", "prompt": [1, 2]})), "prompt");
+        let r = v(json!({"model": "m", "prompt": [[2, 5], [7]]})).unwrap();
+        assert_eq!(r.prompts[1], PromptInput::Ids(vec![7]));
+        let jobs = r.jobs("j", "m", 0, None, None);
+        assert_eq!(jobs[0].prompt_token_ids, vec![2, 5]);
+        assert_eq!(jobs[0].prompt, None);
+        assert_eq!(
+            v(json!({"model": "m", "prompt": [4, 5]}))
+                .unwrap()
+                .prompts
+                .len(),
+            1
+        );
+        assert_eq!(param(json!({"model": "m", "prompt": [-1]})), "prompt");
+        assert_eq!(
+            param(json!({"model": "m", "prompt": [[2], "x", 3]})),
+            "prompt[2]"
+        );
+        assert_eq!(
+            param(json!({"model": "m", "prompt": [[2]], "echo": true})),
+            "echo"
+        );
         assert_eq!(
             param(json!({"model": "m", "prompt": "x", "suffix": "y"})),
             "suffix"

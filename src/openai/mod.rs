@@ -41,6 +41,7 @@ impl ValidChatRequest {
             n: (self.n > 1).then_some(self.n),
             cache_scope,
             prompt: None,
+            prompt_token_ids: Vec::new(),
             response_format: self.response_format,
             tools: self.tools,
             tool_choice: self.tool_choice,

@@ -1256,6 +1256,33 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_lists_every_ignored_field() {
+        let readme = include_str!("../../README.md");
+        let at = readme.find("**accepted and ignored**").unwrap();
+        let section = &readme[at..at + 1200];
+        for (name, _) in IGNORED_FIELDS {
+            assert!(
+                section.contains(&format!("`{name}`")) || section.contains(&format!("`{name}:")),
+                "README misses {name}"
+            );
+        }
+        // And they really are accepted.
+        let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "hi"}]});
+        for (name, _) in IGNORED_FIELDS {
+            if let Some((a, b)) = name.split_once('.') {
+                body[a][b] = json!(true);
+            } else {
+                body[*name] = if *name == "modalities" {
+                    json!(["text"])
+                } else {
+                    json!("x")
+                };
+            }
+        }
+        ok(body);
+    }
+
+    #[test]
     fn data_urls() {
         assert_eq!(
             image_source("p", "data:image/png;base64,QUJD", false).unwrap(),

@@ -212,11 +212,15 @@ pub struct LegacyLogprobs {
 }
 
 impl LegacyLogprobs {
-    /// Appends tokens whose text starts at character `offset`; returns the offset after them.
-    pub fn extend(&mut self, entries: Vec<TokenLogprob>, mut offset: usize) -> usize {
+    /// Appends the tokens of a delta whose `text_len` characters start at character `offset`;
+    /// returns the offset after them. A token's offset is where its text starts, kept within the
+    /// delta's text (special tokens and held-back bytes add no text).
+    pub fn extend(&mut self, entries: Vec<TokenLogprob>, offset: usize, text_len: usize) -> usize {
+        let end = offset + text_len;
+        let mut at = offset;
         for e in entries {
-            self.text_offset.push(offset);
-            offset += e.token.chars().count();
+            self.text_offset.push(at.min(end));
+            at += e.token.chars().count();
             self.top_logprobs.push(
                 e.top_logprobs
                     .into_iter()
@@ -226,7 +230,7 @@ impl LegacyLogprobs {
             self.tokens.push(e.token);
             self.token_logprobs.push(e.logprob);
         }
-        offset
+        end
     }
 }
 

@@ -151,11 +151,29 @@ impl ChatTemplate {
 
     /// Renders `messages` (a JSON array of `{"role", "content"}`; content a string or a list of
     /// `{"type": "text"|"image"|"audio", ...}` parts) into the prompt text. Object keys reach
-    /// the template in `serde_json::Map` order, which is sorted unless serde_json's
-    /// `preserve_order` feature is on; only `tojson` of request objects can tell.
+    /// the template in the order the request gave them (serde_json's `preserve_order`, which
+    /// llguidance turns on), as a Python dict keeps them; only `tojson` of request objects can tell.
     pub fn render(
         &self,
         messages: &serde_json::Value,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Whether the template reads `tools` (it has its own tool syntax).
+    pub fn declares_tools(&self) -> bool {
+        self.env
+            .get_template(TEMPLATE_NAME)
+            .map(|t| t.undeclared_variables(false).contains("tools"))
+            .unwrap_or(false)
+    }
+
+    /// As [`Self::render`], with transformers' `tools` argument (OpenAI's `tools` list).
+    pub fn render_with_tools(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
         let template = self
@@ -167,7 +185,10 @@ impl ChatTemplate {
         let mut ctx: Vec<(&str, Value)> = vec![
             ("messages", Value::from(Serde(messages))),
             ("add_generation_prompt", Value::from(add_generation_prompt)),
-            ("tools", Value::from(())),
+            (
+                "tools",
+                tools.map_or(Value::from(()), |t| Value::from(Serde(t))),
+            ),
             ("documents", Value::from(())),
         ];
         let tokens = [

@@ -48,6 +48,10 @@ pub struct Job {
     /// (with the tokenizer's start-of-sequence id), and `messages` is empty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+    /// A text completion given as token ids: these ids are the prompt as they are (no
+    /// start-of-sequence id added); `messages` is empty and `prompt` absent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prompt_token_ids: Vec<u32>,
     /// Constrains the answer (structured outputs); absent = free text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<ResponseFormat>,

@@ -54,15 +54,23 @@ impl FamilyBackend for Backend {
                 ContentPart::Text { .. } => {}
             }
         }
+        let tools = match self.native_tools() {
+            true => crate::models::tools::template_tools(job)?,
+            false => None,
+        };
         let prompt = self
             .prompter
-            .build(&job.messages)
+            .build_with_tools(&job.messages, tools.as_ref())
             .map_err(ModelError::into_classified)?;
         Ok(PreparedInput {
             ids: prompt.ids,
             images,
             audio,
         })
+    }
+
+    fn native_tools(&self) -> bool {
+        self.prompter.native_tools()
     }
 
     fn start(

@@ -91,18 +91,34 @@ impl Gemma3nPrompter {
                             .collect(),
                     ),
                 };
-                json!({"role": m.role.as_str(), "content": content})
+                let mut obj = json!({"role": m.role.as_str(), "content": content});
+                crate::models::tools::add_template_fields(m, &mut obj);
+                obj
             })
             .collect();
         Value::Array(msgs)
     }
 
+    /// The template has its own tool syntax.
+    pub fn native_tools(&self) -> bool {
+        self.template.declares_tools()
+    }
+
     pub fn build(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError> {
+        self.build_with_tools(messages, None)
+    }
+
+    /// The prompt, with OpenAI's `tools` list given to a template that reads it.
+    pub fn build_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&Value>,
+    ) -> Result<Prompt, ModelError> {
         let n_images = count_parts(messages, |p| matches!(p, ContentPart::Image { .. }));
         let n_audio = count_parts(messages, |p| matches!(p, ContentPart::Audio { .. }));
         let rendered = self
             .template
-            .render(&Self::template_messages(messages), true)
+            .render_with_tools(&Self::template_messages(messages), tools, true)
             .map_err(|e| match e {
                 TemplateError::Render(m) => {
                     ModelError::Request(ClassifiedError::invalid("messages", m))

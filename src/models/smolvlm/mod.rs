@@ -54,7 +54,7 @@ impl FamilyBackend for Backend {
             .map(|(i, source)| self.media.layout(i, source))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ModelError::Request)?;
-        self.prompter.build(messages, &layouts)
+        self.prompter.build(messages, &layouts, None)
     }
 
     fn prepare_input(&self, job: &Job) -> Result<PreparedInput, ClassifiedError> {
@@ -63,15 +63,23 @@ impl FamilyBackend for Backend {
             .map(|(i, source)| self.media.image(i, source))
             .collect::<Result<Vec<SplitImage>, _>>()?;
         let layouts: Vec<(usize, usize)> = images.iter().map(|i| (i.rows, i.cols)).collect();
+        let tools = match self.native_tools() {
+            true => crate::models::tools::template_tools(job)?,
+            false => None,
+        };
         let prompt = self
             .prompter
-            .build(&job.messages, &layouts)
+            .build(&job.messages, &layouts, tools.as_ref())
             .map_err(ModelError::into_classified)?;
         Ok(PreparedInput {
             ids: prompt.ids,
             images: images.into_iter().map(|i| i.input).collect(),
             audio: Vec::new(),
         })
+    }
+
+    fn native_tools(&self) -> bool {
+        self.prompter.native_tools()
     }
 
     fn start(

@@ -84,7 +84,9 @@ impl SmolVlmPrompter {
                         ContentPart::Audio { .. } => json!({"type": "audio"}),
                     })
                     .collect();
-                json!({"role": m.role.as_str(), "content": items})
+                let mut obj = json!({"role": m.role.as_str(), "content": items});
+                crate::models::tools::add_template_fields(m, &mut obj);
+                obj
             })
             .collect();
         Value::Array(msgs)
@@ -110,11 +112,18 @@ impl SmolVlmPrompter {
         s
     }
 
-    /// The prompt for `messages` whose images (in order) have the tile layouts `layouts`.
+    /// The template has its own tool syntax.
+    pub fn native_tools(&self) -> bool {
+        self.template.declares_tools()
+    }
+
+    /// The prompt for `messages` whose images (in order) have the tile layouts `layouts`; `tools`
+    /// (OpenAI's list) goes to a template that reads it.
     pub fn build(
         &self,
         messages: &[ChatMessage],
         layouts: &[(usize, usize)],
+        tools: Option<&Value>,
     ) -> Result<Prompt, ModelError> {
         let n_images = messages
             .iter()
@@ -129,7 +138,7 @@ impl SmolVlmPrompter {
         }
         let rendered = self
             .template
-            .render(&Self::template_messages(messages), true)
+            .render_with_tools(&Self::template_messages(messages), tools, true)
             .map_err(|e| match e {
                 TemplateError::Render(m) => {
                     ModelError::Request(ClassifiedError::invalid("messages", m))
