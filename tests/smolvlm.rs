@@ -16,7 +16,7 @@ use common::{init_ort, read_json, root, Server};
 use onnx_chat::models::loaded::{LoadOptions, LoadedModel};
 use onnx_chat::models::resolve::{self, ModelSpec};
 use onnx_chat::models::smolvlm::{SmolVlmMedia, SmolVlmPrompter};
-use serde_json::Value;
+use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 const NAME: &str = "tiny-smolvlm";
@@ -554,4 +554,41 @@ async fn prefix_cache_and_chunked_prefill_are_exact_fp32() {
 #[tokio::test(flavor = "multi_thread")]
 async fn prefix_cache_and_chunked_prefill_are_exact_uint8() {
     cache_on_off("UINT8").await;
+}
+
+/// Structured outputs and tool calls on SmolVLM's byte-level BPE vocabulary (Gemma's is
+/// SentencePiece with byte fallback): the answers parse and validate.
+#[tokio::test(flavor = "multi_thread")]
+async fn constrained_decoding_on_a_byte_level_vocabulary() {
+    let server = Server::start(vec![model_at(&fixture(), "FP32")]).await;
+    let schema = json!({"type": "object", "properties": {
+        "name": {"type": "string", "maxLength": 8},
+        "n": {"type": "integer", "minimum": 0, "maximum": 99},
+        "kind": {"enum": ["x", "y"]}},
+      "required": ["name", "n", "kind"], "additionalProperties": false});
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    for seed in 0..12 {
+        let b = json!({"model": NAME, "messages": [{"role": "user", "content": "JSON please"}],
+            "temperature": 1, "seed": seed, "max_tokens": 400,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}});
+        let (status, v) = server.chat(&b).await;
+        assert_eq!(status, 200, "{v}");
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "stop", "{v}");
+        let text = c["message"]["content"].as_str().unwrap();
+        let parsed: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        assert!(validator.is_valid(&parsed), "{text}");
+    }
+    let b = json!({"model": NAME, "messages": [{"role": "user", "content": "call"}],
+        "temperature": 1, "seed": 2, "max_tokens": 300, "tool_choice": "required",
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+            "properties": {"k": {"enum": ["a", "b"]}}, "required": ["k"], "additionalProperties": false}}}]});
+    let (_, v) = server.chat(&b).await;
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    let args: Value =
+        serde_json::from_str(c["message"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap())
+            .unwrap();
+    assert!(args["k"] == "a" || args["k"] == "b");
+    server.shutdown().await;
 }
