@@ -6,19 +6,18 @@ mod common;
 use common::{goldens, model, root, Server};
 use serde_json::Value;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn official_python_sdk_works_unchanged() {
+/// Runs `tests/python/<script>` against the server at `base` and returns the JSON it prints.
+async fn sdk_script(script: &str, base: &str) -> Value {
     let python = root().join(".venv/bin/python");
     assert!(
         python.exists(),
         "{} missing: run `make setup`",
         python.display()
     );
-    let s = Server::start(vec![model("FP32")]).await;
-    let base = s.base.clone();
+    let (script, base) = (root().join("tests/python").join(script), base.to_string());
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
-            .arg(root().join("tests/python/openai_sdk_check.py"))
+            .arg(script)
             .args([base.as_str(), "tiny-gemma3n"])
             .output()
             .unwrap()
@@ -27,7 +26,13 @@ async fn official_python_sdk_works_unchanged() {
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "SDK script failed:\n{stderr}");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn official_python_sdk_works_unchanged() {
+    let s = Server::start(vec![model("FP32")]).await;
+    let v = sdk_script("openai_sdk_check.py", &s.base).await;
     let golden = goldens()
         .into_iter()
         .find(|g| g.name == "text_basic")
@@ -67,21 +72,8 @@ async fn official_python_sdk_works_unchanged() {
 /// reassembled by the SDK's stream helper, logprobs, and `completions.create`.
 #[tokio::test(flavor = "multi_thread")]
 async fn sdk_structured_outputs_tools_logprobs_and_completions() {
-    let python = root().join(".venv/bin/python");
     let s = Server::start(vec![model("FP32")]).await;
-    let base = s.base.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python)
-            .arg(root().join("tests/python/openai_sdk_features.py"))
-            .args([base.as_str(), "tiny-gemma3n"])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "SDK script failed:\n{stderr}");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = sdk_script("openai_sdk_features.py", &s.base).await;
     let parsed = v["parsed"].as_array().unwrap();
     assert_eq!(parsed.len(), 6);
     for p in parsed {

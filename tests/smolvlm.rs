@@ -586,9 +586,12 @@ async fn constrained_decoding_on_a_byte_level_vocabulary() {
     let (_, v) = server.chat(&b).await;
     let c = &v["choices"][0];
     assert_eq!(c["finish_reason"], "tool_calls", "{v}");
-    let args: Value =
-        serde_json::from_str(c["message"]["tool_calls"][0]["function"]["arguments"].as_str().unwrap())
-            .unwrap();
+    let args: Value = serde_json::from_str(
+        c["message"]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
     assert!(args["k"] == "a" || args["k"] == "b");
     server.shutdown().await;
 }

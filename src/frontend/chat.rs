@@ -45,19 +45,21 @@ impl Drop for InFlight {
 
 pub async fn handle(state: Arc<AppState>, auth: Option<String>, body: Bytes) -> Response {
     let t0 = Instant::now();
-    // The key the request was let in with (only when keys are required) scopes its prefix cache.
-    let key = auth
-        .as_deref()
-        .and_then(|a| a.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|_| !state.cfg.api_keys.is_empty())
-        .map(str::to_string);
+    let key = request_key(&state, auth.as_deref());
     let resp = match start(&state, key.as_deref(), body, t0).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     };
     state.metrics.response(resp.status().as_u16());
     resp
+}
+
+/// The key the request was let in with (only when keys are required): it scopes the prefix cache.
+pub(super) fn request_key(state: &AppState, auth: Option<&str>) -> Option<String> {
+    auth.and_then(|a| a.strip_prefix("Bearer "))
+        .map(str::trim)
+        .filter(|_| !state.cfg.api_keys.is_empty())
+        .map(str::to_string)
 }
 
 async fn start(
@@ -214,7 +216,7 @@ pub(super) async fn submit(
 }
 
 /// How choice `i` ended, from the final frame.
-fn finish_of(done: &DoneBody, i: u32) -> &'static str {
+pub(super) fn finish_of(done: &DoneBody, i: u32) -> &'static str {
     done.choices
         .iter()
         .find(|c| c.index == i)
@@ -306,7 +308,7 @@ async fn collect(
     Ok(json_response(StatusCode::OK, &body))
 }
 
-fn data_event<T: serde::Serialize>(v: &T) -> warp::sse::Event {
+pub(super) fn data_event<T: serde::Serialize>(v: &T) -> warp::sse::Event {
     warp::sse::Event::default().data(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
 }
 

@@ -12,22 +12,17 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
 
-use super::chat::{served_model, submit, InFlight};
+use super::chat::{data_event, finish_of, request_key, served_model, submit, InFlight};
 use super::frames::{Event, FrameReader};
 use super::{error_response, json_response, AppState};
 use crate::error::ClassifiedError;
 use crate::openai::completions::{self, PromptInput, ValidCompletionRequest};
 use crate::openai::response::{ErrorBody, LegacyLogprobs, ResponseMeta, TextChoice};
-use crate::protocol::{now_ms, DoneBody, Usage};
+use crate::protocol::{now_ms, Usage};
 
 pub async fn handle(state: Arc<AppState>, auth: Option<String>, body: Bytes) -> Response {
     let t0 = Instant::now();
-    let key = auth
-        .as_deref()
-        .and_then(|a| a.strip_prefix("Bearer "))
-        .map(str::trim)
-        .filter(|_| !state.cfg.api_keys.is_empty())
-        .map(str::to_string);
+    let key = request_key(&state, auth.as_deref());
     let resp = match start(&state, key.as_deref(), body, t0).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
@@ -82,15 +77,6 @@ async fn start(
     } else {
         collect(state, running, &req, meta, t0).await
     }
-}
-
-fn finish_of(done: &DoneBody, i: u32) -> &'static str {
-    done.choices
-        .iter()
-        .find(|c| c.index == i)
-        .map(|c| c.finish_reason)
-        .unwrap_or(done.finish_reason)
-        .as_str()
 }
 
 fn add_usage(total: &mut Usage, u: &Usage) {
@@ -165,10 +151,6 @@ async fn collect(
         StatusCode::OK,
         &meta.text_completion(choices, Some(usage)),
     ))
-}
-
-fn data_event<T: serde::Serialize>(v: &T) -> warp::sse::Event {
-    warp::sse::Event::default().data(serde_json::to_string(v).unwrap_or_else(|_| "{}".into()))
 }
 
 /// Every prompt's events, tagged with the prompt, as they come.

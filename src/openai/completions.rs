@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use super::request::{
-    boolean, common_fields, field, integer, invalid, logit_bias, refuse_unsupported, type_name,
-    RequestLimits,
+    boolean, common_fields, field, integer, invalid, logit_bias, n_field, object_and_model,
+    refuse_unsupported, type_name, RequestLimits,
 };
 use super::{cache_scope, rand_seed};
 use crate::error::ClassifiedError;
@@ -116,20 +116,7 @@ pub fn validate(
     body: &Value,
     limits: &RequestLimits,
 ) -> Result<ValidCompletionRequest, ClassifiedError> {
-    let o = body.as_object().ok_or_else(|| {
-        invalid(
-            "body",
-            format!(
-                "the request body must be a JSON object, got {}",
-                type_name(body)
-            ),
-        )
-    })?;
-    let model = match o.get("model") {
-        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
-        Some(_) => return Err(invalid("model", "model must be a non-empty string")),
-        None => return Err(invalid("model", "model is required")),
-    };
+    let (o, model) = object_and_model(body)?;
     let prompts = prompts(o)?;
     if field(o, "suffix").is_some_and(|s| s.as_str() != Some("")) {
         return Err(invalid(
@@ -138,17 +125,7 @@ pub fn validate(
         ));
     }
     refuse_unsupported(o)?;
-    let max_n = crate::protocol::MAX_CHOICES as i64;
-    let n = match integer(o, "n")? {
-        None => 1,
-        Some(n) if (1..=max_n).contains(&n) => n as u32,
-        Some(n) => {
-            return Err(invalid(
-                "n",
-                format!("n must be between 1 and {max_n}, got {n}"),
-            ))
-        }
-    };
+    let n = n_field(o)?;
     match integer(o, "best_of")? {
         Some(b) if b != n as i64 => {
             return Err(invalid(

@@ -192,8 +192,10 @@ pub(crate) fn boolean(o: &Map<String, Value>, k: &str) -> Result<bool, Classifie
     }
 }
 
-/// Validates a parsed body.
-pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest, ClassifiedError> {
+/// The body as an object, and its `model`.
+pub(crate) fn object_and_model(
+    body: &Value,
+) -> Result<(&Map<String, Value>, String), ClassifiedError> {
     let o = body.as_object().ok_or_else(|| {
         invalid(
             "body",
@@ -214,21 +216,30 @@ pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest
         }
         None => return Err(invalid("model", "model is required")),
     };
+    Ok((o, model))
+}
+
+/// `n`: choices per prompt, 1 ..= [`crate::protocol::MAX_CHOICES`].
+pub(crate) fn n_field(o: &Map<String, Value>) -> Result<u32, ClassifiedError> {
+    let max_n = crate::protocol::MAX_CHOICES as i64;
+    match integer(o, "n")? {
+        None => Ok(1),
+        Some(n) if (1..=max_n).contains(&n) => Ok(n as u32),
+        Some(n) => Err(invalid(
+            "n",
+            format!("n must be between 1 and {max_n}, got {n}"),
+        )),
+    }
+}
+
+/// Validates a parsed body.
+pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest, ClassifiedError> {
+    let (o, model) = object_and_model(body)?;
     let mut messages = parse_messages(o, limits)?;
     attach_images(o, &mut messages, limits.allow_remote_media)?;
     count_media(&messages, limits)?;
 
-    let max_n = crate::protocol::MAX_CHOICES as i64;
-    let n = match integer(o, "n")? {
-        None => 1,
-        Some(n) if (1..=max_n).contains(&n) => n as u32,
-        Some(n) => {
-            return Err(invalid(
-                "n",
-                format!("n must be between 1 and {max_n}, got {n}"),
-            ))
-        }
-    };
+    let n = n_field(o)?;
     let cache_salt = match field(o, "cache_salt") {
         None => None,
         Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
