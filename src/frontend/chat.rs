@@ -54,6 +54,13 @@ pub async fn handle(state: Arc<AppState>, auth: Option<String>, body: Bytes) -> 
     resp
 }
 
+/// The request body as JSON.
+pub(super) fn parse_body(body: &[u8]) -> Result<serde_json::Value, ClassifiedError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ClassifiedError::invalid("body", format!("the request body is not valid JSON: {e}"))
+    })
+}
+
 /// The key the request was let in with (only when keys are required): it scopes the prefix cache.
 pub(super) fn request_key(state: &AppState, auth: Option<&str>) -> Option<String> {
     auth.and_then(|a| a.strip_prefix("Bearer "))
@@ -68,9 +75,7 @@ async fn start(
     body: Bytes,
     t0: Instant,
 ) -> Result<Response, ClassifiedError> {
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        ClassifiedError::invalid("body", format!("the request body is not valid JSON: {e}"))
-    })?;
+    let value = parse_body(&body)?;
     let mut limits = state.cfg.limits.clone();
     limits.allow_remote_media = state.cfg.remote_media.is_some();
     let mut req = openai::validate(&value, &limits)?;
@@ -84,16 +89,13 @@ async fn start(
     let model = served_model(state, &req.model)?;
     let job_id = uuid::Uuid::new_v4().to_string();
     let created_ms = now_ms();
-    let meta = ResponseMeta {
-        id: format!("chatcmpl-{}", job_id.replace('-', "")),
-        created: created_ms / 1000,
-        model: req.model.clone(),
-        fingerprint: format!(
-            "onnx-chat-{}-{}",
-            env!("CARGO_PKG_VERSION"),
-            model.quant.clone().unwrap_or_default().to_lowercase()
-        ),
-    };
+    let meta = ResponseMeta::new(
+        "chatcmpl",
+        &job_id,
+        created_ms,
+        &req.model,
+        model.quant.as_deref(),
+    );
     let flags = (req.stream, req.include_usage, req.return_token_ids);
     let logprobs = req.logprobs.is_some();
     let n = req.n;

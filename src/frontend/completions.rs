@@ -12,7 +12,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
 
-use super::chat::{data_event, finish_of, request_key, served_model, submit, InFlight};
+use super::chat::{data_event, finish_of, parse_body, request_key, served_model, submit, InFlight};
 use super::frames::{Event, FrameReader};
 use super::{error_response, json_response, AppState};
 use crate::error::ClassifiedError;
@@ -44,23 +44,18 @@ async fn start(
     body: Bytes,
     t0: Instant,
 ) -> Result<Response, ClassifiedError> {
-    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| {
-        ClassifiedError::invalid("body", format!("the request body is not valid JSON: {e}"))
-    })?;
+    let value = parse_body(&body)?;
     let req = completions::validate(&value, &state.cfg.limits)?;
     let model = served_model(state, &req.model)?;
     let job_id = uuid::Uuid::new_v4().to_string();
     let created_ms = now_ms();
-    let meta = ResponseMeta {
-        id: format!("cmpl-{}", job_id.replace('-', "")),
-        created: created_ms / 1000,
-        model: req.model.clone(),
-        fingerprint: format!(
-            "onnx-chat-{}-{}",
-            env!("CARGO_PKG_VERSION"),
-            model.quant.clone().unwrap_or_default().to_lowercase()
-        ),
-    };
+    let meta = ResponseMeta::new(
+        "cmpl",
+        &job_id,
+        created_ms,
+        &req.model,
+        model.quant.as_deref(),
+    );
     let deadline = created_ms + state.cfg.request_timeout.as_millis() as u64;
     let jobs = req.jobs(&job_id, &model.name, created_ms, Some(deadline), api_key);
     let mut running = Vec::with_capacity(jobs.len());

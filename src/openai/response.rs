@@ -163,6 +163,27 @@ pub struct ResponseMeta {
 }
 
 impl ResponseMeta {
+    /// The fields of the response to job `job_id` (`prefix`: `chatcmpl` or `cmpl`) for the
+    /// requested `model`, served in `quant`.
+    pub fn new(
+        prefix: &str,
+        job_id: &str,
+        created_ms: u64,
+        model: &str,
+        quant: Option<&str>,
+    ) -> Self {
+        Self {
+            id: format!("{prefix}-{}", job_id.replace('-', "")),
+            created: created_ms / 1000,
+            model: model.to_string(),
+            fingerprint: format!(
+                "onnx-chat-{}-{}",
+                env!("CARGO_PKG_VERSION"),
+                quant.unwrap_or_default().to_lowercase()
+            ),
+        }
+    }
+
     pub fn chunk(
         &self,
         choices: Vec<ChunkChoice>,
