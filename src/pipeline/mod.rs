@@ -5,6 +5,8 @@
 //!
 //! - [`template`]: Hugging Face chat templates rendered with transformers' Jinja semantics.
 //! - [`sampling`]: penalties, greedy and seeded top-k / top-p / min-p sampling.
+//! - [`grammar`]: constrained decoding (llguidance masks over the model's vocabulary).
+//! - [`logprobs`]: log-softmax and top-k of the raw logits.
 //! - [`detok`]: streaming detokenization whose deltas concatenate to the full decode.
 //! - [`stop`]: stop strings matched on text across token boundaries.
 //! - [`image`]: image decoding and Pillow-exact resizing; [`audio`]: audio decoding and log-mel features.
