@@ -81,7 +81,7 @@ test-ui: setup ui-deps
 # tools/bench/tiktoken_vocab.py), and decode ms/token with and without a JSON schema on the bench model (or on
 # the tiny model when the bench model is missing).
 BENCH_VOCAB := target/bench-vocab/o200k/tokenizer.json
-GRAMMAR_MODEL := $(if $(wildcard $(BENCH_MODEL)/.complete),--model $(BENCH_MODEL) --quant Q4_MIXED,--model tests/fixtures/tiny-gemma3n --quant FP32)
+GRAMMAR_MODEL := $(if $(wildcard $(BENCH_MODEL)/.complete),--vocab $(BENCH_MODEL)/tokenizer.json --model $(BENCH_MODEL) --quant Q4_MIXED,--model tests/fixtures/tiny-gemma3n --quant FP32)
 
 .PHONY: bench-grammar
 bench-grammar: setup $(BENCH_VOCAB)
