@@ -72,7 +72,12 @@ async fn official_python_sdk_works_unchanged() {
 /// reassembled by the SDK's stream helper, logprobs, and `completions.create`.
 #[tokio::test(flavor = "multi_thread")]
 async fn sdk_structured_outputs_tools_logprobs_and_completions() {
-    let s = Server::start(vec![model("FP32")]).await;
+    // Its own instance without a prefix cache: the other test counts cached prompt tokens.
+    let own = common::load_with(
+        &common::resolve_fixture("FP32"),
+        common::EngineOpts::ONE_SHOT,
+    );
+    let s = Server::start(vec![own]).await;
     let v = sdk_script("openai_sdk_features.py", &s.base).await;
     let parsed = v["parsed"].as_array().unwrap();
     assert_eq!(parsed.len(), 6);
