@@ -64,25 +64,6 @@ pub struct GenParams {
     pub vocab: Option<Vocab>,
 }
 
-impl GenParams {
-    /// Plain generation: no grammar, log-probabilities or biases.
-    pub fn new(sampling: SamplingParams, max_new_tokens: usize, eos_ids: Vec<u32>) -> Self {
-        Self {
-            sampling,
-            max_new_tokens,
-            stop: Vec::new(),
-            eos_ids,
-            n: 1,
-            cache_scope: String::new(),
-            conversation: None,
-            constraint: None,
-            logprobs: None,
-            logit_bias: Vec::new(),
-            vocab: None,
-        }
-    }
-}
-
 /// What a generation reports, in order: deltas (of any choice), then one `Done` or `Error`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {

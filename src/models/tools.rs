@@ -269,7 +269,7 @@ fn call_schema(t: &ToolSpec) -> Value {
 }
 
 /// The grammar of a response format alone (`None` = free text).
-pub fn format_grammar(f: &ResponseFormat) -> Option<Grammar> {
+fn format_grammar(f: &ResponseFormat) -> Option<Grammar> {
     match f {
         ResponseFormat::Text => None,
         ResponseFormat::JsonObject => Some(Grammar::JsonSchema(json!({"type": "object"}))),
