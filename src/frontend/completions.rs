@@ -58,15 +58,18 @@ async fn start(
     );
     let deadline = created_ms + state.cfg.request_timeout.as_millis() as u64;
     let jobs = req.jobs(&job_id, &model.name, created_ms, Some(deadline), api_key);
-    let mut running = Vec::with_capacity(jobs.len());
-    for job in &jobs {
-        let (reader, first, in_flight) = submit(state, job).await?;
-        running.push(Running {
-            reader,
-            first: Some(first),
-            _in_flight: in_flight,
-        });
-    }
+    // All prompts at once (workers run them side by side); if one fails, dropping the others'
+    // readers cancels their jobs.
+    let running: Vec<Running> =
+        futures::future::try_join_all(jobs.iter().map(|job| submit(state, job)))
+            .await?
+            .into_iter()
+            .map(|(reader, first, in_flight)| Running {
+                reader,
+                first: Some(first),
+                _in_flight: in_flight,
+            })
+            .collect();
     if req.stream {
         Ok(sse(state.clone(), running, req, meta, t0))
     } else {
