@@ -46,10 +46,12 @@ impl Drop for InFlight {
 pub async fn handle(state: Arc<AppState>, auth: Option<String>, body: Bytes) -> Response {
     let t0 = Instant::now();
     let key = request_key(&state, auth.as_deref());
-    let resp = match start(&state, key.as_deref(), body, t0).await {
-        Ok(r) => r,
-        Err(e) => error_response(&e),
-    };
+    respond(&state, start(&state, key.as_deref(), body, t0).await)
+}
+
+/// The HTTP answer (an error as OpenAI's envelope), counted in the metrics.
+pub(super) fn respond(state: &AppState, result: Result<Response, ClassifiedError>) -> Response {
+    let resp = result.unwrap_or_else(|e| error_response(&e));
     state.metrics.response(resp.status().as_u16());
     resp
 }

@@ -12,9 +12,11 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
 
-use super::chat::{data_event, finish_of, parse_body, request_key, served_model, submit, InFlight};
+use super::chat::{
+    data_event, finish_of, parse_body, request_key, respond, served_model, submit, InFlight,
+};
 use super::frames::{Event, FrameReader};
-use super::{error_response, json_response, AppState};
+use super::{json_response, AppState};
 use crate::error::ClassifiedError;
 use crate::openai::completions::{self, PromptInput, ValidCompletionRequest};
 use crate::openai::response::{ErrorBody, LegacyLogprobs, ResponseMeta, TextChoice};
@@ -23,12 +25,7 @@ use crate::protocol::{now_ms, Usage};
 pub async fn handle(state: Arc<AppState>, auth: Option<String>, body: Bytes) -> Response {
     let t0 = Instant::now();
     let key = request_key(&state, auth.as_deref());
-    let resp = match start(&state, key.as_deref(), body, t0).await {
-        Ok(r) => r,
-        Err(e) => error_response(&e),
-    };
-    state.metrics.response(resp.status().as_u16());
-    resp
+    respond(&state, start(&state, key.as_deref(), body, t0).await)
 }
 
 /// One prompt's running job.
