@@ -17,6 +17,7 @@ use super::encoder_cache::CacheStats;
 use super::generate::{BatchPolicy, GenEvent, GenParams, Generation, ModelEngine};
 use super::media::MediaLimits;
 use super::resolve::ResolvedModel;
+use super::tools;
 use super::{ChatModel, ModelError, PreparedInput, Prompt};
 use crate::engine::batch::BatchStats;
 use crate::engine::prefix_cache::{PrefixCache, PrefixCacheStats};
@@ -28,9 +29,6 @@ use crate::pipeline::sampling::SamplingParams;
 use crate::protocol::{
     prefix, ChatMessage, ContentPart, Job, WorkerModel, MAX_CHOICES, MAX_TOP_LOGPROBS,
 };
-use std::borrow::Cow;
-
-use super::tools;
 
 /// Load-time settings.
 #[derive(Debug, Clone)]
@@ -111,9 +109,14 @@ pub struct PreparedJob {
 pub trait FamilyBackend: Send + Sync {
     /// The prompt of a conversation at each stage (for tests and debugging).
     fn prompt(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError>;
-    /// Media decoding and preprocessing plus the prompt: everything the prefill needs (blocking).
-    /// With [`Self::native_tools`], the template also gets the job's tools.
-    fn prepare_input(&self, job: &Job) -> Result<PreparedInput, ClassifiedError>;
+    /// Media decoding and preprocessing plus the prompt of `messages` (the job's, or what the tool
+    /// prompt made of them): everything the prefill needs (blocking). With
+    /// [`Self::native_tools`], the template also gets the job's tools.
+    fn prepare_input(
+        &self,
+        job: &Job,
+        messages: &[ChatMessage],
+    ) -> Result<PreparedInput, ClassifiedError>;
     /// The chat template has its own tool syntax (reads `tools`).
     fn native_tools(&self) -> bool;
     /// Queues a generation on the family's owner thread.
@@ -322,13 +325,10 @@ impl LoadedModel {
             None if !job.prompt_token_ids.is_empty() => {
                 self.raw_ids(job.prompt_token_ids.clone())?
             }
-            None => match tools::prompt_messages(job, self.backend.native_tools())? {
-                Cow::Borrowed(_) => self.backend.prepare_input(job)?,
-                Cow::Owned(messages) => self.backend.prepare_input(&Job {
-                    messages,
-                    ..job.clone()
-                })?,
-            },
+            None => {
+                let messages = tools::prompt_messages(job, self.backend.native_tools())?;
+                self.backend.prepare_input(job, &messages)?
+            }
         };
         let params = self.resolve_params(job, input.ids.len())?;
         Ok(PreparedJob {

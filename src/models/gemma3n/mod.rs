@@ -40,10 +40,14 @@ impl FamilyBackend for Backend {
         self.prompter.build(messages)
     }
 
-    fn prepare_input(&self, job: &Job) -> Result<PreparedInput, ClassifiedError> {
+    fn prepare_input(
+        &self,
+        job: &Job,
+        messages: &[ChatMessage],
+    ) -> Result<PreparedInput, ClassifiedError> {
         let mut images = Vec::new();
         let mut audio = Vec::new();
-        for part in job.messages.iter().flat_map(|m| m.content.iter()) {
+        for part in messages.iter().flat_map(|m| m.content.iter()) {
             match part {
                 ContentPart::Image { source } => {
                     images.push(self.media.image(images.len(), source)?)
@@ -60,7 +64,7 @@ impl FamilyBackend for Backend {
         };
         let prompt = self
             .prompter
-            .build_with_tools(&job.messages, tools.as_ref())
+            .build_with_tools(messages, tools.as_ref())
             .map_err(ModelError::into_classified)?;
         Ok(PreparedInput {
             ids: prompt.ids,

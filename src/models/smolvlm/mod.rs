@@ -57,8 +57,12 @@ impl FamilyBackend for Backend {
         self.prompter.build(messages, &layouts, None)
     }
 
-    fn prepare_input(&self, job: &Job) -> Result<PreparedInput, ClassifiedError> {
-        let images = image_sources(&job.messages)
+    fn prepare_input(
+        &self,
+        job: &Job,
+        messages: &[ChatMessage],
+    ) -> Result<PreparedInput, ClassifiedError> {
+        let images = image_sources(messages)
             .enumerate()
             .map(|(i, source)| self.media.image(i, source))
             .collect::<Result<Vec<SplitImage>, _>>()?;
@@ -69,7 +73,7 @@ impl FamilyBackend for Backend {
         };
         let prompt = self
             .prompter
-            .build(&job.messages, &layouts, tools.as_ref())
+            .build(messages, &layouts, tools.as_ref())
             .map_err(ModelError::into_classified)?;
         Ok(PreparedInput {
             ids: prompt.ids,
