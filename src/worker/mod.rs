@@ -473,27 +473,22 @@ async fn run_job(
             } => {
                 // Answers held back as possible tool calls: their calls, or their text.
                 for (i, s) in streams.iter_mut().enumerate() {
-                    let body = match s.finish(&job.tools, &job.job_id, i) {
+                    let (text, tool_calls) = match s.finish(&job.tools, &job.job_id, i) {
                         ToolEnd::Text(text) if text.is_empty() => continue,
-                        ToolEnd::Text(text) => FrameBody::Delta {
-                            text,
-                            token_ids: Vec::new(),
-                            index: i as u32,
-                            logprobs: Vec::new(),
-                            tool_calls: Vec::new(),
-                        },
-                        ToolEnd::Calls(tool_calls) => {
+                        ToolEnd::Text(text) => (text, Vec::new()),
+                        ToolEnd::Calls(calls) => {
                             if let Some(c) = choices.get_mut(i) {
                                 c.0 = crate::protocol::FinishReason::ToolCalls;
                             }
-                            FrameBody::Delta {
-                                text: String::new(),
-                                token_ids: Vec::new(),
-                                index: i as u32,
-                                logprobs: Vec::new(),
-                                tool_calls,
-                            }
+                            (String::new(), calls)
                         }
+                    };
+                    let body = FrameBody::Delta {
+                        text,
+                        token_ids: Vec::new(),
+                        index: i as u32,
+                        logprobs: Vec::new(),
+                        tool_calls,
                     };
                     if let Err(e) = out.send(body).await {
                         tracing::info!(error = %e, "frame not delivered; stopping the job");
