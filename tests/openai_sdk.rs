@@ -8,6 +8,11 @@ use serde_json::Value;
 
 /// Runs `tests/python/<script>` against the server at `base` and returns the JSON it prints.
 async fn sdk_script(script: &str, base: &str) -> Value {
+    sdk_script_with(script, base, &["tiny-gemma3n"]).await
+}
+
+/// [`sdk_script`] with other arguments after the base URL.
+async fn sdk_script_with(script: &str, base: &str, args: &[&str]) -> Value {
     let python = root().join(".venv/bin/python");
     assert!(
         python.exists(),
@@ -15,10 +20,12 @@ async fn sdk_script(script: &str, base: &str) -> Value {
         python.display()
     );
     let (script, base) = (root().join("tests/python").join(script), base.to_string());
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(python)
             .arg(script)
-            .args([base.as_str(), "tiny-gemma3n"])
+            .arg(base)
+            .args(args)
             .output()
             .unwrap()
     })
@@ -64,6 +71,50 @@ async fn official_python_sdk_works_unchanged() {
     assert_eq!(v["not_found"]["status"], 404);
     assert_eq!(v["not_found"]["code"], "model_not_found");
     assert_eq!(v["bad_request"]["status"], 400);
+    assert_eq!(v["bad_request"]["param"], "temperature");
+    s.shutdown().await;
+}
+
+/// The same SDK session against Granite Vision, the question carrying an image: the SDK's answers
+/// (plain and streamed) are the server's greedy answer to that request.
+#[tokio::test(flavor = "multi_thread")]
+async fn official_python_sdk_works_against_granite_vision() {
+    let dir = root().join("tests/fixtures/tiny-granite-vision");
+    let name = "tiny-granite-vision";
+    let m = common::load_with(
+        &common::resolve_dir(&dir, name, "FP32"),
+        common::EngineOpts::ONE_SHOT,
+    );
+    let s = Server::start(vec![m]).await;
+    let image = root().join("tests/fixtures/goldens-granite-vision/media/wide_500x200.png");
+    let v = sdk_script_with(
+        "openai_sdk_check.py",
+        &s.base,
+        &[name, image.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(v["models"], serde_json::json!([name]));
+    assert_eq!(v["object"], "chat.completion");
+    let data = base64::Engine::encode(
+        &base64::engine::general_purpose::STANDARD,
+        std::fs::read(&image).unwrap(),
+    );
+    let body = serde_json::json!({"model": name, "temperature": 0, "max_tokens": 32, "messages": [
+        {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{data}")}},
+            {"type": "text", "text": "Write a haiku about the sea."}]}]});
+    let (status, direct) = s.chat(&body).await;
+    assert_eq!(status, 200, "{direct}");
+    let text = &direct["choices"][0]["message"]["content"];
+    assert_eq!(&v["text"], text);
+    assert_eq!(&v["stream_text"], text);
+    assert_eq!(v["finish_reason"], direct["choices"][0]["finish_reason"]);
+    // More than the image's 1 884 <image> tokens.
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 1884, "{v}");
+    for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(v["stream_usage"][k], v["usage"][k], "{k}");
+    }
+    assert_eq!(v["not_found"]["status"], 404);
     assert_eq!(v["bad_request"]["param"], "temperature");
     s.shutdown().await;
 }

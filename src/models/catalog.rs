@@ -10,15 +10,19 @@ pub enum Family {
     Gemma3n,
     /// SmolVLM v1 (Idefics3 architecture: SigLIP tiles + pixel shuffle + Llama).
     SmolVlm,
+    /// Granite Vision 3.x (LLaVA-NeXT: SigLIP anyres tiles + MLP projector + Granite), exported by
+    /// `tools/export/granite_vision.py`.
+    GraniteVision,
 }
 
 impl Family {
-    pub const ALL: &'static [Family] = &[Family::Gemma3n, Family::SmolVlm];
+    pub const ALL: &'static [Family] = &[Family::Gemma3n, Family::SmolVlm, Family::GraniteVision];
 
     pub fn from_model_type(model_type: &str) -> Option<Self> {
         match model_type {
             "gemma3n" => Some(Self::Gemma3n),
             "idefics3" | "smolvlm" => Some(Self::SmolVlm),
+            "llava_next" => Some(Self::GraniteVision),
             _ => None,
         }
     }
@@ -28,6 +32,7 @@ impl Family {
         match self {
             Self::Gemma3n => &["gemma3n"],
             Self::SmolVlm => &["idefics3", "smolvlm"],
+            Self::GraniteVision => &["llava_next"],
         }
     }
 
@@ -35,6 +40,7 @@ impl Family {
         match self {
             Self::Gemma3n => "gemma3n",
             Self::SmolVlm => "smolvlm",
+            Self::GraniteVision => "granite_vision",
         }
     }
 
@@ -47,7 +53,7 @@ impl Family {
                 Component::VisionEncoder,
                 Component::AudioEncoder,
             ],
-            Self::SmolVlm => &[
+            Self::SmolVlm | Self::GraniteVision => &[
                 Component::EmbedTokens,
                 Component::DecoderModelMerged,
                 Component::VisionEncoder,
@@ -60,6 +66,8 @@ impl Family {
             Self::Gemma3n => Quant::Q4Mixed,
             // The original server's default for SmolVLM (its smallest-first priority list starts with UINT8).
             Self::SmolVlm => Quant::Uint8,
+            // What the export recipe makes by default: q4 decoder, int8 embeddings and vision encoder.
+            Self::GraniteVision => Quant::Q4Mixed,
         }
     }
 
@@ -88,6 +96,14 @@ impl Family {
                 Quant::Bnb4,
                 Quant::Quantized,
             ],
+            // The sets tools/export/granite_vision.py writes (INT8 and Q8 name its `_quantized` set).
+            Self::GraniteVision => &[
+                Quant::Q4Mixed,
+                Quant::Q4,
+                Quant::Quantized,
+                Quant::Int8,
+                Quant::Fp32,
+            ],
         }
     }
 
@@ -108,6 +124,8 @@ impl Family {
             // SmolVLM exports do not have every suffix for every graph (a public mirror of the repo has no
             // `embed_tokens_quantized` and no `vision_encoder_uint8`): any 8-bit variant, then fp16, fp32.
             (Self::SmolVlm, _) => &["_uint8", "_quantized", "_int8", "_fp16", ""],
+            // The export recipe has no `_q4` embedding table (no MatMul to quantize) and names int8 `_quantized`.
+            (Self::GraniteVision, _) => &["_quantized", "_int8", ""],
             (Self::Gemma3n, Component::EmbedTokens) => &["_quantized", "_fp16", ""],
             (Self::Gemma3n, Component::VisionEncoder) => &["_quantized", "_uint8", "_fp16", ""],
             (Self::Gemma3n, Component::AudioEncoder) => &["_q4", "_quantized", "_fp16", ""],
@@ -252,6 +270,13 @@ pub const CATALOG: &[CatalogEntry] = &[
         repo: "HuggingFaceTB/SmolVLM-256M-Instruct",
         family: Family::SmolVlm,
     },
+    // No ONNX export is published: the repo id names the checkpoint tools/export/granite_vision.py
+    // exports (serve the exported directory, or a hub cache entry holding it).
+    CatalogEntry {
+        display: "granite-vision-3.2-2b",
+        repo: "ibm-granite/granite-vision-3.2-2b",
+        family: Family::GraniteVision,
+    },
 ];
 
 /// The model `make run` serves by default.
@@ -317,6 +342,27 @@ mod tests {
         );
         let e = by_display("smolvlm-256m-instruct").unwrap();
         assert_eq!(e.repo, "HuggingFaceTB/SmolVLM-256M-Instruct");
+        assert_eq!(by_repo(e.repo).unwrap().family, f);
+    }
+
+    #[test]
+    fn granite_vision_names_and_files() {
+        let f = Family::GraniteVision;
+        assert_eq!(Family::from_model_type("llava_next"), Some(f));
+        assert_eq!(f.default_quant(), Quant::Q4Mixed);
+        assert_eq!(
+            f.candidate_suffixes(Quant::Q4, Component::EmbedTokens),
+            vec!["_q4", "_quantized", "_int8", ""]
+        );
+        assert_eq!(
+            f.candidate_suffixes(Quant::Int8, Component::DecoderModelMerged),
+            vec!["_int8", "_quantized", ""]
+        );
+        assert_eq!(
+            f.preferred_suffix(Quant::Q4Mixed, Component::VisionEncoder),
+            "_quantized"
+        );
+        let e = by_display("granite-vision-3.2-2b").unwrap();
         assert_eq!(by_repo(e.repo).unwrap().family, f);
     }
 

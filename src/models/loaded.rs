@@ -244,6 +244,9 @@ impl LoadedModel {
         let loaded = match model.plan.family {
             Family::Gemma3n => super::gemma3n::load(model, opts, cache_stats.clone(), &prefix)?,
             Family::SmolVlm => super::smolvlm::load(model, opts, cache_stats.clone(), &prefix)?,
+            Family::GraniteVision => {
+                super::granite_vision::load(model, opts, cache_stats.clone(), &prefix)?
+            }
         };
         let info = ModelInfo {
             name: model.served_name.clone(),

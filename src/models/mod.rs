@@ -4,8 +4,10 @@
 //! - [`resolve`] and [`hub`]: from `--model` to files on disk (local snapshot, HF cache, download).
 //! - [`gemma3n`]: the Gemma-3n family (config, prompt building, the four graphs).
 //! - [`smolvlm`]: the SmolVLM / Idefics3 family (image splitting into tiles, the three graphs).
+//! - [`granite_vision`]: the Granite Vision / LLaVA-NeXT family (anyres tiles, packed features).
 //! - [`config_util`] and [`media`]: what families share: JSON helpers, generation defaults, media
-//!   limits and decoding.
+//!   limits and decoding; [`decoder`] and [`prompt`]: the shared text decoder driver and prompt
+//!   steps (used by Granite Vision; the older families still carry their own copies).
 //! - [`generate`]: the family-agnostic generation loop (sampling, stop conditions, detokenization),
 //!   run as a step task on the model's owner thread.
 //! - [`loaded`]: a loaded model as the worker sees it: preprocess a job, then stream its generation.
@@ -16,12 +18,15 @@
 
 pub mod catalog;
 pub mod config_util;
+pub mod decoder;
 pub mod encoder_cache;
 pub mod gemma3n;
 pub mod generate;
+pub mod granite_vision;
 pub mod hub;
 pub mod loaded;
 pub mod media;
+pub mod prompt;
 pub mod resolve;
 pub mod smolvlm;
 pub mod tools;

@@ -376,6 +376,14 @@ pub fn list_dir(root: &Path) -> std::io::Result<BTreeSet<String>> {
     Ok(out)
 }
 
+/// The catalog entry a snapshot was exported from: `config.json`'s `_name_or_path`, when it is a
+/// catalog repo id.
+fn exported_entry(config_path: &Path) -> Option<&'static catalog::CatalogEntry> {
+    let text = std::fs::read_to_string(config_path).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    catalog::by_repo(v.get("_name_or_path")?.as_str()?)
+}
+
 /// Reads `config.json` and returns the family its `model_type` names.
 pub fn detect_family(model: &str, config_path: &Path) -> Result<Family, ResolveError> {
     let text = std::fs::read_to_string(config_path).map_err(|e| ResolveError::Read {
@@ -413,6 +421,9 @@ pub async fn resolve(
         ModelSource::Local(p) => p.display().to_string(),
         ModelSource::Hub { repo } => repo.clone(),
     };
+    // A local export of a catalog model (config.json `_name_or_path` names its repo, as
+    // tools/export/ writes it) is served like the catalog entry.
+    let mut exported_from: Option<&'static catalog::CatalogEntry> = None;
     let (root, plan) = match &spec.source {
         ModelSource::Local(dir) => {
             let files = list_dir(dir).map_err(|e| ResolveError::Read {
@@ -432,6 +443,7 @@ pub async fn resolve(
             let family = detect_family(&spec_text, &dir.join("config.json"))?;
             let quant = spec.quant.unwrap_or(family.default_quant());
             let plan = FilePlan::choose(&spec_text, family, quant, &files)?;
+            exported_from = exported_entry(&dir.join("config.json"));
             (
                 std::fs::canonicalize(dir).unwrap_or_else(|_| dir.clone()),
                 plan,
@@ -459,16 +471,20 @@ pub async fn resolve(
             );
         }
     }
+    let display = spec.display.or(exported_from.map(|e| e.display));
     let served = served_name
         .map(str::to_string)
+        .or(exported_from.map(|e| e.display.to_string()))
         .unwrap_or_else(|| spec.default_served_name.clone());
     let mut aliases = Vec::new();
-    if let Some(d) = spec.display {
+    if let Some(d) = display {
         aliases.push(format!("{d}/{}", plan.quant));
         aliases.push(d.to_string());
     }
-    if let ModelSource::Hub { repo } = &spec.source {
-        aliases.push(repo.clone());
+    match (&spec.source, exported_from) {
+        (ModelSource::Hub { repo }, _) => aliases.push(repo.clone()),
+        (ModelSource::Local(_), Some(e)) => aliases.push(e.repo.to_string()),
+        (ModelSource::Local(_), None) => {}
     }
     aliases.retain(|a| a != &served);
     aliases.dedup();

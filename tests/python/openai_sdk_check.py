@@ -1,8 +1,10 @@
 """Drives a running onnx-chat server with the official OpenAI Python SDK, unchanged.
 
-usage: python openai_sdk_check.py BASE_URL MODEL
+usage: python openai_sdk_check.py BASE_URL MODEL [IMAGE_FILE]
+With IMAGE_FILE (a PNG), the question carries that image as a data URL in front of its text.
 Prints one JSON object with what the SDK saw; the Rust test (tests/openai_sdk.rs) checks it.
 """
+import base64
 import json
 import sys
 
@@ -12,6 +14,11 @@ from openai import OpenAI
 base, model = sys.argv[1], sys.argv[2]
 client = OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
 messages = [{"role": "user", "content": "Write a haiku about the sea."}]
+if len(sys.argv) > 3:
+    data = base64.b64encode(open(sys.argv[3], "rb").read()).decode()
+    messages = [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{data}"}},
+        {"type": "text", "text": "Write a haiku about the sea."}]}]
 out = {"sdk_version": openai.__version__}
 
 out["models"] = [m.id for m in client.models.list().data]

@@ -28,8 +28,10 @@ row, the base tile's features first) is left to the server, which knows each ima
 Quantized sets: `quantized` = onnxruntime quantize_dynamic (int8 weights: QInt8, QUInt8 for graphs with a Conv,
 per-tensor, MatMulConstBOnly), `q4` = MatMulNBits (4-bit, block 32, symmetric) for the vision encoder and the
 decoder (the embedding table has no MatMul; its q4 set falls back to `_quantized`). Graphs over 2 GB are saved
-with external data (`NAME.onnx_data`). Each exported fp32 graph is checked against torch unless --no-check.
+with external data (`NAME.onnx_data`). When SRC is a repo id, config.json gets `_name_or_path: SRC`, so the
+server names the export like the catalog entry (`granite-vision-3.2-2b` and the repo id). Each exported fp32 graph is checked against torch unless --no-check.
 """
+import json
 import os
 import shutil
 import sys
@@ -195,6 +197,14 @@ def main():
     for f in COPY:
         if os.path.isfile(os.path.join(src, f)):
             shutil.copy(os.path.join(src, f), os.path.join(out, f))
+    if not os.path.isdir(sys.argv[1]):
+        # the repo id the export came from: onnx-chat serves it under that model's catalog names
+        with open(os.path.join(out, "config.json")) as fh:
+            c = json.load(fh)
+        c["_name_or_path"] = sys.argv[1]
+        with open(os.path.join(out, "config.json"), "w") as fh:
+            json.dump(c, fh, indent=2)
+            fh.write("\n")
 
     from transformers import AutoConfig, LlavaNextForConditionalGeneration
 

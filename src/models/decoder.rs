@@ -1,0 +1,272 @@
+//! The text half every `embed_tokens` + `decoder_model_merged` family shares (HOUSE.md move 2): loading
+//! and checking the two graphs by their input/output names, embedding ids, and one decoder run over a
+//! KV cache (one sequence or a decode batch) with the full attention mask and 0-based positions.
+//!
+//! A family keeps what is its own (encoders, where their rows go) and calls [`TextDecoder`] for the
+//! rest. Inputs are fed by name and cast to the element type each session declares; optional decoder
+//! inputs only when declared; any other declared input fails the load with the expected and found
+//! names.
+
+use std::borrow::Cow;
+
+use ort::value::DynValue;
+
+use crate::engine::batch::BatchKv;
+use crate::engine::kv::{self, KvLayout, KvState, PAST_PREFIX};
+use crate::engine::session::{ElemType, GraphSession, IoSpec, SessionOptions};
+use crate::engine::tensor;
+use crate::engine::EngineError;
+use crate::models::catalog::Component;
+use crate::models::resolve::ResolvedModel;
+use crate::models::{Batching, ModelError};
+
+/// Feeds of one `Session::run`.
+pub type Inputs<'v> = crate::engine::kv::Feeds<'v>;
+
+/// Decoder inputs the driver feeds (besides `past_key_values.*`).
+pub const DECODER_INPUTS: &[&str] = &[
+    "inputs_embeds",
+    "attention_mask",
+    "position_ids",
+    "num_logits_to_keep",
+    "use_cache_branch",
+];
+
+/// A load-time interface error of graph `g`.
+pub fn interface(g: &GraphSession, message: String) -> ModelError {
+    EngineError::Interface {
+        component: g.component.clone(),
+        path: g.path.clone(),
+        message,
+    }
+    .into()
+}
+
+/// Fails when `g` declares an input that `family`'s driver would not feed.
+pub fn only_known_inputs(g: &GraphSession, known: &[&str], family: &str) -> Result<(), ModelError> {
+    let unknown: Vec<&str> = g
+        .inputs
+        .iter()
+        .map(|i| i.name.as_str())
+        .filter(|n| !known.contains(n) && !n.starts_with(PAST_PREFIX))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    let past = if g.component == Component::DecoderModelMerged.file_stem() {
+        " and past_key_values.*"
+    } else {
+        ""
+    };
+    Err(interface(
+        g,
+        format!(
+            "inputs {unknown:?} are not fed by the {family} driver; expected only {known:?}{past}; the graph declares {:?}",
+            g.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>()
+        ),
+    ))
+}
+
+/// The integer type of input `name` (int64 or int32), `None` when the graph has no such input.
+pub fn int_type(g: &GraphSession, name: &str) -> Result<Option<ElemType>, ModelError> {
+    match g.input(name).map(|i| i.dtype) {
+        None => Ok(None),
+        Some(t @ (ElemType::I64 | ElemType::I32)) => Ok(Some(t)),
+        Some(t) => Err(interface(
+            g,
+            format!("{name} is {t}, expected int64 or int32"),
+        )),
+    }
+}
+
+/// An integer tensor of element type `ty` (int32 or int64).
+pub fn int_value(ty: ElemType, shape: &[i64], data: Vec<i64>) -> Result<DynValue, EngineError> {
+    match ty {
+        ElemType::I32 => Ok(ort::value::Tensor::from_array((
+            shape.to_vec(),
+            data.into_iter().map(|v| v as i32).collect::<Vec<_>>(),
+        ))
+        .map_err(tensor::tensor_err)?
+        .into_dyn()),
+        _ => tensor::i64_value(shape, data),
+    }
+}
+
+/// The last dimension of an input or output, when static.
+pub fn width(io: Option<&IoSpec>) -> Option<usize> {
+    io.and_then(|i| i.dims.last().copied().flatten())
+        .map(|d| d as usize)
+}
+
+/// `embed_tokens` and `decoder_model_merged` of one model, checked at load time.
+pub struct TextDecoder {
+    embed: GraphSession,
+    decoder: GraphSession,
+    kv: KvLayout,
+    ids_type: ElemType,
+    embeds_type: ElemType,
+    vocab: usize,
+    hidden: usize,
+}
+
+impl TextDecoder {
+    /// Loads both graphs and checks them against `hidden` (`text_config.hidden_size`); the vocabulary
+    /// is the logits' width, or `vocab` where the graph leaves it dynamic.
+    pub fn load(
+        model: &ResolvedModel,
+        opts: &SessionOptions,
+        hidden: usize,
+        vocab: usize,
+        family: &str,
+    ) -> Result<Self, ModelError> {
+        let load = |c: Component| {
+            super::load_graph(model, c, opts)?
+                .ok_or_else(|| ModelError::Config(format!("no {c} graph")))
+        };
+        let embed = load(Component::EmbedTokens)?;
+        let decoder = load(Component::DecoderModelMerged)?;
+        embed.require(&["input_ids"], &["inputs_embeds"])?;
+        only_known_inputs(&embed, &["input_ids"], family)?;
+        decoder.require(&["inputs_embeds"], &["logits"])?;
+        only_known_inputs(&decoder, DECODER_INPUTS, family)?;
+        int_type(&decoder, "attention_mask")?;
+        int_type(&decoder, "position_ids")?;
+        let ids_type = int_type(&embed, "input_ids")?.unwrap_or(ElemType::I64);
+        let embeds_type = decoder.input_type("inputs_embeds")?;
+        if !embeds_type.is_float() {
+            return Err(interface(
+                &decoder,
+                format!("inputs_embeds is {embeds_type}, expected a float type"),
+            ));
+        }
+        for (g, io) in [
+            (&embed, embed.output("inputs_embeds")),
+            (&decoder, decoder.input("inputs_embeds")),
+        ] {
+            if let Some(h) = width(io).filter(|&h| h != hidden) {
+                return Err(interface(
+                    g,
+                    format!(
+                        "inputs_embeds has width {h}; config.json text_config.hidden_size is {hidden}"
+                    ),
+                ));
+            }
+        }
+        let vocab = width(decoder.output("logits")).unwrap_or(vocab);
+        let kv = KvLayout::from_decoder(&decoder)?;
+        if kv.slots.is_empty() {
+            return Err(interface(
+                &decoder,
+                "the decoder declares no past_key_values.* inputs (a merged decoder with a cache is expected)"
+                    .into(),
+            ));
+        }
+        Ok(Self {
+            embed,
+            decoder,
+            kv,
+            ids_type,
+            embeds_type,
+            vocab,
+            hidden,
+        })
+    }
+
+    pub fn kv_layout(&self) -> &KvLayout {
+        &self.kv
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    pub fn embeds_type(&self) -> ElemType {
+        self.embeds_type
+    }
+
+    /// Whether a prompt's numbers are the same however it is split into runs (no dynamic
+    /// activation quantization in the decoder).
+    pub fn split_exact(&self) -> bool {
+        self.decoder.rewrite.dynamic_quantize == 0
+    }
+
+    pub fn batching(&self) -> Batching {
+        Batching::from_report(&self.decoder.rewrite)
+    }
+
+    /// `embed_tokens` over `rows` rows of `ids.len() / rows` ids.
+    pub fn embed(&mut self, rows: usize, ids: &[u32]) -> Result<DynValue, EngineError> {
+        let ids = int_value(
+            self.ids_type,
+            &[rows as i64, (ids.len() / rows.max(1)) as i64],
+            ids.iter().map(|&i| i as i64).collect(),
+        )?;
+        let inputs: Inputs = vec![(Cow::Borrowed("input_ids"), ids.into())];
+        let mut out = self
+            .embed
+            .session
+            .run(inputs)
+            .map_err(|e| EngineError::run("embed_tokens", e))?;
+        out.remove("inputs_embeds")
+            .ok_or_else(|| EngineError::run("embed_tokens", "no inputs_embeds output"))
+    }
+
+    /// The decoder on `embeds` (`n` new positions per row of `cache`); returns each row's last
+    /// position's logits.
+    pub fn run(
+        &mut self,
+        embeds: DynValue,
+        n: usize,
+        cache: &mut impl KvState,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let rows = cache.row_lens().len();
+        let total = cache.width() + n;
+        let embeds = tensor::cast_value(embeds, self.embeds_type)?;
+        let mut inputs: Inputs = Vec::with_capacity(5 + self.kv.slots.len());
+        inputs.push((Cow::Borrowed("inputs_embeds"), embeds.into()));
+        if let Some(ty) = int_type(&self.decoder, "attention_mask")? {
+            inputs.push((
+                Cow::Borrowed("attention_mask"),
+                int_value(ty, &[rows as i64, total as i64], cache.attention_mask(n))?.into(),
+            ));
+        } else if rows > 1 {
+            return Err(ModelError::Config(
+                "a batched decoder run on a graph without attention_mask".into(),
+            ));
+        }
+        if let Some(ty) = int_type(&self.decoder, "position_ids")? {
+            inputs.push((
+                Cow::Borrowed("position_ids"),
+                int_value(ty, &[rows as i64, n as i64], cache.positions(n))?.into(),
+            ));
+        }
+        self.kv.push_feeds(&self.decoder, cache, &mut inputs)?;
+        let mut out = self
+            .decoder
+            .session
+            .run(inputs)
+            .map_err(|e| EngineError::run("decoder_model_merged", e))?;
+        let logits = {
+            let l = out
+                .get("logits")
+                .ok_or_else(|| EngineError::run("decoder_model_merged", "no logits output"))?;
+            if rows == 1 {
+                vec![tensor::last_row_f32(l, self.vocab)?]
+            } else {
+                tensor::last_rows_f32(l, rows, self.vocab)?
+            }
+        };
+        kv::update(cache, &self.kv, &mut out, n)?;
+        Ok(logits)
+    }
+
+    /// One batched decode step: row r gets the generated id `ids[r]`.
+    pub fn forward_rows(
+        &mut self,
+        ids: &[u32],
+        batch: &mut BatchKv,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let embeds = self.embed(ids.len(), ids)?;
+        self.run(embeds, 1, batch)
+    }
+}

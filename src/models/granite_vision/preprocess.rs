@@ -1,0 +1,546 @@
+//! Granite Vision image preprocessing: transformers' `LlavaNextImageProcessorPil` ("anyres") wired from
+//! the generic stages of [`crate::pipeline::image`] with the values of `preprocessor_config.json`, and
+//! the layout of an image's features after the vision encoder (`LlavaNextModel.pack_image_features`).
+//!
+//! 1. The best grid resolution among `image_grid_pinpoints` (`select_best_resolution`: the most of the
+//!    image kept, then the least wasted area).
+//! 2. The image resized (aspect kept, `get_patch_output_size`) into that resolution, pasted centred on
+//!    a black canvas of it (value 0 before rescaling), cut into tiles row-major.
+//! 3. The whole image resized to `size` in front of them: the base tile.
+//! 4. Each frame resized to `size` (a no-op for tiles of that size), centre-cropped to `crop_size`,
+//!    rescaled, normalised, channel-first.
+//!
+//! Every resize is Pillow's (BICUBIC by default) on 8-bit pixels, as the reference does.
+//!
+//! Features: the base tile's rows first, then the tile grid laid out spatially, cut to the image's
+//! aspect ratio (`unpad_image`), with the `image_newline` row after each feature row. The number of
+//! `<image>` tokens an image takes is that count (`LlavaNextProcessor._get_number_of_features`).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use ::image::RgbImage;
+use serde_json::Value;
+
+use super::config::{pinpoints, GraniteVisionConfig};
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::models::config_util::read_json_opt;
+use crate::models::encoder_cache::{media_key, MediaKey};
+use crate::models::media::{decode_image, media_bytes, MediaLimits};
+use crate::models::{ImageInput, ModelError};
+use crate::pipeline::image::{self, Filter};
+use crate::protocol::MediaSource;
+
+/// transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`, the image processor's defaults.
+const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
+
+/// transformers' `select_best_resolution` over `pinpoints` ((height, width)) for an image of
+/// `height` × `width`: the most effective pixels, then the least waste. Python float arithmetic.
+pub fn best_resolution(height: u32, width: u32, pinpoints: &[(u32, u32)]) -> (u32, u32) {
+    let (oh, ow) = (height.max(1) as f64, width.max(1) as f64);
+    let mut best = pinpoints[0];
+    let (mut best_eff, mut best_waste) = (0f64, f64::INFINITY);
+    for &(h, w) in pinpoints {
+        let scale = (w as f64 / ow).min(h as f64 / oh);
+        let eff = ((ow * scale).trunc() * (oh * scale).trunc()).min(ow * oh);
+        let waste = w as f64 * h as f64 - eff;
+        if eff > best_eff || (eff == best_eff && waste < best_waste) {
+            (best, best_eff, best_waste) = ((h, w), eff, waste);
+        }
+    }
+    best
+}
+
+/// transformers' `get_patch_output_size`: (height, width) of the image resized into `target` with its
+/// aspect ratio kept.
+pub fn patch_output_size(height: u32, width: u32, target: (u32, u32)) -> (u32, u32) {
+    let (oh, ow) = (height.max(1) as f64, width.max(1) as f64);
+    let (th, tw) = target;
+    let (sw, sh) = (tw as f64 / ow, th as f64 / oh);
+    if sw < sh {
+        (((oh * sw).ceil() as u32).min(th), tw)
+    } else {
+        (th, ((ow * sh).ceil() as u32).min(tw))
+    }
+}
+
+/// Python's `int(round(x, 7))` for the non-negative values of the unpadding arithmetic.
+fn round7_int(x: f64) -> i64 {
+    ((x * 1e7).round() as i64).div_euclid(10_000_000)
+}
+
+/// Where an image's features go: the grid of tiles and the part of it kept after unpadding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FeatureLayout {
+    /// Tile rows and columns of the grid (the base tile not counted).
+    pub rows: usize,
+    pub cols: usize,
+    /// Feature rows and columns kept, and how many were cut from the top and from the left.
+    pub height: usize,
+    pub width: usize,
+    pub top: usize,
+    pub left: usize,
+    /// Features per tile side.
+    pub side: usize,
+}
+
+impl FeatureLayout {
+    /// The layout of an image of `height` × `width` whose best resolution is `best`
+    /// (`unpad_image` / `_get_unpadded_features`).
+    pub fn new(height: u32, width: u32, best: (u32, u32), tile: usize, side: usize) -> Self {
+        let (rows, cols) = (best.0 as usize / tile, best.1 as usize / tile);
+        let (ch, cw) = ((rows * side) as i64, (cols * side) as i64);
+        let (oh, ow) = (height.max(1) as f64, width.max(1) as f64);
+        let (mut h, mut w, mut top, mut left) = (ch, cw, 0, 0);
+        if ow / oh > cw as f64 / ch as f64 {
+            let new = round7_int(oh * (cw as f64 / ow));
+            top = (ch - new).div_euclid(2);
+            h = ch - 2 * top;
+        } else {
+            let new = round7_int(ow * (ch as f64 / oh));
+            left = (cw - new).div_euclid(2);
+            w = cw - 2 * left;
+        }
+        Self {
+            rows,
+            cols,
+            height: h.max(0) as usize,
+            width: w.max(0) as usize,
+            top: top.max(0) as usize,
+            left: left.max(0) as usize,
+            side,
+        }
+    }
+
+    /// Tiles the encoder sees: the base tile plus the grid.
+    pub fn tiles(&self) -> usize {
+        1 + self.rows * self.cols
+    }
+
+    /// `<image>` tokens (= packed feature rows): the base tile, the kept grid, one newline per row.
+    pub fn tokens(&self) -> usize {
+        self.side * self.side + self.height * (self.width + 1)
+    }
+
+    /// The packed rows: for each, the encoder row it copies (tile-major, `side²` rows per tile), or
+    /// `None` for the newline row.
+    pub fn rows_in_order(&self) -> impl Iterator<Item = Option<usize>> + '_ {
+        let per_tile = self.side * self.side;
+        let base = (0..per_tile).map(Some);
+        let grid = (0..self.height).flat_map(move |y| {
+            (0..=self.width).map(move |x| {
+                (x < self.width).then(|| {
+                    let (gy, gx) = (y + self.top, x + self.left);
+                    let tile = 1 + (gy / self.side) * self.cols + gx / self.side;
+                    tile * per_tile + (gy % self.side) * self.side + gx % self.side
+                })
+            })
+        });
+        base.chain(grid)
+    }
+}
+
+/// Packs one image's encoder output (`features`: `tiles × side² × hidden`, tile-major) with
+/// `newline` into its `<image>` rows.
+pub fn pack(
+    layout: &FeatureLayout,
+    features: &[f32],
+    newline: &[f32],
+    hidden: usize,
+) -> Result<Vec<f32>, ModelError> {
+    let want = layout.tiles() * layout.side * layout.side * hidden;
+    if features.len() != want || newline.len() != hidden {
+        return Err(ModelError::Request(ClassifiedError::new(
+            ErrorClass::Internal,
+            format!(
+                "packing {} feature values and a {}-wide newline; the layout needs {want} and {hidden}",
+                features.len(),
+                newline.len()
+            ),
+        )));
+    }
+    let mut out = Vec::with_capacity(layout.tokens() * hidden);
+    for row in layout.rows_in_order() {
+        match row {
+            Some(r) => out.extend_from_slice(&features[r * hidden..(r + 1) * hidden]),
+            None => out.extend_from_slice(newline),
+        }
+    }
+    Ok(out)
+}
+
+/// The image-processor settings of a LLaVA-NeXT snapshot.
+#[derive(Debug, Clone)]
+pub struct AnyresProcessing {
+    pinpoints: Vec<(u32, u32)>,
+    /// Side of the grid tiles (`crop_size.height`, else `size`).
+    patch: u32,
+    /// (height, width) every frame is resized to; `None` without `do_resize`.
+    resize: Option<(u32, u32)>,
+    /// Base-tile size (height, width): `size` as a square for `shortest_edge`.
+    base: (u32, u32),
+    crop: Option<(u32, u32)>,
+    filter: Filter,
+    rescale: Option<f64>,
+    normalize: Option<([f32; 3], [f32; 3])>,
+    /// Feature rows per tile side.
+    side: usize,
+}
+
+fn triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3], ModelError> {
+    let bad = || {
+        ModelError::Config(format!(
+            "preprocessor_config.json {key} must be a number or 3 numbers"
+        ))
+    };
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Number(n)) => Ok([n.as_f64().ok_or_else(bad)? as f32; 3]),
+        Some(Value::Array(a)) if a.len() == 3 => {
+            let f = |i: usize| a[i].as_f64().map(|x| x as f32).ok_or_else(bad);
+            Ok([f(0)?, f(1)?, f(2)?])
+        }
+        Some(_) => Err(bad()),
+    }
+}
+
+impl AnyresProcessing {
+    /// Reads the image-processor keys (defaults: transformers' `LlavaNextImageProcessor`); the pinpoints
+    /// come from the processor, else from `config.json`. Fails unless the frames come out as the
+    /// encoder's tiles.
+    pub fn from_config(v: &Value, cfg: &GraniteVisionConfig) -> Result<Self, ModelError> {
+        let flag = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
+        let dim = |obj: Option<&Value>, k: &str| {
+            obj.and_then(|o| o.get(k))
+                .and_then(Value::as_u64)
+                .filter(|&x| x > 0 && x <= u32::MAX as u64)
+                .map(|x| x as u32)
+        };
+        let size = v.get("size");
+        let square = match (
+            dim(size, "height"),
+            dim(size, "width"),
+            dim(size, "shortest_edge"),
+        ) {
+            (Some(h), Some(w), _) => (h, w),
+            (_, _, Some(s)) => (s, s),
+            _ if size.is_none() => (224, 224),
+            _ => {
+                return Err(ModelError::Config(format!(
+                "preprocessor_config.json size {} has neither height and width nor shortest_edge",
+                size.cloned().unwrap_or_default()
+            )))
+            }
+        };
+        let crop_size = v.get("crop_size");
+        let crop = match (dim(crop_size, "height"), dim(crop_size, "width")) {
+            (Some(h), Some(w)) => Some((h, w)),
+            _ if crop_size.is_none() => Some((224, 224)),
+            _ => {
+                return Err(ModelError::Config(format!(
+                    "preprocessor_config.json crop_size {} has no height and width",
+                    crop_size.cloned().unwrap_or_default()
+                )))
+            }
+        };
+        let patch = crop.map(|c| c.0).unwrap_or(square.0);
+        let resample = v.get("resample").and_then(Value::as_u64).unwrap_or(3);
+        let filter = Filter::from_pil(resample).ok_or_else(|| {
+            ModelError::Config(format!(
+                "preprocessor_config.json: unsupported resample {resample} (supported: 1 LANCZOS, 2 BILINEAR, 3 BICUBIC)"
+            ))
+        })?;
+        let normalize = if flag("do_normalize", true) {
+            let std = triple(v, "image_std", CLIP_STD)?;
+            if std.contains(&0.0) {
+                return Err(ModelError::Config(
+                    "preprocessor_config.json image_std has a 0".into(),
+                ));
+            }
+            Some((triple(v, "image_mean", CLIP_MEAN)?, std))
+        } else {
+            None
+        };
+        let pinpoints = match v.get("image_grid_pinpoints") {
+            Some(p) => pinpoints(Some(p), patch as usize, "preprocessor_config.json")?,
+            None => cfg.pinpoints.clone(),
+        };
+        let p = Self {
+            pinpoints,
+            patch,
+            resize: flag("do_resize", true).then_some(square),
+            base: square,
+            crop: crop.filter(|_| flag("do_center_crop", true)),
+            filter,
+            rescale: flag("do_rescale", true).then(|| {
+                v.get("rescale_factor")
+                    .and_then(Value::as_f64)
+                    .unwrap_or(1.0 / 255.0)
+            }),
+            normalize,
+            side: cfg.side,
+        };
+        let frame = p.frame_size((p.patch, p.patch));
+        if frame != (cfg.tile as u32, cfg.tile as u32) || p.frame_size(p.base) != frame {
+            return Err(ModelError::Config(format!(
+                "preprocessor_config.json makes {}x{} frames (size {square:?}, crop_size {crop:?}); the vision tower takes {}x{} tiles",
+                frame.1, frame.0, cfg.tile, cfg.tile
+            )));
+        }
+        Ok(p)
+    }
+
+    /// (height, width) of a frame of `from` after the per-frame resize and crop.
+    fn frame_size(&self, from: (u32, u32)) -> (u32, u32) {
+        let sized = self.resize.unwrap_or(from);
+        match self.crop {
+            Some((h, w)) if h <= sized.0 && w <= sized.1 => (h, w),
+            Some(_) => (0, 0),
+            None => sized,
+        }
+    }
+
+    /// The feature layout of an image of this size, without touching pixels.
+    pub fn layout(&self, height: u32, width: u32) -> FeatureLayout {
+        let best = best_resolution(height, width, &self.pinpoints);
+        FeatureLayout::new(height, width, best, self.patch as usize, self.side)
+    }
+
+    /// The image's frames (8-bit, before rescaling): the base tile, then the grid row-major.
+    pub fn frames(&self, img: &RgbImage) -> Vec<RgbImage> {
+        let best = best_resolution(img.height(), img.width(), &self.pinpoints);
+        let (nh, nw) = patch_output_size(img.height(), img.width(), best);
+        let resized = image::resize(img, nw, nh, self.filter);
+        let mut canvas = RgbImage::new(best.1, best.0);
+        let (x0, y0) = ((best.1 - nw) / 2, (best.0 - nh) / 2);
+        ::image::imageops::replace(&mut canvas, &resized, x0 as i64, y0 as i64);
+        let t = self.patch;
+        let mut frames = vec![image::resize(img, self.base.1, self.base.0, self.filter)];
+        for r in 0..best.0 / t {
+            for c in 0..best.1 / t {
+                frames.push(::image::imageops::crop_imm(&canvas, c * t, r * t, t, t).to_image());
+            }
+        }
+        frames
+            .into_iter()
+            .map(|f| {
+                let f = match self.resize {
+                    Some((h, w)) => image::resize(&f, w, h, self.filter),
+                    None => f,
+                };
+                match self.crop {
+                    Some((h, w)) if (f.height(), f.width()) != (h, w) => {
+                        let (top, left) = ((f.height() - h) / 2, (f.width() - w) / 2);
+                        ::image::imageops::crop_imm(&f, left, top, w, h).to_image()
+                    }
+                    _ => f,
+                }
+            })
+            .collect()
+    }
+
+    /// Frames rescaled and normalised, channel-first, one after the other.
+    pub fn process(&self, img: &RgbImage) -> (Vec<f32>, usize, [usize; 3]) {
+        let frames = self.frames(img);
+        let (w, h) = (frames[0].width() as usize, frames[0].height() as usize);
+        let mut pixels = Vec::with_capacity(frames.len() * 3 * w * h);
+        for f in &frames {
+            pixels.extend(image::to_chw(
+                f,
+                self.rescale.unwrap_or(1.0),
+                self.normalize,
+            ));
+        }
+        (pixels, frames.len(), [3, h, w])
+    }
+}
+
+/// Each image's feature layout by content key, from preprocessing to the owner thread (the layout is
+/// a function of the image, so an entry is never stale; the oldest are dropped past `CAPACITY`).
+#[derive(Clone, Default)]
+pub struct Layouts(Arc<Mutex<LayoutMap>>);
+
+/// Layouts by key, and the keys oldest first.
+type LayoutMap = (HashMap<MediaKey, FeatureLayout>, VecDeque<MediaKey>);
+
+impl Layouts {
+    const CAPACITY: usize = 1 << 16;
+
+    pub fn put(&self, key: MediaKey, layout: FeatureLayout) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let (map, order) = &mut *g;
+        if map.insert(key, layout).is_none() {
+            order.push_back(key);
+        }
+        while order.len() > Self::CAPACITY {
+            if let Some(old) = order.pop_front() {
+                map.remove(&old);
+            }
+        }
+    }
+
+    pub fn get(&self, key: &MediaKey) -> Result<FeatureLayout, ModelError> {
+        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.0.get(key).copied().ok_or_else(|| {
+            ModelError::Request(ClassifiedError::new(
+                ErrorClass::Internal,
+                "an image reached the model without its preprocessing layout",
+            ))
+        })
+    }
+}
+
+/// One preprocessed image and its feature layout.
+#[derive(Debug, Clone)]
+pub struct AnyresImage {
+    pub input: ImageInput,
+    pub layout: FeatureLayout,
+}
+
+/// Turns job images into encoder inputs and their layouts.
+pub struct GraniteVisionMedia {
+    processing: AnyresProcessing,
+    limits: MediaLimits,
+    layouts: Layouts,
+}
+
+impl GraniteVisionMedia {
+    pub fn new(
+        dir: &Path,
+        cfg: &GraniteVisionConfig,
+        limits: MediaLimits,
+        layouts: Layouts,
+    ) -> Result<Self, ModelError> {
+        let v = read_json_opt(&dir.join("preprocessor_config.json"))?.unwrap_or(Value::Null);
+        // Processors saved by transformers 5 nest the image processor; hub files are flat.
+        let image_cfg = v.get("image_processor").unwrap_or(&v);
+        Ok(Self {
+            processing: AnyresProcessing::from_config(image_cfg, cfg)?,
+            limits,
+            layouts,
+        })
+    }
+
+    pub fn processing(&self) -> &AnyresProcessing {
+        &self.processing
+    }
+
+    /// The feature layout of image number `index` (decoded, not resized).
+    pub fn layout(
+        &self,
+        index: usize,
+        source: &MediaSource,
+    ) -> Result<FeatureLayout, ClassifiedError> {
+        let bytes = media_bytes("image", index, source, self.limits.image.max_bytes)?;
+        let rgb = decode_image(index, &bytes, &self.limits.image)?;
+        Ok(self.processing.layout(rgb.height(), rgb.width()))
+    }
+
+    /// Decodes and preprocesses image number `index` of the request.
+    pub fn image(
+        &self,
+        index: usize,
+        source: &MediaSource,
+    ) -> Result<AnyresImage, ClassifiedError> {
+        let bytes = media_bytes("image", index, source, self.limits.image.max_bytes)?;
+        self.image_bytes(index, &bytes)
+    }
+
+    pub fn image_bytes(&self, index: usize, bytes: &[u8]) -> Result<AnyresImage, ClassifiedError> {
+        let rgb = decode_image(index, bytes, &self.limits.image)?;
+        let layout = self.processing.layout(rgb.height(), rgb.width());
+        let (pixel_values, frames, shape) = self.processing.process(&rgb);
+        let key = media_key("image", bytes);
+        self.layouts.put(key, layout);
+        Ok(AnyresImage {
+            input: ImageInput {
+                key,
+                pixel_values,
+                frames,
+                shape,
+            },
+            layout,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn real_pinpoints() -> Vec<(u32, u32)> {
+        let mut p: Vec<(u32, u32)> = (1..=10).map(|k| (384, 384 * k)).collect();
+        p.extend((1..=5).map(|k| (768, 384 * k)));
+        p.extend((1..=3).map(|k| (1152, 384 * k)));
+        p.extend([(1536, 384), (1536, 768), (1920, 384), (1920, 768)]);
+        p.extend((6..=10).map(|k| (384 * k, 384)));
+        p
+    }
+
+    #[test]
+    fn resolution_and_unpadding_follow_the_reference_arithmetic() {
+        let p = real_pinpoints();
+        // Worked through transformers' select_best_resolution / unpad_image by hand.
+        assert_eq!(best_resolution(200, 500, &p), (384, 768));
+        assert_eq!(best_resolution(640, 260, &p), (768, 384));
+        assert_eq!(best_resolution(80, 80, &p), (384, 384));
+        assert_eq!(patch_output_size(200, 500, (384, 768)), (308, 768)); // ceil(200 * 768 / 500)
+        assert_eq!(patch_output_size(640, 260, (768, 384)), (768, 312)); // ceil(260 * 768 / 640)
+        let wide = FeatureLayout::new(200, 500, (384, 768), 384, 27);
+        // 200 * 54 / 500 = 21.6 -> int(round(21.6, 7)) = 21, cut (27 - 21) // 2 = 3 from each side.
+        assert_eq!(
+            (wide.height, wide.width, wide.top, wide.left),
+            (21, 54, 3, 0)
+        );
+        assert_eq!(wide.tokens(), 729 + 21 * 55);
+        let tall = FeatureLayout::new(640, 260, (768, 384), 384, 27);
+        assert_eq!(
+            (tall.height, tall.width, tall.top, tall.left),
+            (54, 21, 0, 3)
+        );
+        let square = FeatureLayout::new(80, 80, (384, 384), 384, 27);
+        assert_eq!(
+            (square.height, square.width, square.tokens()),
+            (27, 27, 729 + 27 * 28)
+        );
+        // An exact 26.999999999 is 27 after round(., 7), not 26.
+        assert_eq!(round7_int(26.999_999_999_9), 27);
+        assert_eq!(round7_int(21.6), 21);
+    }
+
+    #[test]
+    fn packing_puts_the_base_first_and_a_newline_after_each_row() {
+        // 2 tiles side by side of side 2, kept 1 row x 4 columns from the second feature row.
+        let l = FeatureLayout {
+            rows: 1,
+            cols: 2,
+            height: 1,
+            width: 4,
+            top: 1,
+            left: 0,
+            side: 2,
+        };
+        let order: Vec<Option<usize>> = l.rows_in_order().collect();
+        // base 0..4, then grid row 1: tile 1 (rows 4..8) cells (1,0),(1,1), tile 2 (8..12) (1,0),(1,1)
+        assert_eq!(
+            order,
+            vec![
+                Some(0),
+                Some(1),
+                Some(2),
+                Some(3),
+                Some(6),
+                Some(7),
+                Some(10),
+                Some(11),
+                None
+            ]
+        );
+        let feats: Vec<f32> = (0..12).map(|i| i as f32).collect();
+        let packed = pack(&l, &feats, &[-1.0], 1).unwrap();
+        assert_eq!(packed, vec![0., 1., 2., 3., 6., 7., 10., 11., -1.]);
+        assert!(pack(&l, &feats[..11], &[-1.0], 1).is_err());
+    }
+}

@@ -1,0 +1,94 @@
+//! Prompt steps every template-driven family shares (HOUSE.md move 2): finding and compiling a snapshot's
+//! chat template, rendering it with the errors classified (a template's `raise_exception` is the
+//! request's fault: 400 on `messages`), and expanding each media placeholder of the rendered text into
+//! its soft-token run before tokenizing.
+
+use std::path::Path;
+
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::error::ClassifiedError;
+use crate::models::ModelError;
+use crate::pipeline::template::{ChatTemplate, TemplateError};
+
+/// The chat template of snapshot `dir` (`chat_template.jinja`, `chat_template.json`, or
+/// `tokenizer_config.json`), compiled.
+pub fn load_template(dir: &Path) -> Result<ChatTemplate, ModelError> {
+    let (source, tokens) = ChatTemplate::load_from_dir(dir)
+        .map_err(|e| ModelError::Config(e.to_string()))?
+        .ok_or_else(|| {
+            ModelError::Config(format!(
+                "{} has no chat template (chat_template.jinja, chat_template.json, or chat_template in tokenizer_config.json)",
+                dir.display()
+            ))
+        })?;
+    ChatTemplate::new(&source, tokens).map_err(|e| ModelError::Config(e.to_string()))
+}
+
+/// Renders `messages` (the template's items) with the generation prompt; `tools` goes to a template that
+/// reads it.
+pub fn render(
+    template: &ChatTemplate,
+    messages: &Value,
+    tools: Option<&Value>,
+) -> Result<String, ModelError> {
+    template
+        .render_with_tools(messages, tools, true)
+        .map_err(|e| match e {
+            TemplateError::Render(m) => {
+                ModelError::Request(ClassifiedError::invalid("messages", m))
+            }
+            other => ModelError::Config(other.to_string()),
+        })
+}
+
+/// `rendered` with the i-th `placeholder` replaced by `blocks[i]`; fails (400) when the text holds
+/// another number of placeholders, which only message text spelling the reserved token can cause.
+pub fn expand(rendered: &str, placeholder: &str, blocks: &[String]) -> Result<String, ModelError> {
+    let pieces: Vec<&str> = rendered.split(placeholder).collect();
+    if pieces.len() != blocks.len() + 1 {
+        return Err(ModelError::Request(ClassifiedError::invalid(
+            "messages",
+            format!(
+                "the rendered prompt has {} image placeholders for {} images; message text must not contain the reserved token {placeholder}",
+                pieces.len() - 1,
+                blocks.len()
+            ),
+        )));
+    }
+    let mut out =
+        String::with_capacity(rendered.len() + blocks.iter().map(String::len).sum::<usize>());
+    out.push_str(pieces[0]);
+    for (block, piece) in blocks.iter().zip(&pieces[1..]) {
+        out.push_str(block);
+        out.push_str(piece);
+    }
+    Ok(out)
+}
+
+/// Token ids of `text` without added special tokens (the templates write their own).
+pub fn tokenize(tokenizer: &Tokenizer, text: &str) -> Result<Vec<u32>, ModelError> {
+    tokenizer
+        .encode(text, false)
+        .map(|e| e.get_ids().to_vec())
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expansion_checks_the_placeholder_count() {
+        let blocks = vec!["AA".to_string(), "B".to_string()];
+        assert_eq!(expand("x<i>y<i>z", "<i>", &blocks).unwrap(), "xAAyBz");
+        let err = expand("x<i>y", "<i>", &blocks).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("1 image placeholders for 2 images"),
+            "{err}"
+        );
+        assert_eq!(expand("plain", "<i>", &[]).unwrap(), "plain");
+    }
+}
