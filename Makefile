@@ -43,6 +43,8 @@ fmt:
 # Regenerate the committed test model and goldens (needs ~3 GB of torch wheels; never run in CI).
 fixtures:
 	tools/fixtures/generate.sh
+	tools/fixtures/smolvlm/generate.sh
+	tools/fixtures/granite_vision/generate.sh
 
 clean-venv:
 	rm -rf $(VENV)
