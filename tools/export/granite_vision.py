@@ -1,7 +1,7 @@
 """Exports a Granite Vision 3.x checkpoint (transformers' LlavaNextForConditionalGeneration with a Granite text
 model, e.g. ibm-granite/granite-vision-3.2-2b) to ONNX in the transformers.js layout onnx-chat serves.
 
-usage: python granite_vision.py SRC OUT_DIR [--quants fp32,quantized,q4] [--no-check]
+usage: python granite_vision.py SRC OUT_DIR [--quants fp32,quantized,q4] [--no-check] [--external-data]
 
 SRC is a local checkpoint directory or a hub repo id (downloaded with huggingface_hub; needs network).
 OUT_DIR gets the checkpoint's tokenizer / chat template / config files and onnx/:
@@ -28,7 +28,7 @@ row, the base tile's features first) is left to the server, which knows each ima
 Quantized sets: `quantized` = onnxruntime quantize_dynamic (int8 weights: QInt8, QUInt8 for graphs with a Conv,
 per-tensor, MatMulConstBOnly), `q4` = MatMulNBits (4-bit, block 32, symmetric) for the vision encoder and the
 decoder (the embedding table has no MatMul; its q4 set falls back to `_quantized`). Graphs over 2 GB are saved
-with external data (`NAME.onnx_data`). When SRC is a repo id, config.json gets `_name_or_path: SRC`, so the
+with external data (`NAME.onnx_data`; --external-data forces it, to try that path on a small model). When SRC is a repo id, config.json gets `_name_or_path: SRC`, so the
 server names the export like the catalog entry (`granite-vision-3.2-2b` and the repo id). Each exported fp32 graph is checked against torch unless --no-check.
 """
 import json
@@ -44,6 +44,12 @@ COPY = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_co
         "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
         "added_tokens.json", "vocab.json", "merges.txt"]
 LIMIT = 1_900_000_000  # bytes of one protobuf before external data is used
+
+
+def external(model_proto):
+    """Whether a graph is saved with external data: over LIMIT, or always with --external-data (to try the
+    large-model path on a small checkpoint)."""
+    return "--external-data" in sys.argv or sum(i.ByteSize() for i in model_proto.graph.initializer) > LIMIT
 
 
 def arg(flag, default=None):
@@ -117,7 +123,7 @@ def export(module, args, path, input_names, output_names, dynamic_shapes):
         del node.metadata_props[:]
         node.doc_string = ""
     del m.graph.value_info[:]
-    big = sum(i.ByteSize() for i in m.graph.initializer) > LIMIT
+    big = external(m)
     if big:
         onnx.save(m, path, save_as_external_data=True, all_tensors_to_one_file=True,
                   location=os.path.basename(path) + "_data", size_threshold=1024)
@@ -134,7 +140,7 @@ def quantize(onnx_dir, name, variant):
 
     src, dst = f"{onnx_dir}/{name}.onnx", f"{onnx_dir}/{name}_{variant}.onnx"
     m = load_proto(src)
-    big = sum(i.ByteSize() for i in m.graph.initializer) > LIMIT
+    big = external(m)
     if variant == "quantized":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -142,6 +148,11 @@ def quantize(onnx_dir, name, variant):
         quantize_dynamic(src, dst, weight_type=QuantType.QUInt8 if has_conv else QuantType.QInt8,
                          per_channel=False, reduce_range=False, use_external_data_format=big,
                          extra_options={"MatMulConstBOnly": True})
+        if big:  # onnxruntime names the data `NAME.onnx.data`; the hub layout (and the server) use `NAME.onnx_data`
+            out = onnx.load(dst, load_external_data=True)
+            os.remove(dst + ".data")
+            onnx.save(out, dst, save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=os.path.basename(dst) + "_data", size_threshold=1024)
     elif variant == "q4":
         if not any(n.op_type == "MatMul" for n in m.graph.node):
             return None
