@@ -7,20 +7,20 @@
 //! the decoder with the cache. The decoder always gets the full `attention_mask` (ones over past + new
 //! positions; the model card's one-column mask on decode steps is a known bug) and 0-based `position_ids`.
 //! Inputs are fed by name, cast to the element type each session declares; optional decoder inputs only
-//! when declared; any other declared input fails the load.
+//! when declared; any other declared input fails the load (the text half is the shared
+//! [`TextDecoder`]).
 
 use std::borrow::Cow;
 
-use ort::value::DynValue;
-
 use super::config::SmolVlmConfig;
 use crate::engine::batch::BatchKv;
-use crate::engine::kv::{self, KvCache, KvLayout, KvState, PAST_PREFIX};
+use crate::engine::kv::{KvCache, KvLayout};
 use crate::engine::session::{ElemType, GraphSession, SessionOptions};
 use crate::engine::tensor::{self, FloatData};
 use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::catalog::Component;
+use crate::models::decoder::{interface, only_known_inputs, Inputs, TextDecoder};
 use crate::models::encoder_cache::{EncoderCache, MediaKey};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
@@ -28,25 +28,14 @@ use crate::models::{
     ModelError, PreparedInput,
 };
 
+const FAMILY: &str = "SmolVLM";
 const IMAGE_OUT: &str = "image_features";
-const DECODER_INPUTS: &[&str] = &[
-    "inputs_embeds",
-    "attention_mask",
-    "position_ids",
-    "num_logits_to_keep",
-    "use_cache_branch",
-];
 
 /// Loaded sessions plus what was learnt about them at load time.
 pub struct SmolVlmModel {
-    embed: GraphSession,
-    decoder: GraphSession,
+    text: TextDecoder,
     vision: Option<Vision>,
-    kv: KvLayout,
     cfg: SmolVlmConfig,
-    ids_type: ElemType,
-    embeds_type: ElemType,
-    vocab: usize,
     cache: EncoderCache,
 }
 
@@ -59,65 +48,6 @@ struct Vision {
     mask_type: Option<ElemType>,
 }
 
-type Inputs<'v> = crate::engine::kv::Feeds<'v>;
-
-fn interface(g: &GraphSession, message: String) -> ModelError {
-    EngineError::Interface {
-        component: g.component.clone(),
-        path: g.path.clone(),
-        message,
-    }
-    .into()
-}
-
-/// Fails when the graph declares an input this driver would not feed.
-fn only_known_inputs(g: &GraphSession, known: &[&str]) -> Result<(), ModelError> {
-    let unknown: Vec<&str> = g
-        .inputs
-        .iter()
-        .map(|i| i.name.as_str())
-        .filter(|n| !known.contains(n) && !n.starts_with(PAST_PREFIX))
-        .collect();
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    Err(interface(
-        g,
-        format!(
-            "inputs {unknown:?} are not fed by the SmolVLM driver; expected only {known:?}{}; the graph declares {:?}",
-            if g.component == "decoder_model_merged" {
-                " and past_key_values.*"
-            } else {
-                ""
-            },
-            g.inputs.iter().map(|i| i.name.as_str()).collect::<Vec<_>>()
-        ),
-    ))
-}
-
-fn int_type(g: &GraphSession, name: &str) -> Result<Option<ElemType>, ModelError> {
-    match g.input(name).map(|i| i.dtype) {
-        None => Ok(None),
-        Some(t @ (ElemType::I64 | ElemType::I32)) => Ok(Some(t)),
-        Some(t) => Err(interface(
-            g,
-            format!("{name} is {t}, expected int64 or int32"),
-        )),
-    }
-}
-
-fn int_value(ty: ElemType, shape: &[i64], data: Vec<i64>) -> Result<DynValue, EngineError> {
-    match ty {
-        ElemType::I32 => Ok(ort::value::Tensor::from_array((
-            shape.to_vec(),
-            data.into_iter().map(|v| v as i32).collect::<Vec<_>>(),
-        ))
-        .map_err(tensor::tensor_err)?
-        .into_dyn()),
-        _ => tensor::i64_value(shape, data),
-    }
-}
-
 impl SmolVlmModel {
     /// Loads and checks the graphs; `tile` is the frame side the image processor produces.
     pub fn load(
@@ -127,77 +57,22 @@ impl SmolVlmModel {
         opts: &SessionOptions,
         cache: EncoderCache,
     ) -> Result<Self, ModelError> {
-        let load = |c: Component| super::super::load_graph(model, c, opts);
-        let missing = |c: Component| ModelError::Config(format!("no {c} graph"));
-        let embed = load(Component::EmbedTokens)?.ok_or_else(|| missing(Component::EmbedTokens))?;
-        let decoder = load(Component::DecoderModelMerged)?
-            .ok_or_else(|| missing(Component::DecoderModelMerged))?;
-        let vision = load(Component::VisionEncoder)?;
-
-        embed.require(&["input_ids"], &["inputs_embeds"])?;
-        only_known_inputs(&embed, &["input_ids"])?;
-        decoder.require(&["inputs_embeds"], &["logits"])?;
-        only_known_inputs(&decoder, DECODER_INPUTS)?;
-        int_type(&decoder, "attention_mask")?;
-        int_type(&decoder, "position_ids")?;
-        let ids_type = int_type(&embed, "input_ids")?.unwrap_or(ElemType::I64);
-        let embeds_type = decoder.input_type("inputs_embeds")?;
-        if !embeds_type.is_float() {
-            return Err(interface(
-                &decoder,
-                format!("inputs_embeds is {embeds_type}, expected a float type"),
-            ));
-        }
-        let width = |io: Option<&crate::engine::session::IoSpec>| {
-            io.and_then(|i| i.dims.last().copied().flatten())
-        };
-        for (g, io) in [
-            (&embed, embed.output("inputs_embeds")),
-            (&decoder, decoder.input("inputs_embeds")),
-        ] {
-            if let Some(h) = width(io) {
-                if h as usize != cfg.hidden_size {
-                    return Err(interface(
-                        g,
-                        format!(
-                            "inputs_embeds has width {h}; config.json text_config.hidden_size is {}",
-                            cfg.hidden_size
-                        ),
-                    ));
-                }
-            }
-        }
-        let vocab = width(decoder.output("logits"))
-            .map(|v| v as usize)
-            .unwrap_or(cfg.vocab_size);
-        let vision = vision
+        let text = TextDecoder::load(model, opts, cfg.hidden_size, cfg.vocab_size, FAMILY)?;
+        let vision = super::super::load_graph(model, Component::VisionEncoder, opts)?
             .map(|v| Self::check_vision(v, &cfg, tile))
             .transpose()?;
-        let kv = KvLayout::from_decoder(&decoder)?;
-        if kv.slots.is_empty() {
-            return Err(interface(
-                &decoder,
-                "the decoder declares no past_key_values.* inputs (a merged decoder with a cache is expected)"
-                    .into(),
-            ));
-        }
         tracing::info!(
-            kv_tensors = kv.slots.len(),
-            kv_dtype = %kv.dtype().map(|d| d.name()).unwrap_or_default(),
-            embeds = %embeds_type,
+            kv_tensors = text.kv_layout().slots.len(),
+            kv_dtype = %text.kv_layout().dtype().map(|d| d.name()).unwrap_or_default(),
+            embeds = %text.embeds_type(),
             vision = vision.is_some(),
             image_seq_len = cfg.image_seq_len,
             "smolvlm graphs loaded"
         );
         Ok(Self {
-            embed,
-            decoder,
+            text,
             vision,
-            kv,
             cfg,
-            ids_type,
-            embeds_type,
-            vocab,
             cache,
         })
     }
@@ -208,7 +83,7 @@ impl SmolVlmModel {
         tile: usize,
     ) -> Result<Vision, ModelError> {
         v.require(&["pixel_values"], &[IMAGE_OUT])?;
-        only_known_inputs(&v, &["pixel_values", "pixel_attention_mask"])?;
+        only_known_inputs(&v, &["pixel_values", "pixel_attention_mask"], FAMILY)?;
         let pv = v.input("pixel_values").map(|i| (i.dtype, i.dims.clone()));
         let Some((pixel_type, dims)) = pv else {
             return Err(interface(&v, "no pixel_values input".into()));
@@ -287,23 +162,6 @@ impl SmolVlmModel {
         &self.cfg
     }
 
-    /// `embed_tokens` over `rows` rows of `ids.len() / rows` ids.
-    fn embed(&mut self, rows: usize, ids: &[u32]) -> Result<DynValue, EngineError> {
-        let ids = int_value(
-            self.ids_type,
-            &[rows as i64, (ids.len() / rows.max(1)) as i64],
-            ids.iter().map(|&i| i as i64).collect(),
-        )?;
-        let inputs: Inputs = vec![(Cow::Borrowed("input_ids"), ids.into())];
-        let mut out = self
-            .embed
-            .session
-            .run(inputs)
-            .map_err(|e| EngineError::run("embed_tokens", e))?;
-        out.remove("inputs_embeds")
-            .ok_or_else(|| EngineError::run("embed_tokens", "no inputs_embeds output"))
-    }
-
     /// Image features for `images`, in order (one `Vec` per image): cached ones from the encoder
     /// cache, the rest from one `vision_encoder` run over all their frames.
     fn encode_images(&mut self, images: &[&ImageInput]) -> Result<Vec<Vec<f32>>, ModelError> {
@@ -364,55 +222,6 @@ impl SmolVlmModel {
             .map(|i| i.frames * self.cfg.image_seq_len)
             .collect();
         media_positions(&input.ids, self.cfg.image_token_id, &rows, "image")
-    }
-
-    /// The decoder on `embeds` (`n` new positions per row of `cache`); returns each row's last
-    /// position's logits.
-    fn run_decoder(
-        &mut self,
-        embeds: DynValue,
-        n: usize,
-        cache: &mut impl KvState,
-    ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let rows = cache.row_lens().len();
-        let total = cache.width() + n;
-        let embeds = tensor::cast_value(embeds, self.embeds_type)?;
-        let mut inputs: Inputs = Vec::with_capacity(5 + self.kv.slots.len());
-        inputs.push((Cow::Borrowed("inputs_embeds"), embeds.into()));
-        if let Some(ty) = int_type(&self.decoder, "attention_mask")? {
-            inputs.push((
-                Cow::Borrowed("attention_mask"),
-                int_value(ty, &[rows as i64, total as i64], cache.attention_mask(n))?.into(),
-            ));
-        } else if rows > 1 {
-            return Err(ModelError::Config(
-                "a batched decoder run on a graph without attention_mask".into(),
-            ));
-        }
-        if let Some(ty) = int_type(&self.decoder, "position_ids")? {
-            inputs.push((
-                Cow::Borrowed("position_ids"),
-                int_value(ty, &[rows as i64, n as i64], cache.positions(n))?.into(),
-            ));
-        }
-        self.kv.push_feeds(&self.decoder, cache, &mut inputs)?;
-        let mut out = self
-            .decoder
-            .session
-            .run(inputs)
-            .map_err(|e| EngineError::run("decoder_model_merged", e))?;
-        let logits = {
-            let l = out
-                .get("logits")
-                .ok_or_else(|| EngineError::run("decoder_model_merged", "no logits output"))?;
-            if rows == 1 {
-                vec![tensor::last_row_f32(l, self.vocab)?]
-            } else {
-                tensor::last_rows_f32(l, rows, self.vocab)?
-            }
-        };
-        kv::update(cache, &self.kv, &mut out, n)?;
-        Ok(logits)
     }
 }
 
@@ -489,11 +298,11 @@ fn run_vision(vision: &mut Vision, images: &[&ImageInput]) -> Result<Vec<f32>, M
 
 impl ChatModel for SmolVlmModel {
     fn kv_layout(&self) -> &KvLayout {
-        &self.kv
+        self.text.kv_layout()
     }
 
     fn split_exact(&self) -> bool {
-        self.decoder.rewrite.dynamic_quantize == 0
+        self.text.split_exact()
     }
 
     fn cache_keys(&self, input: &PreparedInput) -> Result<Vec<u64>, ModelError> {
@@ -523,15 +332,15 @@ impl ChatModel for SmolVlmModel {
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let embeds = self.embed(1, ids)?;
+        let embeds = self.text.embed(1, ids)?;
         let soft = [self.cfg.image_token_id];
         let embeds = with_media_rows(embeds, ids, &soft, media, self.cfg.hidden_size, cache.len)?;
-        let mut rows = self.run_decoder(embeds, ids.len(), cache)?;
+        let mut rows = self.text.run(embeds, ids.len(), cache)?;
         Ok(rows.swap_remove(0))
     }
 
     fn batching(&self) -> Batching {
-        Batching::from_report(&self.decoder.rewrite)
+        self.text.batching()
     }
 
     fn forward_rows(
@@ -539,7 +348,6 @@ impl ChatModel for SmolVlmModel {
         ids: &[u32],
         batch: &mut BatchKv,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let embeds = self.embed(ids.len(), ids)?;
-        self.run_decoder(embeds, 1, batch)
+        self.text.forward_rows(ids, batch)
     }
 }

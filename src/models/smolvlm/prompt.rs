@@ -16,8 +16,9 @@ use tokenizers::Tokenizer;
 
 use super::config::SmolVlmConfig;
 use crate::error::{ClassifiedError, ErrorClass};
+use crate::models::prompt::{expand, load_template, render, tokenize};
 use crate::models::{ModelError, Prompt};
-use crate::pipeline::template::{ChatTemplate, TemplateError};
+use crate::pipeline::template::ChatTemplate;
 use crate::protocol::{ChatMessage, ContentPart};
 
 pub const FAKE_TOKEN: &str = "<fake_token_around_image>";
@@ -37,16 +38,7 @@ impl SmolVlmPrompter {
         cfg: &SmolVlmConfig,
         tokenizer: Arc<Tokenizer>,
     ) -> Result<Self, ModelError> {
-        let (source, tokens) = ChatTemplate::load_from_dir(dir)
-            .map_err(|e| ModelError::Config(e.to_string()))?
-            .ok_or_else(|| {
-                ModelError::Config(format!(
-                    "{} has no chat template (chat_template.jinja, chat_template.json, or chat_template in tokenizer_config.json)",
-                    dir.display()
-                ))
-            })?;
-        let template =
-            ChatTemplate::new(&source, tokens).map_err(|e| ModelError::Config(e.to_string()))?;
+        let template = load_template(dir)?;
         let image_token = tokenizer.id_to_token(cfg.image_token_id).ok_or_else(|| {
             ModelError::Tokenizer(format!(
                 "the tokenizer has no image token (config.json image_token_id {})",
@@ -136,39 +128,17 @@ impl SmolVlmPrompter {
                 format!("{} image layouts for {n_images} images", layouts.len()),
             )));
         }
-        let rendered = self
-            .template
-            .render_with_tools(&Self::template_messages(messages), tools, true)
-            .map_err(|e| match e {
-                TemplateError::Render(m) => {
-                    ModelError::Request(ClassifiedError::invalid("messages", m))
-                }
-                other => ModelError::Config(other.to_string()),
-            })?;
-        let pieces: Vec<&str> = rendered.split(self.image_token.as_str()).collect();
-        if pieces.len() != n_images + 1 {
-            return Err(ModelError::Request(ClassifiedError::invalid(
-                "messages",
-                format!(
-                    "the rendered prompt has {} image placeholders for {n_images} images; message text must not contain the reserved token {}",
-                    pieces.len() - 1,
-                    self.image_token
-                ),
-            )));
-        }
-        let mut expanded = String::from(pieces[0]);
-        for (piece, &(rows, cols)) in pieces[1..].iter().zip(layouts) {
-            expanded.push_str(&self.image_block(rows, cols));
-            expanded.push_str(piece);
-        }
-        let enc = self
-            .tokenizer
-            .encode(expanded.as_str(), false)
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let rendered = render(&self.template, &Self::template_messages(messages), tools)?;
+        let blocks: Vec<String> = layouts
+            .iter()
+            .map(|&(rows, cols)| self.image_block(rows, cols))
+            .collect();
+        let expanded = expand(&rendered, &self.image_token, &blocks)?;
+        let ids = tokenize(&self.tokenizer, &expanded)?;
         Ok(Prompt {
             rendered,
             expanded,
-            ids: enc.get_ids().to_vec(),
+            ids,
             n_images,
             n_audio: 0,
         })
