@@ -51,13 +51,15 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
     /// Model: a local snapshot directory, a hub repo id (onnx-community/gemma-3n-E2B-it-ONNX), or a
-    /// display name (Gemma-3n-E2B-it-ONNX[/Q4_MIXED|QUANTIZED|FP16|FP32], SmolVLM-256M-Instruct[/UINT8|…]).
+    /// display name (Gemma-3n-E2B-it-ONNX[/Q4_MIXED|QUANTIZED|FP16|FP32], SmolVLM-256M-Instruct[/UINT8|…],
+    /// granite-vision-3.2-2b[/Q4_MIXED|…] for an export made by tools/export/).
     /// Repeat it (or separate with commas) to serve several models from one process; requests pick one by
     /// their `model`. `NAME=MODEL` sets the name clients use for that model.
     #[arg(long, env = "ONNX_CHAT_MODEL", default_value = DEFAULT_MODEL, value_delimiter = ',')]
     pub model: Vec<String>,
     /// Quantization (Q4_MIXED, Q4, QUANTIZED, UINT8, FP16, FP32, …); default: each model's own (Gemma-3n
-    /// Q4_MIXED, SmolVLM UINT8). With several models: once for all, or once per --model in order.
+    /// Q4_MIXED, SmolVLM UINT8, Granite Vision Q4_MIXED). With several models: once for all, or once per
+    /// --model in order.
     #[arg(long, env = "ONNX_CHAT_QUANT", value_delimiter = ',')]
     pub quant: Vec<String>,
     /// The name clients use in `model`; default: the directory name, or the display name for hub models.
