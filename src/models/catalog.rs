@@ -3,108 +3,77 @@
 
 use std::fmt;
 
-/// A model family: which graphs it has and how its files are named. Chosen from `config.json`'s
-/// `model_type`, never from the model's name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Family {
-    Gemma3n,
-    /// SmolVLM v1 (Idefics3 architecture: SigLIP tiles + pixel shuffle + Llama).
-    SmolVlm,
-    /// Granite Vision 3.x (LLaVA-NeXT: SigLIP anyres tiles + MLP projector + Granite), exported by
-    /// `tools/export/granite_vision.py`.
-    GraniteVision,
+use super::family::{FamilySpec, LoadFn};
+
+/// A model family: which graphs it has and how its files are named (its folder's [`FamilySpec`],
+/// listed in [`super::registry`]). Chosen from `config.json`'s `model_type`, never from the model's name.
+#[derive(Clone, Copy)]
+pub struct Family(&'static FamilySpec);
+
+impl PartialEq for Family {
+    fn eq(&self, other: &Self) -> bool {
+        std::ptr::eq(self.0, other.0)
+    }
+}
+
+impl Eq for Family {}
+
+impl std::hash::Hash for Family {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.0.name.hash(h)
+    }
+}
+
+impl fmt::Debug for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.name)
+    }
 }
 
 impl Family {
-    pub const ALL: &'static [Family] = &[Family::Gemma3n, Family::SmolVlm, Family::GraniteVision];
+    pub const fn of(spec: &'static FamilySpec) -> Self {
+        Self(spec)
+    }
+
+    /// Every registered family.
+    pub fn all() -> impl Iterator<Item = Family> {
+        super::registry::FAMILIES.iter().map(|s| Family(s))
+    }
+
+    pub fn by_name(name: &str) -> Option<Self> {
+        Self::all().find(|f| f.name() == name)
+    }
 
     pub fn from_model_type(model_type: &str) -> Option<Self> {
-        match model_type {
-            "gemma3n" => Some(Self::Gemma3n),
-            "idefics3" | "smolvlm" => Some(Self::SmolVlm),
-            "llava_next" => Some(Self::GraniteVision),
-            _ => None,
-        }
+        Self::all().find(|f| f.model_types().contains(&model_type))
     }
 
     /// The `config.json` model types that select this family.
     pub fn model_types(self) -> &'static [&'static str] {
-        match self {
-            Self::Gemma3n => &["gemma3n"],
-            Self::SmolVlm => &["idefics3", "smolvlm"],
-            Self::GraniteVision => &["llava_next"],
-        }
+        self.0.model_types
     }
 
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Gemma3n => "gemma3n",
-            Self::SmolVlm => "smolvlm",
-            Self::GraniteVision => "granite_vision",
-        }
+        self.0.name
     }
 
     /// The graphs of this family, required ones first.
     pub fn components(self) -> &'static [Component] {
-        match self {
-            Self::Gemma3n => &[
-                Component::EmbedTokens,
-                Component::DecoderModelMerged,
-                Component::VisionEncoder,
-                Component::AudioEncoder,
-            ],
-            Self::SmolVlm | Self::GraniteVision => &[
-                Component::EmbedTokens,
-                Component::DecoderModelMerged,
-                Component::VisionEncoder,
-            ],
-        }
+        self.0.components
     }
 
     pub fn default_quant(self) -> Quant {
-        match self {
-            Self::Gemma3n => Quant::Q4Mixed,
-            // The original server's default for SmolVLM (its smallest-first priority list starts with UINT8).
-            Self::SmolVlm => Quant::Uint8,
-            // What the export recipe makes by default: q4 decoder, int8 embeddings and vision encoder.
-            Self::GraniteVision => Quant::Q4Mixed,
-        }
+        self.0.quants[0]
     }
 
     /// The quantization names this family accepts.
     pub fn quants(self) -> &'static [Quant] {
-        match self {
-            Self::Gemma3n => &[
-                Quant::Q4Mixed,
-                Quant::Q4,
-                Quant::Q4F16,
-                Quant::Quantized,
-                Quant::Int8,
-                Quant::Uint8,
-                Quant::Bnb4,
-                Quant::Fp16,
-                Quant::Fp32,
-            ],
-            // model_interface.md §4.1: the original server's SmolVLM names (no Q4_MIXED).
-            Self::SmolVlm => &[
-                Quant::Fp32,
-                Quant::Fp16,
-                Quant::Int8,
-                Quant::Uint8,
-                Quant::Q4,
-                Quant::Q4F16,
-                Quant::Bnb4,
-                Quant::Quantized,
-            ],
-            // The sets tools/export/granite_vision.py writes (INT8 and Q8 name its `_quantized` set).
-            Self::GraniteVision => &[
-                Quant::Q4Mixed,
-                Quant::Q4,
-                Quant::Quantized,
-                Quant::Int8,
-                Quant::Fp32,
-            ],
-        }
+        self.0.quants
+    }
+
+    /// The family's `load`.
+    pub fn loader(self) -> LoadFn {
+        self.0.load
     }
 
     /// The file suffix each component prefers under `quant`.
@@ -120,19 +89,8 @@ impl Family {
 
     /// Suffixes to try, in order, when the preferred file is missing (model_interface.md §4.2 rule 3).
     pub fn candidate_suffixes(self, quant: Quant, component: Component) -> Vec<&'static str> {
-        let fallbacks: &[&str] = match (self, component) {
-            // SmolVLM exports do not have every suffix for every graph (a public mirror of the repo has no
-            // `embed_tokens_quantized` and no `vision_encoder_uint8`): any 8-bit variant, then fp16, fp32.
-            (Self::SmolVlm, _) => &["_uint8", "_quantized", "_int8", "_fp16", ""],
-            // The export recipe has no `_q4` embedding table (no MatMul to quantize) and names int8 `_quantized`.
-            (Self::GraniteVision, _) => &["_quantized", "_int8", ""],
-            (Self::Gemma3n, Component::EmbedTokens) => &["_quantized", "_fp16", ""],
-            (Self::Gemma3n, Component::VisionEncoder) => &["_quantized", "_uint8", "_fp16", ""],
-            (Self::Gemma3n, Component::AudioEncoder) => &["_q4", "_quantized", "_fp16", ""],
-            (Self::Gemma3n, Component::DecoderModelMerged) => &["_q4", "_quantized", "_fp16", ""],
-        };
         let mut out = vec![self.preferred_suffix(quant, component)];
-        for s in fallbacks {
+        for s in (self.0.fallbacks)(component) {
             if !out.contains(s) {
                 out.push(s);
             }
@@ -259,37 +217,30 @@ pub struct CatalogEntry {
     pub family: Family,
 }
 
-pub const CATALOG: &[CatalogEntry] = &[
-    CatalogEntry {
-        display: "Gemma-3n-E2B-it-ONNX",
-        repo: "onnx-community/gemma-3n-E2B-it-ONNX",
-        family: Family::Gemma3n,
-    },
-    CatalogEntry {
-        display: "SmolVLM-256M-Instruct",
-        repo: "HuggingFaceTB/SmolVLM-256M-Instruct",
-        family: Family::SmolVlm,
-    },
-    // No ONNX export is published: the repo id names the checkpoint tools/export/granite_vision.py
-    // exports (serve the exported directory, or a hub cache entry holding it).
-    CatalogEntry {
-        display: "granite-vision-3.2-2b",
-        repo: "ibm-granite/granite-vision-3.2-2b",
-        family: Family::GraniteVision,
-    },
-];
-
 /// The model `make run` serves by default.
 pub const DEFAULT_MODEL: &str = "Gemma-3n-E2B-it-ONNX/Q4_MIXED";
 
-pub fn by_display(name: &str) -> Option<&'static CatalogEntry> {
-    CATALOG
-        .iter()
-        .find(|e| e.display.eq_ignore_ascii_case(name))
+/// Every family's known models, in registry order.
+pub fn catalog() -> impl Iterator<Item = CatalogEntry> {
+    Family::all().flat_map(|family| {
+        family
+            .0
+            .catalog
+            .iter()
+            .map(move |&(display, repo)| CatalogEntry {
+                display,
+                repo,
+                family,
+            })
+    })
 }
 
-pub fn by_repo(repo: &str) -> Option<&'static CatalogEntry> {
-    CATALOG.iter().find(|e| e.repo.eq_ignore_ascii_case(repo))
+pub fn by_display(name: &str) -> Option<CatalogEntry> {
+    catalog().find(|e| e.display.eq_ignore_ascii_case(name))
+}
+
+pub fn by_repo(repo: &str) -> Option<CatalogEntry> {
+    catalog().find(|e| e.repo.eq_ignore_ascii_case(repo))
 }
 
 #[cfg(test)]
@@ -298,7 +249,7 @@ mod tests {
 
     #[test]
     fn q4_mixed_matches_the_original_server() {
-        let f = Family::Gemma3n;
+        let f = Family::by_name("gemma3n").unwrap();
         let q = Quant::Q4Mixed;
         assert_eq!(f.preferred_suffix(q, Component::EmbedTokens), "_quantized");
         assert_eq!(f.preferred_suffix(q, Component::DecoderModelMerged), "_q4");
@@ -315,7 +266,7 @@ mod tests {
 
     #[test]
     fn smolvlm_names_and_files() {
-        let f = Family::SmolVlm;
+        let f = Family::by_name("smolvlm").unwrap();
         assert_eq!(Family::from_model_type("idefics3"), Some(f));
         assert_eq!(Family::from_model_type("smolvlm"), Some(f));
         assert_eq!(f.default_quant(), Quant::Uint8);
@@ -347,7 +298,7 @@ mod tests {
 
     #[test]
     fn granite_vision_names_and_files() {
-        let f = Family::GraniteVision;
+        let f = Family::by_name("granite_vision").unwrap();
         assert_eq!(Family::from_model_type("llava_next"), Some(f));
         assert_eq!(f.default_quant(), Quant::Q4Mixed);
         assert_eq!(
@@ -364,6 +315,32 @@ mod tests {
         );
         let e = by_display("granite-vision-3.2-2b").unwrap();
         assert_eq!(by_repo(e.repo).unwrap().family, f);
+    }
+
+    #[test]
+    fn the_registry_lists_each_family_once_with_its_names() {
+        let names: Vec<&str> = Family::all().map(Family::name).collect();
+        assert_eq!(names, ["gemma3n", "smolvlm", "granite_vision"]);
+        for f in Family::all() {
+            assert!(
+                !f.quants().is_empty() && !f.model_types().is_empty(),
+                "{f:?}"
+            );
+            assert!(f.components()[..2].iter().all(|c| c.required()), "{f:?}");
+            for t in f.model_types() {
+                assert_eq!(Family::from_model_type(t), Some(f));
+            }
+        }
+        let displays: Vec<&str> = catalog().map(|e| e.display).collect();
+        assert_eq!(
+            displays,
+            [
+                "Gemma-3n-E2B-it-ONNX",
+                "SmolVLM-256M-Instruct",
+                "granite-vision-3.2-2b"
+            ]
+        );
+        assert_eq!(Family::from_model_type("llama"), None);
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! [`LoadedModel::start`] hands the generation to the model's owner thread, which streams
 //! [`GenEvent`]s back.
 
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
@@ -14,60 +13,20 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::catalog::Family;
 use super::config_util::GenerationDefaults;
 use super::encoder_cache::CacheStats;
-use super::generate::{BatchPolicy, GenEvent, GenParams, Generation, ModelEngine};
-use super::media::MediaLimits;
+pub use super::family::{
+    load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, PrefixShare, Runner,
+    DEFAULT_KV_CACHE_MB, DEFAULT_PREFILL_CHUNK,
+};
+use super::generate::{GenEvent, GenParams};
 use super::resolve::ResolvedModel;
 use super::tools;
-use super::{ChatModel, ModelError, PreparedInput, Prompt};
-use crate::engine::batch::BatchStats;
-use crate::engine::prefix_cache::{PrefixCache, PrefixCacheStats};
-use crate::engine::session::SessionOptions;
-use crate::engine::thread::EngineThread;
+use super::{ModelError, PreparedInput, Prompt};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::grammar::{Constraint, Vocab};
 use crate::pipeline::sampling::SamplingParams;
 use crate::protocol::{
     prefix, ChatMessage, ContentPart, Job, WorkerModel, MAX_CHOICES, MAX_TOP_LOGPROBS,
 };
-
-/// Load-time settings.
-#[derive(Debug, Clone)]
-pub struct LoadOptions {
-    pub session: SessionOptions,
-    pub media: MediaLimits,
-    /// Longest prompt accepted, in tokens (`None` = the context length minus one).
-    pub max_prompt_tokens: Option<usize>,
-    /// Bytes of encoder outputs kept for reuse (0 = no cache).
-    pub encoder_cache_bytes: usize,
-    /// Bytes of finished sequences' KV kept for prefix reuse (0 = no prefix cache).
-    pub kv_cache_bytes: usize,
-    /// Most prompt positions one prefill step feeds (other streams decode between steps).
-    pub prefill_chunk: usize,
-    /// Chunk prompts and reuse prefixes also on decoders where that changes the numbers.
-    pub allow_inexact_reuse: bool,
-    /// How concurrent sequences share decoder runs.
-    pub batch: BatchPolicy,
-}
-
-/// `--kv-cache-mb` default.
-pub const DEFAULT_KV_CACHE_MB: usize = 2048;
-/// `--prefill-chunk` default (BENCHMARKS.md, run E: about one-shot prefill speed, a ~4 s stall at most).
-pub const DEFAULT_PREFILL_CHUNK: usize = 512;
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            session: SessionOptions::default(),
-            media: MediaLimits::default(),
-            max_prompt_tokens: None,
-            encoder_cache_bytes: 256 * 1024 * 1024,
-            kv_cache_bytes: DEFAULT_KV_CACHE_MB * 1024 * 1024,
-            prefill_chunk: DEFAULT_PREFILL_CHUNK,
-            allow_inexact_reuse: false,
-            batch: BatchPolicy::default(),
-        }
-    }
-}
 
 /// What clients and the front end learn about a model.
 #[derive(Debug, Clone)]
@@ -105,115 +64,6 @@ pub struct PreparedJob {
     pub preprocess_ms: f64,
 }
 
-/// What a model family provides to serve requests; [`LoadedModel`] does the rest.
-pub trait FamilyBackend: Send + Sync {
-    /// The prompt of a conversation at each stage (for tests and debugging).
-    fn prompt(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError>;
-    /// Media decoding and preprocessing plus the prompt of `messages` (the job's, or what the tool
-    /// prompt made of them): everything the prefill needs (blocking). With
-    /// [`Self::native_tools`], the template also gets the job's tools.
-    fn prepare_input(
-        &self,
-        job: &Job,
-        messages: &[ChatMessage],
-    ) -> Result<PreparedInput, ClassifiedError>;
-    /// The chat template has its own tool syntax (reads `tools`).
-    fn native_tools(&self) -> bool;
-    /// Queues a generation on the family's owner thread.
-    fn start(
-        &self,
-        input: PreparedInput,
-        params: GenParams,
-        events: UnboundedSender<GenEvent>,
-        cancel: Arc<AtomicBool>,
-    ) -> Result<(), ClassifiedError>;
-}
-
-/// The owner thread of a [`ChatModel`] and the tokenizer its generations detokenize with: the
-/// family-independent half of a backend.
-pub struct Runner<M: ChatModel> {
-    engine: EngineThread<ModelEngine<M>>,
-    tokenizer: Arc<Tokenizer>,
-}
-
-/// What the prefix cache of a loaded model shares with the worker: counters and the held tags.
-#[derive(Clone, Default)]
-pub struct PrefixShare {
-    pub stats: Arc<PrefixCacheStats>,
-    pub tags: Arc<std::sync::Mutex<Vec<String>>>,
-    /// The decode batch's state and counters.
-    pub batch: Arc<BatchStats>,
-}
-
-impl<M: ChatModel> Runner<M> {
-    /// Spawns the owner thread, builds the model on it (with its prefix cache), and waits until it
-    /// is loaded.
-    pub fn spawn(
-        name: &str,
-        tokenizer: Arc<Tokenizer>,
-        opts: &LoadOptions,
-        share: &PrefixShare,
-        make: impl FnOnce() -> Result<M, ModelError> + Send + 'static,
-    ) -> Result<Self, ModelError> {
-        let (budget, chunk, inexact, batch) = (
-            opts.kv_cache_bytes,
-            opts.prefill_chunk,
-            opts.allow_inexact_reuse,
-            opts.batch,
-        );
-        let share = share.clone();
-        let make = move || -> Result<ModelEngine<M>, ModelError> {
-            let mut prefix = PrefixCache::new(budget, share.stats.clone());
-            prefix.share_tags(share.tags.clone());
-            Ok(ModelEngine::with_stats(
-                make()?,
-                prefix,
-                chunk,
-                inexact,
-                batch,
-                share.batch.clone(),
-            ))
-        };
-        let (engine, ready) = EngineThread::spawn(&format!("engine-{name}"), make)
-            .map_err(|e| ModelError::Config(format!("cannot start the engine thread: {e}")))?;
-        match ready.recv() {
-            Ok(Ok(())) => Ok(Self { engine, tokenizer }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ModelError::Config(
-                "the engine thread died while loading".into(),
-            )),
-        }
-    }
-
-    pub fn start(
-        &self,
-        input: PreparedInput,
-        params: GenParams,
-        events: UnboundedSender<GenEvent>,
-        cancel: Arc<AtomicBool>,
-    ) -> Result<(), ClassifiedError> {
-        let task = Generation::<M>::new(input, params, self.tokenizer.clone(), events, cancel);
-        self.engine.submit(Box::new(task)).map_err(|_| {
-            ClassifiedError::new(
-                ErrorClass::Unavailable,
-                "the model's engine thread has stopped",
-            )
-        })
-    }
-}
-
-/// What a family reports when it has loaded.
-pub struct LoadedFamily {
-    pub backend: Box<dyn FamilyBackend>,
-    pub tokenizer: Arc<Tokenizer>,
-    pub defaults: GenerationDefaults,
-    pub context_length: usize,
-    /// Placeholder ids the media embeddings replace (refused in raw text prompts).
-    pub media_ids: Vec<u32>,
-    pub vision: bool,
-    pub audio: bool,
-}
-
 pub struct LoadedModel {
     pub info: ModelInfo,
     tokenizer: Arc<Tokenizer>,
@@ -229,25 +79,13 @@ pub struct LoadedModel {
     vocab: Result<Vocab, String>,
 }
 
-pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, ModelError> {
-    let path = dir.join("tokenizer.json");
-    Tokenizer::from_file(&path)
-        .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))
-}
-
 impl LoadedModel {
     /// Loads tokenizer, template and graphs (blocking: call it off the async runtime).
     pub fn load(model: &ResolvedModel, opts: &LoadOptions) -> Result<Self, ModelError> {
         let t0 = Instant::now();
         let cache_stats = Arc::new(CacheStats::default());
         let prefix = PrefixShare::default();
-        let loaded = match model.plan.family {
-            Family::Gemma3n => super::gemma3n::load(model, opts, cache_stats.clone(), &prefix)?,
-            Family::SmolVlm => super::smolvlm::load(model, opts, cache_stats.clone(), &prefix)?,
-            Family::GraniteVision => {
-                super::granite_vision::load(model, opts, cache_stats.clone(), &prefix)?
-            }
-        };
+        let loaded = (model.plan.family.loader())(model, opts, cache_stats.clone(), &prefix)?;
         let info = ModelInfo {
             name: model.served_name.clone(),
             aliases: model.aliases.clone(),

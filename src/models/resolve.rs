@@ -152,7 +152,7 @@ impl ModelSpec {
         }
         Err(ResolveError::Spec(format!(
             "--model {model:?} is not a directory, a known model name ({}), or a hub repo id (org/name)",
-            catalog::CATALOG.iter().map(|e| e.display).collect::<Vec<_>>().join(", ")
+            catalog::catalog().map(|e| e.display).collect::<Vec<_>>().join(", ")
         )))
     }
 }
@@ -378,7 +378,7 @@ pub fn list_dir(root: &Path) -> std::io::Result<BTreeSet<String>> {
 
 /// The catalog entry a snapshot was exported from: `config.json`'s `_name_or_path`, when it is a
 /// catalog repo id.
-fn exported_entry(config_path: &Path) -> Option<&'static catalog::CatalogEntry> {
+fn exported_entry(config_path: &Path) -> Option<catalog::CatalogEntry> {
     let text = std::fs::read_to_string(config_path).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     catalog::by_repo(v.get("_name_or_path")?.as_str()?)
@@ -401,8 +401,7 @@ pub fn detect_family(model: &str, config_path: &Path) -> Result<Family, ResolveE
         model: model.to_string(),
         message: format!(
             "config.json has model_type {mt:?}; supported: {}",
-            Family::ALL
-                .iter()
+            Family::all()
                 .flat_map(|f| f.model_types())
                 .copied()
                 .collect::<Vec<_>>()
@@ -423,7 +422,7 @@ pub async fn resolve(
     };
     // A local export of a catalog model (config.json `_name_or_path` names its repo, as
     // tools/export/ writes it) is served like the catalog entry.
-    let mut exported_from: Option<&'static catalog::CatalogEntry> = None;
+    let mut exported_from: Option<catalog::CatalogEntry> = None;
     let (root, plan) = match &spec.source {
         ModelSource::Local(dir) => {
             let files = list_dir(dir).map_err(|e| ResolveError::Read {
@@ -549,7 +548,13 @@ mod tests {
             "onnx/vision_encoder_fp16.onnx",
             "onnx/audio_encoder_q4.onnx",
         ]);
-        let p = FilePlan::choose("m", Family::Gemma3n, Quant::Q4Mixed, &files).unwrap();
+        let p = FilePlan::choose(
+            "m",
+            Family::of(&crate::models::gemma3n::SPEC),
+            Quant::Q4Mixed,
+            &files,
+        )
+        .unwrap();
         let e = p.graph(Component::EmbedTokens).unwrap();
         assert_eq!(
             e.data_files,
@@ -567,14 +572,26 @@ mod tests {
             vec!["config.json", "tokenizer.json", "tokenizer_config.json"]
         );
 
-        let err = FilePlan::choose("m", Family::SmolVlm, Quant::Q4Mixed, &files).unwrap_err();
+        let err = FilePlan::choose(
+            "m",
+            Family::of(&crate::models::smolvlm::SPEC),
+            Quant::Q4Mixed,
+            &files,
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("no quantization Q4_MIXED"),
             "{err}"
         );
 
         let no_decoder = listing(&["config.json", "tokenizer.json", "onnx/embed_tokens.onnx"]);
-        let err = FilePlan::choose("m", Family::Gemma3n, Quant::Fp32, &no_decoder).unwrap_err();
+        let err = FilePlan::choose(
+            "m",
+            Family::of(&crate::models::gemma3n::SPEC),
+            Quant::Fp32,
+            &no_decoder,
+        )
+        .unwrap_err();
         assert!(
             err.to_string().contains("onnx/decoder_model_merged.onnx"),
             "{err}"

@@ -19,15 +19,51 @@ pub use model::Gemma3nModel;
 pub use preprocess::MediaDecoder;
 pub use prompt::Gemma3nPrompter;
 
+use super::catalog::Quant;
 use super::encoder_cache::{CacheStats, EncoderCache};
-use super::generate::{GenEvent, GenParams};
-use super::loaded::{
-    load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, PrefixShare, Runner,
+use super::family::{
+    load_tokenizer, FamilyBackend, FamilySpec, LoadOptions, LoadedFamily, PrefixShare, Runner,
 };
+use super::generate::{GenEvent, GenParams};
 use super::resolve::ResolvedModel;
 use super::{catalog::Component, ModelError, PreparedInput, Prompt};
 use crate::error::ClassifiedError;
 use crate::protocol::{ChatMessage, ContentPart, Job};
+
+/// The Gemma-3n family as the registry lists it.
+pub static SPEC: FamilySpec = FamilySpec {
+    name: "gemma3n",
+    model_types: &["gemma3n"],
+    components: &[
+        Component::EmbedTokens,
+        Component::DecoderModelMerged,
+        Component::VisionEncoder,
+        Component::AudioEncoder,
+    ],
+    quants: &[
+        Quant::Q4Mixed,
+        Quant::Q4,
+        Quant::Q4F16,
+        Quant::Quantized,
+        Quant::Int8,
+        Quant::Uint8,
+        Quant::Bnb4,
+        Quant::Fp16,
+        Quant::Fp32,
+    ],
+    fallbacks: |c| match c {
+        Component::EmbedTokens => &["_quantized", "_fp16", ""],
+        Component::VisionEncoder => &["_quantized", "_uint8", "_fp16", ""],
+        Component::AudioEncoder | Component::DecoderModelMerged => {
+            &["_q4", "_quantized", "_fp16", ""]
+        }
+    },
+    catalog: &[(
+        "Gemma-3n-E2B-it-ONNX",
+        "onnx-community/gemma-3n-E2B-it-ONNX",
+    )],
+    load,
+};
 
 struct Backend {
     prompter: Gemma3nPrompter,

@@ -19,16 +19,41 @@ pub use model::GraniteVisionModel;
 pub use preprocess::{AnyresImage, FeatureLayout, GraniteVisionMedia, Layouts};
 pub use prompt::GraniteVisionPrompter;
 
+use super::catalog::Quant;
 use super::config_util::GenerationDefaults;
 use super::encoder_cache::{CacheStats, EncoderCache};
-use super::generate::{GenEvent, GenParams};
-use super::loaded::{
-    load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, PrefixShare, Runner,
+use super::family::{
+    load_tokenizer, FamilyBackend, FamilySpec, LoadOptions, LoadedFamily, PrefixShare, Runner,
 };
+use super::generate::{GenEvent, GenParams};
 use super::resolve::ResolvedModel;
 use super::{catalog::Component, ModelError, PreparedInput, Prompt};
 use crate::error::ClassifiedError;
 use crate::protocol::{ChatMessage, ContentPart, Job, MediaSource};
+
+/// The Granite Vision family as the registry lists it: the sets tools/export/granite_vision.py writes
+/// (Q4_MIXED, its default: q4 decoder, int8 embeddings and vision encoder; INT8 and Q8 name its
+/// `_quantized` set). The recipe has no `_q4` embedding table (no MatMul to quantize). No ONNX export is
+/// published: the repo id names the checkpoint the recipe exports.
+pub static SPEC: FamilySpec = FamilySpec {
+    name: "granite_vision",
+    model_types: &["llava_next"],
+    components: &[
+        Component::EmbedTokens,
+        Component::DecoderModelMerged,
+        Component::VisionEncoder,
+    ],
+    quants: &[
+        Quant::Q4Mixed,
+        Quant::Q4,
+        Quant::Quantized,
+        Quant::Int8,
+        Quant::Fp32,
+    ],
+    fallbacks: |_| &["_quantized", "_int8", ""],
+    catalog: &[("granite-vision-3.2-2b", "ibm-granite/granite-vision-3.2-2b")],
+    load,
+};
 
 struct Backend {
     prompter: GraniteVisionPrompter,

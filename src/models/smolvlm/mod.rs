@@ -18,16 +18,47 @@ pub use model::SmolVlmModel;
 pub use preprocess::{SmolVlmMedia, SplitImage};
 pub use prompt::SmolVlmPrompter;
 
+use super::catalog::Quant;
 use super::config_util::GenerationDefaults;
 use super::encoder_cache::{CacheStats, EncoderCache};
-use super::generate::{GenEvent, GenParams};
-use super::loaded::{
-    load_tokenizer, FamilyBackend, LoadOptions, LoadedFamily, PrefixShare, Runner,
+use super::family::{
+    load_tokenizer, FamilyBackend, FamilySpec, LoadOptions, LoadedFamily, PrefixShare, Runner,
 };
+use super::generate::{GenEvent, GenParams};
 use super::resolve::ResolvedModel;
 use super::{catalog::Component, ModelError, PreparedInput, Prompt};
 use crate::error::ClassifiedError;
 use crate::protocol::{ChatMessage, ContentPart, Job, MediaSource};
+
+/// The SmolVLM family as the registry lists it. Quantizations: the original server's SmolVLM names (no
+/// Q4_MIXED), UINT8 first (its smallest-first default). Its exports do not have every suffix for every
+/// graph (a public mirror has no `embed_tokens_quantized` and no `vision_encoder_uint8`): any 8-bit
+/// variant, then fp16, fp32.
+pub static SPEC: FamilySpec = FamilySpec {
+    name: "smolvlm",
+    model_types: &["idefics3", "smolvlm"],
+    components: &[
+        Component::EmbedTokens,
+        Component::DecoderModelMerged,
+        Component::VisionEncoder,
+    ],
+    quants: &[
+        Quant::Uint8,
+        Quant::Fp32,
+        Quant::Fp16,
+        Quant::Int8,
+        Quant::Q4,
+        Quant::Q4F16,
+        Quant::Bnb4,
+        Quant::Quantized,
+    ],
+    fallbacks: |_| &["_uint8", "_quantized", "_int8", "_fp16", ""],
+    catalog: &[(
+        "SmolVLM-256M-Instruct",
+        "HuggingFaceTB/SmolVLM-256M-Instruct",
+    )],
+    load,
+};
 
 struct Backend {
     prompter: SmolVlmPrompter,
