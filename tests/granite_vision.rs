@@ -16,7 +16,7 @@ use common::{init_ort, load_with, read_json, resolve_dir, root, EngineOpts, Serv
 use futures::future::join_all;
 use onnx_chat::models::encoder_cache::{CacheStats, EncoderCache};
 use onnx_chat::models::granite_vision::{
-    GraniteVisionConfig, GraniteVisionMedia, GraniteVisionModel, Layouts,
+    GraniteVisionConfig, GraniteVisionMedia, GraniteVisionModel,
 };
 use onnx_chat::models::loaded::LoadedModel;
 use serde_json::{json, Value};
@@ -126,8 +126,7 @@ fn level(v: f32) -> u8 {
 #[test]
 fn tiles_and_layouts_match_the_reference_processor() {
     let cfg = GraniteVisionConfig::load(&fixture()).unwrap();
-    let media =
-        GraniteVisionMedia::new(&fixture(), &cfg, Default::default(), Layouts::default()).unwrap();
+    let media = GraniteVisionMedia::new(&fixture(), &cfg, Default::default()).unwrap();
     let mut checked = 0;
     for g in goldens() {
         for (n, m) in g.expected["media"].as_array().unwrap().iter().enumerate() {
@@ -197,16 +196,15 @@ fn tiles_and_layouts_match_the_reference_processor() {
 fn packed_features_match_transformers() {
     init_ort();
     let cfg = GraniteVisionConfig::load(&fixture()).unwrap();
-    let layouts = Layouts::default();
-    let media =
-        GraniteVisionMedia::new(&fixture(), &cfg, Default::default(), layouts.clone()).unwrap();
+    let media = GraniteVisionMedia::new(&fixture(), &cfg, Default::default()).unwrap();
     let resolved = resolve_dir(&fixture(), NAME, "FP32");
     let opts = onnx_chat::engine::session::SessionOptions {
         intra_threads: 1,
         ..Default::default()
     };
     let cache = EncoderCache::new(64 << 20, Arc::new(CacheStats::default()));
-    let mut m = GraniteVisionModel::load(&resolved, cfg, &opts, cache, layouts).unwrap();
+    let processing = media.processing().clone();
+    let mut m = GraniteVisionModel::load(&resolved, cfg, &opts, cache, processing).unwrap();
     let (mut max_row, mut max_sum, mut checked) = (0f32, 0f64, 0);
     for g in goldens() {
         for (n, e) in g.expected["media"].as_array().unwrap().iter().enumerate() {
@@ -256,9 +254,7 @@ fn ort_reference() -> &'static Value {
     REF.get_or_init(|| {
         let tmp = tempfile::tempdir().unwrap();
         let cfg = GraniteVisionConfig::load(&fixture()).unwrap();
-        let media =
-            GraniteVisionMedia::new(&fixture(), &cfg, Default::default(), Layouts::default())
-                .unwrap();
+        let media = GraniteVisionMedia::new(&fixture(), &cfg, Default::default()).unwrap();
         let mut cases = Vec::new();
         for g in goldens() {
             let mut images = Vec::new();

@@ -83,6 +83,8 @@ pub struct ImageInput {
     pub frames: usize,
     /// `[channels, height, width]` of each frame.
     pub shape: [usize; 3],
+    /// `[height, width]` of the decoded image, before any resizing (what anyres packing needs).
+    pub size: [usize; 2],
 }
 
 /// Audio features for one clip.

@@ -112,6 +112,7 @@ impl MediaDecoder {
             pixel_values,
             frames: 1,
             shape: [3, p.height as usize, p.width as usize],
+            size: [rgb.height() as usize, rgb.width() as usize],
         })
     }
 

@@ -16,7 +16,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 pub use config::GraniteVisionConfig;
 pub use model::GraniteVisionModel;
-pub use preprocess::{AnyresImage, FeatureLayout, GraniteVisionMedia, Layouts};
+pub use preprocess::{AnyresImage, AnyresProcessing, FeatureLayout, GraniteVisionMedia};
 pub use prompt::GraniteVisionPrompter;
 
 use super::catalog::Quant;
@@ -137,8 +137,8 @@ pub fn load(
     let tokenizer = Arc::new(load_tokenizer(dir)?);
     let defaults = GenerationDefaults::load(dir, &cfg.eos_token_ids)?;
     let prompter = GraniteVisionPrompter::new(dir, &cfg, tokenizer.clone())?;
-    let layouts = Layouts::default();
-    let media = GraniteVisionMedia::new(dir, &cfg, opts.media.clone(), layouts.clone())?;
+    let media = GraniteVisionMedia::new(dir, &cfg, opts.media.clone())?;
+    let processing = media.processing().clone();
     let runner = {
         let model = model.clone();
         let cfg = cfg.clone();
@@ -149,7 +149,7 @@ pub fn load(
             tokenizer.clone(),
             opts,
             prefix,
-            move || GraniteVisionModel::load(&model, cfg, &sess, cache, layouts),
+            move || GraniteVisionModel::load(&model, cfg, &sess, cache, processing),
         )?
     };
     Ok(LoadedFamily {

@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 
 use super::config::GraniteVisionConfig;
-use super::preprocess::{pack, Layouts};
+use super::preprocess::{pack, AnyresProcessing, FeatureLayout};
 use crate::engine::batch::BatchKv;
 use crate::engine::kv::{KvCache, KvLayout};
 use crate::engine::session::{ElemType, GraphSession, SessionOptions};
@@ -42,7 +42,8 @@ pub struct GraniteVisionModel {
     text: TextDecoder,
     vision: Option<Vision>,
     cfg: GraniteVisionConfig,
-    layouts: Layouts,
+    /// The image processor's settings: each image's layout from its size.
+    processing: AnyresProcessing,
     cache: EncoderCache,
 }
 
@@ -52,7 +53,7 @@ impl GraniteVisionModel {
         cfg: GraniteVisionConfig,
         opts: &SessionOptions,
         cache: EncoderCache,
-        layouts: Layouts,
+        processing: AnyresProcessing,
     ) -> Result<Self, ModelError> {
         let text = TextDecoder::load(model, opts, cfg.hidden_size, cfg.vocab_size, FAMILY)?;
         let vision = super::super::load_graph(model, Component::VisionEncoder, opts)?
@@ -69,7 +70,7 @@ impl GraniteVisionModel {
             text,
             vision,
             cfg,
-            layouts,
+            processing,
             cache,
         })
     }
@@ -175,7 +176,7 @@ impl GraniteVisionModel {
         let mut at = 0;
         let mut fill = out.iter_mut().filter(|hit| hit.is_none());
         for img in missing {
-            let layout = self.layouts.get(&img.key)?;
+            let layout = self.layout(img);
             let n = img.frames * per_tile;
             let packed = pack(&layout, &features[at..at + n], &newline, hidden)?;
             at += n;
@@ -187,13 +188,18 @@ impl GraniteVisionModel {
         Ok(out.into_iter().flatten().collect())
     }
 
+    fn layout(&self, img: &ImageInput) -> FeatureLayout {
+        self.processing
+            .layout(img.size[0] as u32, img.size[1] as u32)
+    }
+
     /// The `<image>` positions of every image of a prompt, in order.
     fn image_positions(&self, input: &PreparedInput) -> Result<Vec<Vec<usize>>, ModelError> {
         let rows = input
             .images
             .iter()
-            .map(|i| self.layouts.get(&i.key).map(|l| l.tokens()))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|i| self.layout(i).tokens())
+            .collect::<Vec<_>>();
         media_positions(&input.ids, self.cfg.image_token_id, &rows, "image")
     }
 }

@@ -16,9 +16,7 @@
 //! aspect ratio (`unpad_image`), with the `image_newline` row after each feature row. The number of
 //! `<image>` tokens an image takes is that count (`LlavaNextProcessor._get_number_of_features`).
 
-use std::collections::{HashMap, VecDeque};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use ::image::RgbImage;
 use serde_json::Value;
@@ -26,7 +24,7 @@ use serde_json::Value;
 use super::config::{pinpoints, GraniteVisionConfig};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::config_util::read_json_opt;
-use crate::models::encoder_cache::{media_key, MediaKey};
+use crate::models::encoder_cache::media_key;
 use crate::models::media::{decode_image, media_bytes, MediaLimits};
 use crate::models::{ImageInput, ModelError};
 use crate::pipeline::image::{self, Filter};
@@ -357,41 +355,6 @@ impl AnyresProcessing {
     }
 }
 
-/// Each image's feature layout by content key, from preprocessing to the owner thread (the layout is
-/// a function of the image, so an entry is never stale; the oldest are dropped past `CAPACITY`).
-#[derive(Clone, Default)]
-pub struct Layouts(Arc<Mutex<LayoutMap>>);
-
-/// Layouts by key, and the keys oldest first.
-type LayoutMap = (HashMap<MediaKey, FeatureLayout>, VecDeque<MediaKey>);
-
-impl Layouts {
-    const CAPACITY: usize = 1 << 16;
-
-    pub fn put(&self, key: MediaKey, layout: FeatureLayout) {
-        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let (map, order) = &mut *g;
-        if map.insert(key, layout).is_none() {
-            order.push_back(key);
-        }
-        while order.len() > Self::CAPACITY {
-            if let Some(old) = order.pop_front() {
-                map.remove(&old);
-            }
-        }
-    }
-
-    pub fn get(&self, key: &MediaKey) -> Result<FeatureLayout, ModelError> {
-        let g = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        g.0.get(key).copied().ok_or_else(|| {
-            ModelError::Request(ClassifiedError::new(
-                ErrorClass::Internal,
-                "an image reached the model without its preprocessing layout",
-            ))
-        })
-    }
-}
-
 /// One preprocessed image and its feature layout.
 #[derive(Debug, Clone)]
 pub struct AnyresImage {
@@ -403,7 +366,6 @@ pub struct AnyresImage {
 pub struct GraniteVisionMedia {
     processing: AnyresProcessing,
     limits: MediaLimits,
-    layouts: Layouts,
 }
 
 impl GraniteVisionMedia {
@@ -411,7 +373,6 @@ impl GraniteVisionMedia {
         dir: &Path,
         cfg: &GraniteVisionConfig,
         limits: MediaLimits,
-        layouts: Layouts,
     ) -> Result<Self, ModelError> {
         let v = read_json_opt(&dir.join("preprocessor_config.json"))?.unwrap_or(Value::Null);
         // Processors saved by transformers 5 nest the image processor; hub files are flat.
@@ -419,7 +380,6 @@ impl GraniteVisionMedia {
         Ok(Self {
             processing: AnyresProcessing::from_config(image_cfg, cfg)?,
             limits,
-            layouts,
         })
     }
 
@@ -452,14 +412,13 @@ impl GraniteVisionMedia {
         let rgb = decode_image(index, bytes, &self.limits.image)?;
         let layout = self.processing.layout(rgb.height(), rgb.width());
         let (pixel_values, frames, shape) = self.processing.process(&rgb);
-        let key = media_key("image", bytes);
-        self.layouts.put(key, layout);
         Ok(AnyresImage {
             input: ImageInput {
-                key,
+                key: media_key("image", bytes),
                 pixel_values,
                 frames,
                 shape,
+                size: [rgb.height() as usize, rgb.width() as usize],
             },
             layout,
         })

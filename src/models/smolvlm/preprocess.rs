@@ -324,6 +324,7 @@ impl SmolVlmMedia {
                 pixel_values,
                 frames,
                 shape,
+                size: [rgb.height() as usize, rgb.width() as usize],
             },
             rows,
             cols,
