@@ -145,12 +145,14 @@ fn code_output_validates() {
             usage: Usage::new(3, 4),
             timings: Timings::default(),
             choices: vec![],
+            heartbeat: None,
         }),
         FrameBody::Done(DoneBody {
             finish_reason: FinishReason::Length,
             usage: Usage::new(3, 4),
             timings: Timings::default(),
             choices: vec![],
+            heartbeat: None,
         }),
         FrameBody::Done(DoneBody {
             finish_reason: FinishReason::Stop,
@@ -168,6 +170,7 @@ fn code_output_validates() {
                     completion_tokens: 5,
                 },
             ],
+            heartbeat: None,
         }),
         FrameBody::Error {
             error: WireError {
@@ -228,7 +231,28 @@ fn code_output_validates() {
         version: Some("0.1.0".into()),
         completed: 3,
     };
-    assert_valid("heartbeat", &serde_json::to_value(hb).unwrap());
+    assert_valid("heartbeat", &serde_json::to_value(&hb).unwrap());
+    // A final frame carries the worker's heartbeat.
+    let done = Frame {
+        job_id: "j".into(),
+        seq: 3,
+        attempt: 1,
+        body: FrameBody::Done(DoneBody {
+            finish_reason: FinishReason::Stop,
+            usage: Usage::new(3, 4),
+            timings: Timings::default(),
+            choices: vec![],
+            heartbeat: Some(Box::new(hb.clone())),
+        }),
+    };
+    let v = serde_json::to_value(&done).unwrap();
+    assert_valid("frame", &v);
+    assert_eq!(v["heartbeat"]["worker_id"], "w");
+    assert_invalid("frame", &{
+        let mut bad = v.clone();
+        bad["heartbeat"] = json!("w");
+        bad
+    });
     // Every error class the code can produce is in the schema's enum.
     for c in [
         ErrorClass::InvalidRequest,

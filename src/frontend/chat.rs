@@ -213,7 +213,8 @@ pub(super) async fn submit(
         state.cfg.request_timeout,
         state.cfg.idle_timeout,
         state.metrics.clone(),
-    );
+    )
+    .with_registry(state.registry.clone());
     // The first event decides between an HTTP error and a successful answer.
     let first = reader.next().await?;
     Ok((reader, first, in_flight))

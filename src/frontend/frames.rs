@@ -40,6 +40,8 @@ pub struct FrameReader {
     idle_timeout: Duration,
     finished: bool,
     cancel: Option<CancelOnDrop>,
+    /// Where a final frame's heartbeat goes.
+    registry: Option<Arc<super::registry::Registry>>,
 }
 
 /// Sends a cancellation for the job unless disarmed: dropping an unfinished reader (client gone) stops
@@ -87,7 +89,14 @@ impl FrameReader {
                 bus,
                 job_id: job_id.to_string(),
             }),
+            registry: None,
         }
+    }
+
+    /// Applies the heartbeat a final frame carries to `registry` before handing the frame on.
+    pub fn with_registry(mut self, registry: Arc<super::registry::Registry>) -> Self {
+        self.registry = Some(registry);
+        self
     }
 
     fn end(&mut self) {
@@ -192,8 +201,11 @@ impl FrameReader {
                         tool_calls,
                     })
                 }
-                FrameBody::Done(d) => {
+                FrameBody::Done(mut d) => {
                     self.end();
+                    if let (Some(reg), Some(hb)) = (&self.registry, d.heartbeat.take()) {
+                        reg.update(*hb);
+                    }
                     Ok(Event::Done(d))
                 }
                 FrameBody::Error { error } => {

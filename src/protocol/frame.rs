@@ -97,6 +97,10 @@ pub struct DoneBody {
     /// How each choice ended, when the job asked for `n > 1`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub choices: Vec<ChoiceEnd>,
+    /// The worker's heartbeat as the job ends (what its prefix cache now holds, its free slots), so
+    /// the front end's routing is current before the client can send its next turn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heartbeat: Option<Box<super::WorkerHeartbeat>>,
 }
 
 /// How one choice of an `n > 1` job ended.

@@ -536,6 +536,7 @@ async fn run_job(
                         decode_ms,
                     },
                     choices: ends,
+                    heartbeat: None,
                 })
             }
             GenEvent::Error(e) => {
@@ -543,11 +544,18 @@ async fn run_job(
                 return true;
             }
         };
+        let mut body = body;
         let terminal = body.is_terminal();
         if terminal {
             // Before the last frame: front ends learn what this worker's prefix cache now holds
-            // (and that this slot is about to be free) before the client can send its next turn.
-            let _ = state.bus.announce(&state.heartbeat_finishing(1)).await;
+            // (and that this slot is about to be free) before the client can send its next turn —
+            // from the final frame itself for the front end waiting on it (no race with the
+            // heartbeat subject), from the announcement for the others.
+            let hb = state.heartbeat_finishing(1);
+            if let FrameBody::Done(d) = &mut body {
+                d.heartbeat = Some(Box::new(hb.clone()));
+            }
+            let _ = state.bus.announce(&hb).await;
         }
         if let Err(e) = out.send(body).await {
             // Nobody listens any more (client gone): stop generating.
