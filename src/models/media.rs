@@ -7,7 +7,7 @@ use base64::Engine as _;
 
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::image::{self, ImageError, ImageLimits};
-use crate::protocol::MediaSource;
+use crate::protocol::{ChatMessage, ContentPart, MediaSource};
 
 /// Limits on media in one request.
 #[derive(Debug, Clone)]
@@ -82,4 +82,15 @@ pub fn decode_image(
         };
         ClassifiedError::new(class, format!("image {index}: {e}")).with_param("messages")
     })
+}
+
+/// The image sources of a conversation, in prompt order.
+pub fn image_sources(messages: &[ChatMessage]) -> impl Iterator<Item = &MediaSource> {
+    messages
+        .iter()
+        .flat_map(|m| m.content.iter())
+        .filter_map(|p| match p {
+            ContentPart::Image { source } => Some(source),
+            _ => None,
+        })
 }

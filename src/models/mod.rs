@@ -336,6 +336,16 @@ pub fn cache_keys(ids: &[u32], media: &[(&[usize], &encoder_cache::MediaKey)]) -
     keys
 }
 
+/// [`cache_keys`] for a prompt whose images (in order) take `positions`.
+pub fn image_cache_keys(ids: &[u32], positions: &[Vec<usize>], images: &[ImageInput]) -> Vec<u64> {
+    let media: Vec<(&[usize], &encoder_cache::MediaKey)> = positions
+        .iter()
+        .zip(images)
+        .map(|(p, i)| (p.as_slice(), &i.key))
+        .collect();
+    cache_keys(ids, &media)
+}
+
 /// Loads one graph of a resolved model, `None` when the model has no file for it. The decoder is
 /// loaded with its `logits` reduced to the last position where `opts.last_logits` says so.
 pub(crate) fn load_graph(

@@ -8,9 +8,10 @@ use std::path::Path;
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
-use crate::error::ClassifiedError;
+use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::ModelError;
 use crate::pipeline::template::{ChatTemplate, TemplateError};
+use crate::protocol::{ChatMessage, ContentPart};
 
 /// The chat template of snapshot `dir` (`chat_template.jinja`, `chat_template.json`, or
 /// `tokenizer_config.json`), compiled.
@@ -41,6 +42,22 @@ pub fn render(
             }
             other => ModelError::Config(other.to_string()),
         })
+}
+
+/// Image parts in `messages`; fails (internal) unless the preprocessing gave `layouts` as many.
+pub fn count_images(messages: &[ChatMessage], layouts: usize) -> Result<usize, ModelError> {
+    let n = messages
+        .iter()
+        .flat_map(|m| m.content.iter())
+        .filter(|p| matches!(p, ContentPart::Image { .. }))
+        .count();
+    if layouts != n {
+        return Err(ModelError::Request(ClassifiedError::new(
+            ErrorClass::Internal,
+            format!("{layouts} image layouts for {n} images"),
+        )));
+    }
+    Ok(n)
 }
 
 /// `rendered` with the i-th `placeholder` replaced by `blocks[i]`; fails (400) when the text holds

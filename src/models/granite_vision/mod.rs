@@ -26,10 +26,11 @@ use super::family::{
     load_tokenizer, FamilyBackend, FamilySpec, LoadOptions, LoadedFamily, PrefixShare, Runner,
 };
 use super::generate::{GenEvent, GenParams};
+use super::media::image_sources;
 use super::resolve::ResolvedModel;
 use super::{catalog::Component, ModelError, PreparedInput, Prompt};
 use crate::error::ClassifiedError;
-use crate::protocol::{ChatMessage, ContentPart, Job, MediaSource};
+use crate::protocol::{ChatMessage, Job};
 
 /// The Granite Vision family as the registry lists it: the sets tools/export/granite_vision.py writes
 /// (Q4_MIXED, its default: q4 decoder, int8 embeddings and vision encoder; INT8 and Q8 name its
@@ -59,17 +60,6 @@ struct Backend {
     prompter: GraniteVisionPrompter,
     media: GraniteVisionMedia,
     runner: Runner<GraniteVisionModel>,
-}
-
-/// The image sources of a conversation, in order.
-fn image_sources(messages: &[ChatMessage]) -> impl Iterator<Item = &MediaSource> {
-    messages
-        .iter()
-        .flat_map(|m| m.content.iter())
-        .filter_map(|p| match p {
-            ContentPart::Image { source } => Some(source),
-            _ => None,
-        })
 }
 
 impl FamilyBackend for Backend {

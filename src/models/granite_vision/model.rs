@@ -21,10 +21,10 @@ use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::catalog::Component;
 use crate::models::decoder::{interface, only_known_inputs, width, Inputs, TextDecoder};
-use crate::models::encoder_cache::{EncoderCache, MediaKey};
+use crate::models::encoder_cache::EncoderCache;
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
-    cache_keys, media_positions, with_media_rows, Batching, ChatModel, ImageInput, MediaRows,
+    image_cache_keys, media_positions, with_media_rows, Batching, ChatModel, ImageInput, MediaRows,
     ModelError, PreparedInput,
 };
 
@@ -258,12 +258,7 @@ impl ChatModel for GraniteVisionModel {
 
     fn cache_keys(&self, input: &PreparedInput) -> Result<Vec<u64>, ModelError> {
         let positions = self.image_positions(input)?;
-        let media: Vec<(&[usize], &MediaKey)> = positions
-            .iter()
-            .zip(&input.images)
-            .map(|(p, i)| (p.as_slice(), &i.key))
-            .collect();
-        Ok(cache_keys(&input.ids, &media))
+        Ok(image_cache_keys(&input.ids, &positions, &input.images))
     }
 
     fn encode_media(

@@ -14,8 +14,7 @@ use tokenizers::Tokenizer;
 
 use super::config::GraniteVisionConfig;
 use super::preprocess::FeatureLayout;
-use crate::error::{ClassifiedError, ErrorClass};
-use crate::models::prompt::{expand, load_template, render, tokenize};
+use crate::models::prompt::{count_images, expand, load_template, render, tokenize};
 use crate::models::{ModelError, Prompt};
 use crate::pipeline::template::ChatTemplate;
 use crate::protocol::{ChatMessage, ContentPart};
@@ -96,17 +95,7 @@ impl GraniteVisionPrompter {
         layouts: &[FeatureLayout],
         tools: Option<&Value>,
     ) -> Result<Prompt, ModelError> {
-        let n_images = messages
-            .iter()
-            .flat_map(|m| m.content.iter())
-            .filter(|p| matches!(p, ContentPart::Image { .. }))
-            .count();
-        if layouts.len() != n_images {
-            return Err(ModelError::Request(ClassifiedError::new(
-                ErrorClass::Internal,
-                format!("{} image layouts for {n_images} images", layouts.len()),
-            )));
-        }
+        let n_images = count_images(messages, layouts.len())?;
         let rendered = render(&self.template, &Self::template_messages(messages), tools)?;
         let blocks: Vec<String> = layouts
             .iter()

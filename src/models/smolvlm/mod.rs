@@ -25,10 +25,11 @@ use super::family::{
     load_tokenizer, FamilyBackend, FamilySpec, LoadOptions, LoadedFamily, PrefixShare, Runner,
 };
 use super::generate::{GenEvent, GenParams};
+use super::media::image_sources;
 use super::resolve::ResolvedModel;
 use super::{catalog::Component, ModelError, PreparedInput, Prompt};
 use crate::error::ClassifiedError;
-use crate::protocol::{ChatMessage, ContentPart, Job, MediaSource};
+use crate::protocol::{ChatMessage, Job};
 
 /// The SmolVLM family as the registry lists it. Quantizations: the original server's SmolVLM names (no
 /// Q4_MIXED), UINT8 first (its smallest-first default). Its exports do not have every suffix for every
@@ -64,17 +65,6 @@ struct Backend {
     prompter: SmolVlmPrompter,
     media: SmolVlmMedia,
     runner: Runner<SmolVlmModel>,
-}
-
-/// The image sources of a conversation, in order.
-fn image_sources(messages: &[ChatMessage]) -> impl Iterator<Item = &MediaSource> {
-    messages
-        .iter()
-        .flat_map(|m| m.content.iter())
-        .filter_map(|p| match p {
-            ContentPart::Image { source } => Some(source),
-            _ => None,
-        })
 }
 
 impl FamilyBackend for Backend {
