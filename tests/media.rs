@@ -1,10 +1,12 @@
 //! Media preprocessing against the reference processor's tensors on the goldens: `pixel_values` of
-//! every golden image and `input_features` / `input_features_mask` of every golden clip.
+//! every golden image and `input_features` / `input_features_mask` of every golden clip; and the
+//! log-mel front end with Gemma 4's options against transformers' `Gemma4AudioFeatureExtractor`.
 
 mod common;
 
-use common::{fixture_dir, goldens, root};
+use common::{fixture_dir, goldens, npy, root};
 use onnx_chat::models::gemma3n::MediaDecoder;
+use onnx_chat::pipeline::audio::{self, MelConfig, MelExtractor};
 
 fn decoder() -> MediaDecoder {
     MediaDecoder::new(&fixture_dir(), Default::default()).unwrap()
@@ -61,35 +63,6 @@ fn pixel_values_match_the_reference_processor() {
         }
     }
     assert!(!report.is_empty());
-}
-
-/// A minimal `.npy` reader for the goldens: little-endian f32 or bool, C order.
-fn npy(path: &std::path::Path) -> (Vec<usize>, Vec<u8>, String) {
-    let b = std::fs::read(path).unwrap();
-    assert_eq!(&b[..6], b"\x93NUMPY");
-    let (hlen, start) = if b[6] == 1 {
-        (u16::from_le_bytes([b[8], b[9]]) as usize, 10)
-    } else {
-        (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12)
-    };
-    let header = std::str::from_utf8(&b[start..start + hlen])
-        .unwrap()
-        .to_string();
-    let descr = header
-        .split("'descr':")
-        .nth(1)
-        .unwrap()
-        .split('\'')
-        .nth(1)
-        .unwrap()
-        .to_string();
-    let shape_txt = header.split("'shape':").nth(1).unwrap();
-    let shape_txt = &shape_txt[shape_txt.find('(').unwrap() + 1..shape_txt.find(')').unwrap()];
-    let shape = shape_txt
-        .split(',')
-        .filter_map(|x| x.trim().parse().ok())
-        .collect();
-    (shape, b[start + hlen..].to_vec(), descr)
 }
 
 #[test]
@@ -198,4 +171,143 @@ fn every_image_decodes_exactly_like_pillow() {
     }
     // PNG, JPEG (baseline, progressive, grayscale, CMYK), WebP, GIF, BMP, RGBA PNG.
     assert_eq!(n, 9);
+}
+
+/// The waveforms of `tools/fixtures/gemma4/mel_reference.py`: computed in f64, stored as f32.
+fn reference_signal(signal: &str, n: usize) -> Vec<f32> {
+    use std::f64::consts::PI;
+    let t = |i: usize| i as f64 / 16000.0;
+    match signal {
+        "two_tone" => (0..n)
+            .map(|i| {
+                (0.5 * (2.0 * PI * 440.0 * t(i)).sin() + 0.25 * (2.0 * PI * 1234.5 * t(i)).sin())
+                    as f32
+            })
+            .collect(),
+        "chirp_noise" => (0..n)
+            .map(|i| {
+                let noise = ((i * 7919) % 1000) as f64 / 1000.0 - 0.5;
+                (0.3 * (2.0 * PI * (200.0 * t(i) + 900.0 * t(i) * t(i))).sin() + 0.05 * noise)
+                    as f32
+            })
+            .collect(),
+        "wav" => {
+            let bytes =
+                std::fs::read(root().join("tests/fixtures/media/two_tone_16k_s16.wav")).unwrap();
+            audio::decode(&bytes, Some("wav"), 30.0).unwrap().samples
+        }
+        other => panic!("unknown signal {other}"),
+    }
+}
+
+/// The generic log-mel extractor with Gemma 4's options, configured as a family does it (its
+/// defaults, then the `feature_extractor` object of the processor config), against transformers'
+/// `Gemma4AudioFeatureExtractor` on the clips of `tools/fixtures/gemma4/mel_reference.py`
+/// (tests/fixtures/audio_gemma4): the default extractor and one with pre-emphasis, per-bin
+/// statistics, input scaling and 25 ms / 12.5 ms frames.
+#[test]
+fn gemma4_mel_matches_transformers() {
+    let dir = root().join("tests/fixtures/audio_gemma4");
+    let reference = common::read_json(&dir.join("reference.json"));
+    let mut clips = 0;
+    for (name, ext) in reference["extractors"].as_object().unwrap() {
+        let fe = &ext["feature_extractor"];
+        let cfg = MelConfig::from_preprocessor_config(
+            fe,
+            onnx_chat::models::gemma4::preprocess::mel_defaults(),
+        );
+        let size = |key: &str| fe[key].as_u64().unwrap() as usize;
+        assert_eq!(
+            (
+                cfg.frame_length,
+                cfg.hop_length,
+                cfg.fft_length,
+                cfg.feature_size
+            ),
+            (
+                size("frame_length"),
+                size("hop_length"),
+                size("fft_length"),
+                size("feature_size")
+            ),
+            "{name}"
+        );
+        let bins = cfg.feature_size;
+        let mel = MelExtractor::new(&cfg);
+        for clip in ext["clips"].as_array().unwrap() {
+            let label = format!("{name}/{}", clip["name"].as_str().unwrap());
+            let n = clip["samples"].as_u64().unwrap() as usize;
+            let samples = reference_signal(clip["signal"].as_str().unwrap(), n);
+            assert_eq!(samples.len(), n, "{label}");
+            let got = mel.extract(&samples);
+            let want_mask: Vec<bool> = clip["mask"]
+                .as_str()
+                .unwrap()
+                .chars()
+                .map(|c| c == '1')
+                .collect();
+            assert_eq!(
+                got.frames,
+                clip["frames"].as_u64().unwrap() as usize,
+                "{label}"
+            );
+            assert_eq!(got.mask, want_mask, "{label}");
+            assert_eq!(cfg.frame_mask(n), want_mask, "{label}");
+            let max_err = |got: &[f32], want: &[f32]| {
+                assert_eq!(got.len(), want.len(), "{label}");
+                got.iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max)
+            };
+            let (max, checked) = if let Some(file) = clip["features"].as_str() {
+                let (shape, data, descr) = npy(&dir.join(file));
+                assert_eq!(
+                    (shape, descr.as_str()),
+                    (vec![got.frames, bins], "<f4"),
+                    "{label}"
+                );
+                let want: Vec<f32> = data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect();
+                (max_err(&got.features, &want), want.len())
+            } else if let Some(rows) = clip["rows"].as_object() {
+                let mut max = 0f32;
+                for (t, row) in rows {
+                    let t: usize = t.parse().unwrap();
+                    let want: Vec<f32> = row
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_f64().unwrap() as f32)
+                        .collect();
+                    max = max.max(max_err(&got.features[t * bins..(t + 1) * bins], &want));
+                }
+                let sum: f64 = got.features.iter().map(|&v| f64::from(v)).sum();
+                let want_sum = clip["sum"].as_f64().unwrap();
+                eprintln!("{label}: sum of all features {sum} (reference {want_sum})");
+                // Per-value errors of ~5e-7 without a common sign: the sum of up to 4e5 values
+                // moves by far less than their count times the tolerance (measured: 1.4e-6).
+                assert!(
+                    (sum - want_sum).abs() <= 1e-3,
+                    "{label}: sum {sum} vs {want_sum}"
+                );
+                (max, rows.len() * bins)
+            } else {
+                assert_eq!(got.frames, 0, "{label}");
+                (0.0, 0)
+            };
+            eprintln!(
+                "{label}: {n} samples, {} frames ({} valid), {checked} values, max |Δ| {max:.2e}",
+                got.frames,
+                got.mask.iter().filter(|&&m| m).count()
+            );
+            // Stated tolerance, as for Gemma-3n's log-mels: 1e-5 (measured: 4.8e-7, one float32
+            // ulp of the larger log-mels; NumPy runs the FFT in float32, we run it in f64).
+            assert!(max <= 1e-5, "{label}: {max}");
+            clips += 1;
+        }
+    }
+    assert_eq!(clips, 8);
 }
