@@ -146,6 +146,103 @@ async fn expect_error(s: &Server, body: Value, status: u16, param: Option<&str>)
     r
 }
 
+/// The tiny fixture with a chat template that appends `{{ suffix }}` to the prompt when the request's
+/// `chat_template_kwargs` set it (every other file linked from the fixture).
+fn suffix_template_model(
+    dir: &std::path::Path,
+) -> std::sync::Arc<onnx_chat::models::loaded::LoadedModel> {
+    let fixture = common::fixture_dir();
+    for entry in std::fs::read_dir(&fixture).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap();
+        if name != "chat_template.jinja" {
+            std::os::unix::fs::symlink(&path, dir.join(name)).unwrap();
+        }
+    }
+    let template = std::fs::read_to_string(fixture.join("chat_template.jinja")).unwrap();
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        format!("{template}{{%- if suffix is defined %}}{{{{ suffix }}}}{{% endif %}}"),
+    )
+    .unwrap();
+    common::load_with(
+        &common::resolve_dir(dir, "tiny-gemma3n", "FP32"),
+        common::EngineOpts::ONE_SHOT,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn chat_template_kwargs_reach_the_template() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(vec![suffix_template_model(dir.path())]).await;
+    let mut body = basic();
+    body["max_tokens"] = json!(4);
+    let (status, plain) = s.chat(&body).await;
+    assert_eq!(status, 200, "{plain}");
+    // The variable reaches the worker's template: the prompt grows by the suffix's tokens.
+    body["chat_template_kwargs"] = json!({"suffix": "Sure thing", "enable_thinking": true});
+    let (status, r) = s.chat(&body).await;
+    assert_eq!(status, 200, "{r}");
+    let prompt = |r: &Value| r["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt(&r) > prompt(&plain), "{r} vs {plain}");
+    // A model without reasoning markers answers as before: no reasoning fields.
+    let message = &r["choices"][0]["message"];
+    assert!(message["content"].is_string(), "{r}");
+    assert!(message.get("reasoning_content").is_none(), "{r}");
+    assert!(r["usage"].get("completion_tokens_details").is_none(), "{r}");
+    body["stream"] = json!(true);
+    let (status, events) = s.chat_stream(&body).await;
+    assert_eq!(status, 200);
+    let chunks = events.iter().filter(|e| e.is_object());
+    assert!(chunks
+        .flat_map(|e| e["choices"].as_array().unwrap())
+        .all(|c| c["delta"].get("reasoning_content").is_none()));
+    body["stream"] = json!(false);
+    // Refused by the front end, naming the field.
+    body["chat_template_kwargs"] = json!({"add_generation_prompt": false});
+    expect_error(
+        &s,
+        body.clone(),
+        400,
+        Some("chat_template_kwargs.add_generation_prompt"),
+    )
+    .await;
+    body["chat_template_kwargs"] = json!(["enable_thinking"]);
+    expect_error(&s, body.clone(), 400, Some("chat_template_kwargs")).await;
+    let (status, r) = s
+        .post(
+            "/v1/completions",
+            &json!({"model": "tiny-gemma3n", "prompt": "Hi", "chat_template_kwargs": {"suffix": "x"}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{r}");
+    assert_eq!(r["error"]["param"], "chat_template_kwargs");
+    s.shutdown().await;
+}
+
+#[test]
+fn workers_refuse_reserved_template_kwargs() {
+    // A job published directly (no front end) is checked by the worker too.
+    let m = model("FP32");
+    let job = onnx_chat::protocol::Job {
+        job_id: "j".into(),
+        model: "tiny-gemma3n".into(),
+        messages: vec![onnx_chat::protocol::ChatMessage::text(
+            onnx_chat::protocol::Role::User,
+            "hi",
+        )],
+        chat_template_kwargs: json!({"bos_token": "<x>"}).as_object().cloned(),
+        ..Default::default()
+    };
+    let e = m.prepare(&job).err().expect("refused");
+    assert_eq!(e.param.as_deref(), Some("chat_template_kwargs.bos_token"));
+    let ok = onnx_chat::protocol::Job {
+        chat_template_kwargs: json!({"enable_thinking": true}).as_object().cloned(),
+        ..job
+    };
+    assert!(m.prepare(&ok).is_ok());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_input_gets_openai_errors() {
     let cfg = onnx_chat::frontend::FrontendConfig {
@@ -388,5 +485,146 @@ async fn disconnect_cancels_the_generation() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(freed, "the slot was not freed after the client left");
+    s.shutdown().await;
+}
+
+/// A stand-in worker for a thinking model: answers every job with reasoning frames, then (unless the
+/// last message says "cut", as if `max_tokens` ended the reasoning) an answer.
+async fn thinking_worker(bus: std::sync::Arc<dyn onnx_chat::bus::Bus>) {
+    use onnx_chat::protocol::*;
+    let hb = WorkerHeartbeat {
+        worker_id: "thinker-worker".into(),
+        models: vec![WorkerModel {
+            name: "thinker".into(),
+            aliases: vec![],
+            context_length: 4096,
+            quant: None,
+            vision: false,
+            audio: false,
+            created: 0,
+            prefixes: vec![],
+        }],
+        max_concurrent: 4,
+        active: 0,
+        ttl_ms: 60_000,
+        draining: false,
+        version: None,
+        completed: 0,
+    };
+    bus.announce(&hb).await.unwrap();
+    let mut source = bus
+        .job_source(&["thinker".into()], "thinker-worker")
+        .await
+        .unwrap();
+    loop {
+        let jobs = source.next(1, Duration::from_millis(100)).await.unwrap();
+        for d in jobs {
+            let cut = d.job.messages.last().is_some_and(|m| {
+                m.content
+                    .iter()
+                    .any(|p| matches!(p, ContentPart::Text { text } if text == "cut"))
+            });
+            let delta = |text: &str, reasoning: &str, id: u32| FrameBody::Delta {
+                text: text.into(),
+                reasoning: reasoning.into(),
+                token_ids: vec![id],
+                index: 0,
+                logprobs: vec![],
+                tool_calls: vec![],
+            };
+            let mut bodies = vec![delta("", "Let me ", 1), delta("", "think.", 2)];
+            if !cut {
+                bodies.push(delta(" It is", "", 3));
+                bodies.push(delta(" 4.", "", 4));
+            }
+            bodies.push(FrameBody::Done(DoneBody {
+                finish_reason: if cut {
+                    FinishReason::Length
+                } else {
+                    FinishReason::Stop
+                },
+                usage: Usage::new(5, 7).with_reasoning(4),
+                timings: Timings::default(),
+                choices: vec![],
+                heartbeat: None,
+            }));
+            for (seq, body) in bodies.into_iter().enumerate() {
+                let frame = Frame {
+                    job_id: d.job.job_id.clone(),
+                    seq: seq as u64,
+                    attempt: d.attempt,
+                    body,
+                };
+                bus.publish_frame(&d.job.reply_to, &frame).await.unwrap();
+            }
+            d.ack.ack().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reasoning_comes_back_as_reasoning_content() {
+    let bus: std::sync::Arc<dyn onnx_chat::bus::Bus> =
+        std::sync::Arc::new(onnx_chat::bus::memory::MemoryBus::new());
+    let worker = tokio::spawn(thinking_worker(bus.clone()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn({
+        let (bus, stop) = (bus.clone(), stop.clone());
+        async move {
+            onnx_chat::frontend::run(Default::default(), listener, bus, stop).await?;
+            Ok(())
+        }
+    });
+    let s = Server { base, stop, handle };
+    s.wait_ready().await;
+    let body = |text: &str| {
+        json!({"model": "thinker", "messages": [{"role": "user", "content": text}],
+               "chat_template_kwargs": {"enable_thinking": true}})
+    };
+    // Whole answer: reasoning apart from content, content as generated (leading space kept).
+    let (status, r) = s.chat(&body("2+2?")).await;
+    assert_eq!(status, 200, "{r}");
+    let m = &r["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "Let me think.");
+    assert_eq!(m["content"], " It is 4.");
+    assert_eq!(
+        r["usage"]["completion_tokens_details"]["reasoning_tokens"],
+        4
+    );
+    // Cut off inside the reasoning: content null, as vLLM.
+    let (status, r) = s.chat(&body("cut")).await;
+    assert_eq!(status, 200, "{r}");
+    let m = &r["choices"][0]["message"];
+    assert_eq!(m["reasoning_content"], "Let me think.");
+    assert!(m["content"].is_null(), "{r}");
+    assert_eq!(r["choices"][0]["finish_reason"], "length");
+    // Streaming: reasoning chunks carry delta.reasoning_content and no content.
+    let mut b = body("2+2?");
+    b["stream"] = json!(true);
+    let (status, events) = s.chat_stream(&b).await;
+    assert_eq!(status, 200);
+    let deltas: Vec<&Value> = events
+        .iter()
+        .filter_map(|e| e["choices"].as_array())
+        .flatten()
+        .map(|c| &c["delta"])
+        .collect();
+    let reasoning: String = deltas
+        .iter()
+        .filter_map(|d| d["reasoning_content"].as_str())
+        .collect();
+    assert_eq!(reasoning, "Let me think.");
+    for d in deltas
+        .iter()
+        .filter(|d| d.get("reasoning_content").is_some())
+    {
+        assert!(d.get("content").is_none(), "{d}");
+    }
+    let (content, finish, _, _) = collect_stream(&events);
+    assert_eq!(content, " It is 4.");
+    assert_eq!(finish.as_deref(), Some("stop"));
+    worker.abort();
     s.shutdown().await;
 }

@@ -505,6 +505,7 @@ async fn a_job_no_worker_finishes_fails_once_its_deliveries_are_used_up() {
                         attempt: d.attempt,
                         body: FrameBody::Delta {
                             text: "partial".into(),
+                            reasoning: String::new(),
                             token_ids: vec![1],
                             index: 0,
                             logprobs: vec![],

@@ -105,6 +105,9 @@ fn sample_job() -> Job {
         parallel_tool_calls: Some(false),
         logprobs: Some(2),
         logit_bias: [(5u32, -100.0f32)].into_iter().collect(),
+        chat_template_kwargs: json!({"enable_thinking": true, "style": {"tone": "dry"}})
+            .as_object()
+            .cloned(),
     }
 }
 
@@ -114,6 +117,7 @@ fn code_output_validates() {
     let frames = [
         FrameBody::Delta {
             text: "hi".into(),
+            reasoning: String::new(),
             token_ids: vec![1, 2],
             index: 1,
             logprobs: vec![],
@@ -121,7 +125,8 @@ fn code_output_validates() {
         },
         FrameBody::Delta {
             text: String::new(),
-            token_ids: vec![7],
+            reasoning: "Let me think.".into(),
+            token_ids: vec![3, 7],
             index: 0,
             logprobs: vec![TokenLogprob {
                 token: "{".into(),
@@ -156,7 +161,7 @@ fn code_output_validates() {
         }),
         FrameBody::Done(DoneBody {
             finish_reason: FinishReason::Stop,
-            usage: Usage::new(3, 9).with_cached(2),
+            usage: Usage::new(3, 9).with_cached(2).with_reasoning(6),
             timings: Timings::default(),
             choices: vec![
                 ChoiceEnd {
@@ -270,6 +275,79 @@ fn code_output_validates() {
         let f = json!({"job_id": "j", "seq": 0, "type": "error", "error": {"class": c, "message": "m"}});
         assert_valid("frame", &f);
     }
+}
+
+#[test]
+fn reasoning_and_template_kwargs_on_the_wire() {
+    // The job carries chat_template_kwargs as given; absent stays absent.
+    let job = sample_job();
+    let v = serde_json::to_value(&job).unwrap();
+    assert_eq!(v["chat_template_kwargs"]["enable_thinking"], json!(true));
+    assert_eq!(serde_json::from_value::<Job>(v).unwrap(), job);
+    let plain = serde_json::to_value(Job {
+        chat_template_kwargs: None,
+        ..sample_job()
+    })
+    .unwrap();
+    assert!(plain.get("chat_template_kwargs").is_none());
+    assert_valid("job", &plain);
+    // The schema refuses exactly the names the renderer sets, and any non-object.
+    let with = |kwargs: Value| {
+        let mut j = plain.clone();
+        j["chat_template_kwargs"] = kwargs;
+        j
+    };
+    for name in onnx_chat::pipeline::template::RESERVED_VARIABLES {
+        let mut kwargs = json!({"enable_thinking": true});
+        kwargs[*name] = json!(1);
+        assert_invalid("job", &with(kwargs));
+    }
+    assert_valid(
+        "job",
+        &with(json!({"enable_thinking": false, "documents_x": 1})),
+    );
+    assert_invalid("job", &with(json!(true)));
+    let schema = common::read_json(&common::root().join("schemas/v1/job.schema.json"));
+    let reserved = &schema["properties"]["chat_template_kwargs"]["propertyNames"]["not"]["enum"];
+    assert_eq!(
+        reserved,
+        &json!(onnx_chat::pipeline::template::RESERVED_VARIABLES)
+    );
+
+    // A delta with reasoning only; the field is absent when empty and defaults when missing.
+    let delta = |reasoning: &str| Frame {
+        job_id: "j".into(),
+        seq: 0,
+        attempt: 1,
+        body: FrameBody::Delta {
+            text: String::new(),
+            reasoning: reasoning.into(),
+            token_ids: vec![4],
+            index: 0,
+            logprobs: vec![],
+            tool_calls: vec![],
+        },
+    };
+    let v = serde_json::to_value(delta("hmm")).unwrap();
+    assert_eq!(v["reasoning"], "hmm");
+    assert_valid("frame", &v);
+    let v = serde_json::to_value(delta("")).unwrap();
+    assert!(v.get("reasoning").is_none());
+    assert_eq!(serde_json::from_value::<Frame>(v).unwrap(), delta(""));
+    assert_invalid(
+        "frame",
+        &json!({"job_id": "j", "seq": 0, "type": "delta", "text": "", "reasoning": 3}),
+    );
+
+    // Usage reports reasoning tokens only when there were some.
+    let v = serde_json::to_value(Usage::new(3, 9).with_reasoning(6)).unwrap();
+    assert_eq!(v["completion_tokens_details"]["reasoning_tokens"], 6);
+    let v = serde_json::to_value(Usage::new(3, 9).with_reasoning(0)).unwrap();
+    assert!(v.get("completion_tokens_details").is_none());
+    let done = json!({"job_id": "j", "seq": 1, "type": "done", "finish_reason": "length",
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
+                  "completion_tokens_details": {"reasoning_tokens": -1}}});
+    assert_invalid("frame", &done);
 }
 
 #[test]

@@ -337,6 +337,7 @@ mod tests {
             attempt: d.attempt,
             body: FrameBody::Delta {
                 text: "x".into(),
+                reasoning: String::new(),
                 token_ids: vec![],
                 index: 0,
                 logprobs: vec![],

@@ -234,6 +234,7 @@ pub(super) fn finish_of(done: &DoneBody, i: u32) -> &'static str {
 #[derive(Default)]
 struct Gathered {
     text: String,
+    reasoning: String,
     ids: Vec<u32>,
     logprobs: Vec<crate::protocol::TokenLogprob>,
     calls: Vec<crate::protocol::ToolCallFrame>,
@@ -254,12 +255,14 @@ async fn collect(
             Event::Delta {
                 index,
                 text: t,
+                reasoning,
                 token_ids,
                 logprobs,
                 tool_calls,
             } => {
                 let g = &mut got[(index as usize).min(n as usize - 1)];
                 g.text.push_str(&t);
+                g.reasoning.push_str(&reasoning);
                 g.ids.extend(token_ids);
                 g.logprobs.extend(logprobs);
                 g.calls.extend(tool_calls);
@@ -284,7 +287,10 @@ async fn collect(
             index: i as u32,
             message: AssistantMessage {
                 role: "assistant",
-                content: (g.calls.is_empty() || !g.text.is_empty()).then_some(g.text),
+                // `null` rather than "" when the answer is calls, or only reasoning (as vLLM).
+                content: (!g.text.is_empty() || (g.calls.is_empty() && g.reasoning.is_empty()))
+                    .then_some(g.text),
+                reasoning_content: (!g.reasoning.is_empty()).then_some(g.reasoning),
                 refusal: None,
                 tool_calls: g
                     .calls
@@ -371,12 +377,14 @@ fn sse(
                 Ok(Event::Delta {
                     index,
                     text,
+                    reasoning,
                     token_ids,
                     logprobs,
                     tool_calls,
                 }) => {
                     end = false;
                     let quiet = text.is_empty()
+                        && reasoning.is_empty()
                         && tool_calls.is_empty()
                         && (!return_ids || token_ids.is_empty())
                         && (!want_logprobs || logprobs.is_empty());
@@ -384,12 +392,16 @@ fn sse(
                         vec![]
                     } else {
                         let calls = !tool_calls.is_empty();
+                        // A reasoning chunk carries no `content` unless it has answer text too.
+                        let thinking = !reasoning.is_empty();
                         let chunk = meta.chunk(
                             vec![ChunkChoice {
                                 index,
                                 delta: Delta {
                                     role: None,
-                                    content: (!calls).then_some(text),
+                                    content: (!calls && (!thinking || !text.is_empty()))
+                                        .then_some(text),
+                                    reasoning_content: thinking.then_some(reasoning),
                                     tool_calls: tool_calls
                                         .into_iter()
                                         .map(|c| ToolCallOut::new(c, true))

@@ -19,7 +19,10 @@ use crate::protocol::{CancelRequest, DoneBody, FrameBody, TokenLogprob, ToolCall
 pub enum Event {
     Delta {
         index: u32,
+        /// Answer text.
         text: String,
+        /// Reasoning text (models with reasoning markers).
+        reasoning: String,
         token_ids: Vec<u32>,
         logprobs: Vec<TokenLogprob>,
         tool_calls: Vec<ToolCallFrame>,
@@ -175,12 +178,13 @@ impl FrameReader {
             return match frame.body {
                 FrameBody::Delta {
                     text,
+                    reasoning,
                     token_ids,
                     index,
                     logprobs,
                     tool_calls,
                 } => {
-                    if !text.is_empty() {
+                    if !text.is_empty() || !reasoning.is_empty() {
                         let now = std::time::Instant::now();
                         match self.last_text_at.replace(now) {
                             Some(prev) => self
@@ -196,6 +200,7 @@ impl FrameReader {
                     Ok(Event::Delta {
                         index,
                         text,
+                        reasoning,
                         token_ids,
                         logprobs,
                         tool_calls,

@@ -125,6 +125,12 @@ pub fn validate(
         ));
     }
     refuse_unsupported(o)?;
+    if field(o, "chat_template_kwargs").is_some() {
+        return Err(invalid(
+            "chat_template_kwargs",
+            "text completions use no chat template; send chat_template_kwargs to /v1/chat/completions",
+        ));
+    }
     let n = n_field(o)?;
     match integer(o, "best_of")? {
         Some(b) if b != n as i64 => {
@@ -303,6 +309,12 @@ mod tests {
         assert_eq!(
             param(json!({"model": "m", "prompt": "x", "temperature": 3})),
             "temperature"
+        );
+        assert_eq!(
+            param(
+                json!({"model": "m", "prompt": "x", "chat_template_kwargs": {"enable_thinking": true}})
+            ),
+            "chat_template_kwargs"
         );
     }
 }

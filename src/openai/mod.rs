@@ -48,6 +48,7 @@ impl ValidChatRequest {
             parallel_tool_calls: self.parallel_tool_calls,
             logprobs: self.logprobs,
             logit_bias: self.logit_bias,
+            chat_template_kwargs: self.chat_template_kwargs,
         }
     }
 }

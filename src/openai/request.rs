@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::grammar::Grammar;
+use crate::pipeline::template::RESERVED_VARIABLES;
 use crate::protocol::{
     ChatMessage, ContentPart, MediaSource, ResponseFormat, Role, SamplingOverrides, ToolCall,
     ToolChoice, ToolSpec, MAX_TOP_LOGPROBS,
@@ -65,6 +66,9 @@ pub struct ValidChatRequest {
     /// `logprobs: true` with this many `top_logprobs`.
     pub logprobs: Option<u32>,
     pub logit_bias: BTreeMap<u32, f32>,
+    /// Extension (as vLLM): extra chat-template variables, e.g. `{"enable_thinking": true}`; `None`
+    /// when absent or empty.
+    pub chat_template_kwargs: Option<Map<String, Value>>,
 }
 
 fn is_remote(url: &str) -> bool {
@@ -262,6 +266,7 @@ pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest
         Some(_) => Some(boolean(o, "parallel_tool_calls")?),
     };
     let logit_bias = logit_bias(o)?;
+    let chat_template_kwargs = chat_template_kwargs(o)?;
 
     let common = common_fields(o, limits)?;
     let Common {
@@ -289,7 +294,39 @@ pub fn validate(body: &Value, limits: &RequestLimits) -> Result<ValidChatRequest
         parallel_tool_calls,
         logprobs,
         logit_bias,
+        chat_template_kwargs,
     })
+}
+
+/// `chat_template_kwargs`: an object of extra template variables, none of them one the renderer sets
+/// itself (transformers would fail on a duplicate argument; here it would be silently ignored).
+fn chat_template_kwargs(
+    o: &Map<String, Value>,
+) -> Result<Option<Map<String, Value>>, ClassifiedError> {
+    const P: &str = "chat_template_kwargs";
+    let kwargs = match field(o, P) {
+        None => return Ok(None),
+        Some(Value::Object(m)) => m,
+        Some(v) => {
+            return Err(invalid(
+                P,
+                format!("{P} must be an object, got {}", type_name(v)),
+            ))
+        }
+    };
+    if let Some(name) = kwargs
+        .keys()
+        .find(|k| RESERVED_VARIABLES.contains(&k.as_str()))
+    {
+        return Err(invalid(
+            &format!("{P}.{name}"),
+            format!(
+                "{P} cannot set {name}: the server sets it (reserved: {})",
+                RESERVED_VARIABLES.join(", ")
+            ),
+        ));
+    }
+    Ok((!kwargs.is_empty()).then(|| kwargs.clone()))
 }
 
 /// Fields `/v1/chat/completions` and `/v1/completions` share.
@@ -417,7 +454,7 @@ pub const IGNORED_FIELDS: &[(&str, &str)] = &[
     ),
     (
         "reasoning_effort",
-        "the served models do not reason in hidden tokens",
+        "no effort levels; thinking models switch with chat_template_kwargs",
     ),
     ("verbosity", "no length presets; use max_tokens"),
     (
@@ -1243,6 +1280,46 @@ mod tests {
         );
         assert!(e.message.contains("--allow-remote-media"));
         assert!(err(json!([1])).message.contains("JSON object"));
+    }
+
+    #[test]
+    fn chat_template_kwargs_are_an_object_without_reserved_names() {
+        let body = |kwargs: Value| {
+            json!({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                   "chat_template_kwargs": kwargs})
+        };
+        let r = ok(body(
+            json!({"enable_thinking": true, "style": {"tone": "dry"}}),
+        ));
+        let kwargs = r.chat_template_kwargs.clone().unwrap();
+        assert_eq!(kwargs["enable_thinking"], json!(true));
+        assert_eq!(kwargs["style"]["tone"], "dry");
+        let job = r.into_job("j", "m", 0, None, None);
+        assert_eq!(job.chat_template_kwargs, Some(kwargs));
+        // Absent, null or empty: nothing on the wire.
+        assert_eq!(ok(body(json!({}))).chat_template_kwargs, None);
+        assert_eq!(ok(body(Value::Null)).chat_template_kwargs, None);
+        let job = ok(body(json!({}))).into_job("j", "m", 0, None, None);
+        assert!(serde_json::to_value(&job)
+            .unwrap()
+            .get("chat_template_kwargs")
+            .is_none());
+        for bad in [json!(true), json!("enable_thinking"), json!([1])] {
+            let e = err(body(bad));
+            assert_eq!(e.class, ErrorClass::InvalidRequest);
+            assert_eq!(e.param.as_deref(), Some("chat_template_kwargs"));
+            assert!(e.message.contains("must be an object"), "{}", e.message);
+        }
+        for name in RESERVED_VARIABLES {
+            let mut kwargs = json!({"enable_thinking": true});
+            kwargs[*name] = json!(1);
+            let e = err(body(kwargs));
+            assert_eq!(e.class, ErrorClass::InvalidRequest);
+            assert_eq!(
+                e.param.as_deref(),
+                Some(format!("chat_template_kwargs.{name}").as_str())
+            );
+        }
     }
 
     #[test]

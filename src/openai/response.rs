@@ -33,8 +33,13 @@ pub struct Choice {
 #[derive(Debug, Serialize)]
 pub struct AssistantMessage {
     pub role: &'static str,
-    /// `null` when the answer is tool calls.
+    /// `null` when the answer is tool calls, or when a thinking model only reasoned (cut off by
+    /// `max_tokens` inside its reasoning).
     pub content: Option<String>,
+    /// Extension (as vLLM and llama.cpp): a thinking model's reasoning, apart from `content`; absent
+    /// when there is none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     pub refusal: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCallOut>,
@@ -106,6 +111,9 @@ pub struct Delta {
     pub role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Extension (as vLLM and llama.cpp): reasoning text of this chunk, when it has some.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tool_calls: Vec<ToolCallOut>,
     #[serde(skip_serializing_if = "Option::is_none")]

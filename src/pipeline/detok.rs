@@ -74,6 +74,27 @@ impl IncrementalDecoder {
         }
     }
 
+    /// Releases the text held back so far (a trailing run of byte pieces), as if the sequence ended
+    /// here, for a caller that knows a stretch of text ends at the last id (a reasoning marker).
+    /// The decode window keeps its context, so the text after it keeps its leading-space rules. A
+    /// character whose bytes straddle the boundary comes out as U+FFFD on each side; [`Self::flush`]
+    /// then sees the difference and logs it.
+    pub fn settle(&mut self, tokenizer: &Tokenizer) -> Result<String, DetokError> {
+        let end = self.ids.len();
+        if end <= self.read_offset {
+            return Ok(String::new());
+        }
+        match self.window_delta(tokenizer, end)? {
+            Some(delta) if !delta.is_empty() => {
+                self.prefix_offset = self.read_offset;
+                self.read_offset = end;
+                self.emitted.push_str(&delta);
+                Ok(delta)
+            }
+            _ => Ok(String::new()),
+        }
+    }
+
     /// Returns whatever is still held back (including a U+FFFD that never completed), so that
     /// all `push` results plus this equal `tokenizer.decode(all ids, skip_special_tokens)`.
     pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<String, DetokError> {
@@ -278,6 +299,38 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn settle_releases_a_byte_run_before_a_special_token() {
+        // "a✓" as bytes, then a special token (a reasoning marker), then "b": without settling,
+        // "✓" would only come out with "b".
+        let tok = tokenizer();
+        let mut d = IncrementalDecoder::new(true);
+        assert_eq!(d.push(&tok, piece(&tok, "a")).unwrap(), "a");
+        for b in "✓".bytes() {
+            assert_eq!(d.push(&tok, byte_id(b)).unwrap(), "");
+        }
+        assert_eq!(d.push(&tok, 106).unwrap(), "");
+        assert_eq!(d.settle(&tok).unwrap(), "✓");
+        assert_eq!(d.settle(&tok).unwrap(), "");
+        assert_eq!(d.push(&tok, piece(&tok, "b")).unwrap(), "b");
+        assert_eq!(d.flush(&tok).unwrap(), "");
+        // Nothing held: nothing to settle, and the deltas still add up to the full decode.
+        let text = tok.encode("hi there", false).unwrap().get_ids().to_vec();
+        let mut d = IncrementalDecoder::new(true);
+        let mut out = String::new();
+        for &id in &text[..1] {
+            out += &d.push(&tok, id).unwrap();
+        }
+        out += &d.push(&tok, 105).unwrap();
+        out += &d.settle(&tok).unwrap();
+        for &id in &text[1..] {
+            out += &d.push(&tok, id).unwrap();
+        }
+        out += &d.flush(&tok).unwrap();
+        let ids: Vec<u32> = [&text[..1], &[105], &text[1..]].concat();
+        assert_eq!(out, tok.decode(&ids, true).unwrap());
     }
 
     #[test]

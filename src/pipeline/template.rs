@@ -15,6 +15,19 @@ mod pyjson;
 /// Name under which the single compiled template lives in the environment.
 const TEMPLATE_NAME: &str = "chat_template";
 
+/// The variables the renderer itself sets (transformers' `apply_chat_template` arguments and the
+/// special tokens): extra template variables (`chat_template_kwargs`) may not use these names.
+pub const RESERVED_VARIABLES: &[&str] = &[
+    "messages",
+    "tools",
+    "documents",
+    "add_generation_prompt",
+    "bos_token",
+    "eos_token",
+    "pad_token",
+    "unk_token",
+];
+
 /// Why a chat template could not be loaded or rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum TemplateError {
@@ -176,6 +189,20 @@ impl ChatTemplate {
         tools: Option<&serde_json::Value>,
         add_generation_prompt: bool,
     ) -> Result<String, TemplateError> {
+        self.render_with(messages, tools, None, add_generation_prompt)
+    }
+
+    /// As [`Self::render_with_tools`], with extra top-level variables: transformers'
+    /// `apply_chat_template(..., **kwargs)`, which is what vLLM's `chat_template_kwargs` feeds (e.g.
+    /// `enable_thinking`). A pair named like one of [`RESERVED_VARIABLES`] is skipped: the
+    /// renderer's own value wins (callers refuse such names before they get here).
+    pub fn render_with(
+        &self,
+        messages: &serde_json::Value,
+        tools: Option<&serde_json::Value>,
+        kwargs: Option<&serde_json::Map<String, serde_json::Value>>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TemplateError> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -200,6 +227,11 @@ impl ChatTemplate {
         for (name, token) in tokens {
             if let Some(token) = token {
                 ctx.push((name, Value::from(token.as_str())));
+            }
+        }
+        for (name, value) in kwargs.into_iter().flatten() {
+            if !RESERVED_VARIABLES.contains(&name.as_str()) {
+                ctx.push((name.as_str(), Value::from(Serde(value))));
             }
         }
         template
@@ -368,6 +400,36 @@ mod tests {
             .unwrap();
         // Booleans print as Python spells them.
         assert_eq!(out, "True True False <eos> 0 True");
+    }
+
+    #[test]
+    fn extra_variables_reach_the_template() {
+        let src = "{% if enable_thinking is defined and enable_thinking %}think {% endif %}\
+                   {% if style is defined %}{{ style.tone }}{% else %}plain{% endif %} {{ messages | length }} {{ bos_token }}";
+        let tokens = SpecialTokens {
+            bos_token: Some("<bos>".into()),
+            ..SpecialTokens::default()
+        };
+        let t = ChatTemplate::new(src, tokens).unwrap();
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        let kwargs = |v: serde_json::Value| v.as_object().unwrap().clone();
+        assert_eq!(t.render(&msgs, true).unwrap(), "plain 1 <bos>");
+        let on = kwargs(json!({"enable_thinking": true, "style": {"tone": "dry"}}));
+        assert_eq!(
+            t.render_with(&msgs, None, Some(&on), true).unwrap(),
+            "think dry 1 <bos>"
+        );
+        let off = kwargs(json!({"enable_thinking": false}));
+        assert_eq!(
+            t.render_with(&msgs, None, Some(&off), true).unwrap(),
+            "plain 1 <bos>"
+        );
+        // The renderer's own variables cannot be replaced.
+        let reserved = kwargs(json!({"messages": [], "bos_token": "<x>"}));
+        assert_eq!(
+            t.render_with(&msgs, None, Some(&reserved), true).unwrap(),
+            "plain 1 <bos>"
+        );
     }
 
     #[test]

@@ -31,7 +31,12 @@ pub enum FrameBody {
     /// Newly generated text and the ids that produced it. `text` may be empty when ids are held back
     /// (an incomplete UTF-8 sequence, or a possible stop string).
     Delta {
+        /// Answer text (`content`).
         text: String,
+        /// Reasoning text (`reasoning_content`): what a thinking model wrote between its reasoning
+        /// markers, label stripped. Only from models that declare markers; absent = none.
+        #[serde(default, skip_serializing_if = "String::is_empty")]
+        reasoning: String,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         token_ids: Vec<u32>,
         /// The choice (`0 .. n`) the text belongs to; absent = 0.
@@ -142,6 +147,9 @@ pub struct Usage {
     /// OpenAI's breakdown of the prompt: how many of its tokens came from the prefix cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// OpenAI's breakdown of the completion: present only when some of it was reasoning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +159,14 @@ pub struct PromptTokensDetails {
     pub cached_tokens: u32,
 }
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CompletionTokensDetails {
+    /// Generated ids of reasoning blocks, their start and end markers included (part of
+    /// `completion_tokens`).
+    #[serde(default)]
+    pub reasoning_tokens: u32,
+}
+
 impl Usage {
     pub fn new(prompt: u32, completion: u32) -> Self {
         Self {
@@ -158,7 +174,16 @@ impl Usage {
             completion_tokens: completion,
             total_tokens: prompt + completion,
             prompt_tokens_details: None,
+            completion_tokens_details: None,
         }
+    }
+
+    /// With `completion_tokens_details.reasoning_tokens`, when there were any.
+    pub fn with_reasoning(mut self, reasoning: u32) -> Self {
+        self.completion_tokens_details = (reasoning > 0).then_some(CompletionTokensDetails {
+            reasoning_tokens: reasoning,
+        });
+        self
     }
 
     pub fn with_cached(mut self, cached: u32) -> Self {
@@ -227,6 +252,7 @@ mod tests {
             attempt: 1,
             body: FrameBody::Delta {
                 text: "hi".into(),
+                reasoning: String::new(),
                 token_ids: vec![5],
                 index: 0,
                 logprobs: vec![],
@@ -236,6 +262,7 @@ mod tests {
         let v = serde_json::to_value(&f).unwrap();
         assert_eq!(v["type"], "delta");
         assert_eq!(v["text"], "hi");
+        assert!(v.get("reasoning").is_none(), "no reasoning, no field");
         let old: Frame = serde_json::from_str(
             r#"{"job_id":"j","seq":0,"type":"delta","text":"x","future_field":1}"#,
         )

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 /// One chat completion to run. Published on `onnxchat.v1.jobs.<model>`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -71,6 +71,12 @@ pub struct Job {
     /// Token id → bias added to its logit before sampling (-100 ..= 100).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub logit_bias: BTreeMap<u32, f32>,
+    /// Extra top-level variables for the chat template (vLLM's `chat_template_kwargs`, transformers'
+    /// `apply_chat_template(**kwargs)`), e.g. `{"enable_thinking": true}`. Never one of the names the
+    /// renderer sets itself (`messages`, `tools`, `documents`, `add_generation_prompt`, the special
+    /// tokens): workers refuse those. Ignored for text completions (no template).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_template_kwargs: Option<Map<String, Value>>,
 }
 
 /// Most `top_logprobs` one token may ask for.

@@ -9,8 +9,8 @@ pub mod prefix;
 pub mod subjects;
 
 pub use frame::{
-    ChoiceEnd, DoneBody, FinishReason, Frame, FrameBody, PromptTokensDetails, Timings,
-    TokenLogprob, ToolCallFrame, TopLogprob, Usage, WireError,
+    ChoiceEnd, CompletionTokensDetails, DoneBody, FinishReason, Frame, FrameBody,
+    PromptTokensDetails, Timings, TokenLogprob, ToolCallFrame, TopLogprob, Usage, WireError,
 };
 pub use job::{
     CancelRequest, ChatMessage, ContentPart, Job, MediaSource, OfferReply, ResponseFormat, Role,

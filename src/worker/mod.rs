@@ -452,13 +452,16 @@ async fn run_job(
             GenEvent::Delta {
                 index,
                 text,
+                reasoning,
                 token_ids,
                 logprobs,
             } => FrameBody::Delta {
+                // The tool-call parser sees the answer only, never the reasoning.
                 text: match streams.get_mut(index) {
                     Some(s) => s.push(&text),
                     None => text,
                 },
+                reasoning,
                 token_ids,
                 index: index as u32,
                 logprobs,
@@ -466,6 +469,7 @@ async fn run_job(
             },
             GenEvent::Done {
                 mut choices,
+                reasoning_tokens,
                 prompt_tokens,
                 cached_tokens,
                 prefill_ms,
@@ -485,6 +489,7 @@ async fn run_job(
                     };
                     let body = FrameBody::Delta {
                         text,
+                        reasoning: String::new(),
                         token_ids: Vec::new(),
                         index: i as u32,
                         logprobs: Vec::new(),
@@ -528,7 +533,8 @@ async fn run_job(
                 FrameBody::Done(DoneBody {
                     finish_reason,
                     usage: Usage::new(prompt_tokens as u32, completion_tokens as u32)
-                        .with_cached(cached_tokens as u32),
+                        .with_cached(cached_tokens as u32)
+                        .with_reasoning(reasoning_tokens as u32),
                     timings: Timings {
                         queued_ms,
                         preprocess_ms,
