@@ -39,6 +39,29 @@ fn gemma(quant: &str) -> Arc<LoadedModel> {
     load(&fixture_dir(), "tiny-gemma3n", quant, |_| {})
 }
 
+/// The batched answer's ids are the ones decoded alone. Graphs whose batched kernels sum in another
+/// order than their single-row ones (MatMulNBits: a GEMV for one row, a GEMM for several, about 1e-5
+/// apart in the logits) may part from the alone ids late in an answer, where the tiny random model has
+/// amplified that noise: for them (`exact_for` < the answer's length) the first `exact_for` ids must
+/// agree (a batch that mixes rows up parts from the first tokens).
+fn same_ids(choice: &Value, want: &[u32], exact_for: usize, what: &str) {
+    let got = ids(choice);
+    match got.iter().zip(want).position(|(a, b)| a != b) {
+        None => assert_eq!(
+            got.len(),
+            want.len(),
+            "{what}: batched ids differ from alone"
+        ),
+        Some(k) => {
+            eprintln!("{what}: batched and alone part at step {k}");
+            assert!(
+                k >= exact_for,
+                "{what}: batched ids differ from alone at step {k}:\n  batched {got:?}\n  alone   {want:?}"
+            );
+        }
+    }
+}
+
 fn ids(choice: &Value) -> Vec<u32> {
     choice["token_ids"]
         .as_array()
@@ -67,16 +90,18 @@ async fn all_at_once(
     server: &Server,
     what: &str,
     cases: &[(String, Value, Vec<u32>)],
+    exact_for: usize,
 ) -> (f64, f64) {
     assert!(cases.len() >= 2, "{what}: too few cases");
     let before = metrics_text(&server.base).await;
     let answers = join_all(cases.iter().map(|(_, body, _)| server.chat(body))).await;
     for ((name, _, want), (status, resp)) in cases.iter().zip(answers) {
         assert_eq!(status, 200, "{what} {name}: {resp}");
-        assert_eq!(
-            &ids(&resp["choices"][0]),
+        same_ids(
+            &resp["choices"][0],
             want,
-            "{what} {name}: batched ids differ from alone"
+            exact_for,
+            &format!("{what} {name}"),
         );
     }
     let after = metrics_text(&server.base).await;
@@ -92,7 +117,13 @@ async fn gemma_batched(quant: &str) {
     assert_eq!(model.batching(), Ok(DEFAULT_MAX_BATCH), "{quant} batches");
     let server = Server::start(vec![model]).await;
     let cases = gemma_cases(quant);
-    let (runs, rows) = all_at_once(&server, quant, &cases).await;
+    // q4 graphs: the first half of each answer exactly (see `same_ids`).
+    let exact_for = if quant.starts_with("Q4") {
+        16
+    } else {
+        usize::MAX
+    };
+    let (runs, rows) = all_at_once(&server, quant, &cases, exact_for).await;
     assert!(runs > 0.0, "{quant}: no batched runs");
     // Some run held several rows: each round runs one prompt step and one batched decode step, so a
     // stream decoding while the others prefill is joined by them within a few rounds.
@@ -150,7 +181,7 @@ async fn smolvlm_batched_equals_alone() {
     assert_eq!(model.batching(), Ok(DEFAULT_MAX_BATCH));
     let server = Server::start(vec![model]).await;
     let cases = smol_cases("FP32");
-    let (runs, rows) = all_at_once(&server, "smolvlm FP32", &cases).await;
+    let (runs, rows) = all_at_once(&server, "smolvlm FP32", &cases, usize::MAX).await;
     assert!(
         rows > runs,
         "smolvlm: {rows} rows in {runs} runs: not batched"
@@ -246,7 +277,7 @@ async fn a_graph_without_a_mask_falls_back_to_taking_turns() {
     let why = model.batching().expect_err("no batching without a mask");
     assert!(why.contains("attention_mask"), "{why}");
     let server = Server::start(vec![model]).await;
-    let (runs, _) = all_at_once(&server, "unbatched FP32", &gemma_cases("FP32")).await;
+    let (runs, _) = all_at_once(&server, "unbatched FP32", &gemma_cases("FP32"), usize::MAX).await;
     assert_eq!(runs, 0.0, "no batched runs");
     server.shutdown().await;
 }
@@ -279,7 +310,7 @@ fn inexact_graphs_batch_only_when_allowed() {
 async fn quantized_concurrent_stays_exact() {
     let server = Server::start(vec![gemma("QUANTIZED")]).await;
     let cases = gemma_cases("QUANTIZED");
-    let (runs, _) = all_at_once(&server, "QUANTIZED", &cases).await;
+    let (runs, _) = all_at_once(&server, "QUANTIZED", &cases, usize::MAX).await;
     assert_eq!(runs, 0.0);
     server.shutdown().await;
 }
