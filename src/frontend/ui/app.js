@@ -10,6 +10,7 @@ const ui = {
   file: $("file"), attach: $("attach"), record: $("record"), attachments: $("attachments"),
   status: $("status"), system: $("system"),
   temperature: $("temperature"), topP: $("top_p"), maxTokens: $("max_tokens"), seed: $("seed"),
+  thinking: $("thinking"),
   keyDialog: $("key-dialog"), keyForm: $("key-form"), key: $("key"), keyReason: $("key-reason"),
   keyCancel: $("key-cancel"),
 };
@@ -153,13 +154,17 @@ function renderUser(text, attachments) {
 }
 
 function renderAssistant() {
+  // The model's thoughts (reasoning_content), when it thinks: collapsed above the answer.
+  const thoughtsText = h("div");
+  const thoughts = h("details", { className: "thoughts" }, h("summary", {}, "Thoughts"), thoughtsText);
+  thoughts.hidden = true;
   const text = h("div", { className: "text" });
   const meta = h("p", { className: "meta" });
-  const node = h("article", { className: "msg assistant", ariaLabel: "Assistant" }, text, meta);
+  const node = h("article", { className: "msg assistant", ariaLabel: "Assistant" }, thoughts, text, meta);
   node.dataset.state = "streaming";
   node.setAttribute("aria-busy", "true");
   append(node);
-  return { node, text, meta };
+  return { node, text, meta, thoughts, thoughtsText };
 }
 
 function params() {
@@ -222,6 +227,7 @@ async function send() {
     return_token_ids: true, // this server's extension: exact token counts, even for a stopped answer
     ...params(),
   };
+  if (ui.thinking.checked) body.chat_template_kwargs = { enable_thinking: true };
   const view = renderAssistant();
   const controller = new AbortController();
   const conversation = state.conversation;
@@ -230,7 +236,7 @@ async function send() {
   if (document.activeElement === ui.send || document.activeElement === document.body) ui.input.focus();
   setStatus("Generating…");
   const t0 = performance.now();
-  let tFirst = null, answer = "", tokens = 0, usage = null, finish = null, ended = false;
+  let tFirst = null, answer = "", thoughts = "", tokens = 0, usage = null, finish = null, ended = false;
   const finishView = (st, metaText) => {
     view.node.dataset.state = st;
     view.node.removeAttribute("aria-busy");
@@ -251,9 +257,15 @@ async function send() {
       if (choice?.finish_reason) finish = choice.finish_reason;
       const ids = choice?.delta?.token_ids?.length ?? 0;
       const delta = choice?.delta?.content;
-      if (ids || delta) tFirst ??= performance.now();
+      const thought = choice?.delta?.reasoning_content;
+      if (ids || delta || thought) tFirst ??= performance.now();
       tokens += ids;
       view.node.dataset.tokens = tokens;
+      if (thought) {
+        thoughts += thought;
+        view.thoughts.hidden = false;
+        view.thoughtsText.textContent = thoughts;
+      }
       if (delta) {
         answer += delta;
         const stick = nearBottom();
