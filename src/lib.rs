@@ -9,8 +9,8 @@
 //! - [`bus`]: the `Bus` trait with the in-process implementation (and NATS).
 //! - [`worker`]: pulls jobs by capacity, runs them, publishes frames, handles cancellation.
 //! - [`models`]: model resolution (local, HF cache, hub), the model families, and the generation loop.
-//! - [`pipeline`]: model-independent stages: chat template, sampling, detokenization, stop strings,
-//!   image and audio preprocessing.
+//! - [`pipeline`]: model-independent stages: chat template, sampling, detokenization, the reasoning
+//!   split, stop strings, image and audio preprocessing.
 //! - [`engine`]: ONNX Runtime: library loading, sessions described by name, KV cache, owner thread.
 //!
 //! [`app`] wires them for each subcommand; [`config`] is the command line; [`error`] the error classes.

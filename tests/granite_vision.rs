@@ -12,8 +12,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{init_ort, load_with, read_json, resolve_dir, root, EngineOpts, Server};
-use futures::future::join_all;
+use common::{init_ort, load_with, read_json, resolve_dir, root, EngineOpts, Golden, Server};
 use onnx_chat::models::encoder_cache::{CacheStats, EncoderCache};
 use onnx_chat::models::granite_vision::{
     GraniteVisionConfig, GraniteVisionMedia, GraniteVisionModel,
@@ -33,12 +32,6 @@ fn goldens_dir() -> PathBuf {
     root().join("tests/fixtures/goldens-granite-vision")
 }
 
-struct Golden {
-    name: String,
-    request: Value,
-    expected: Value,
-}
-
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap_or_else(|| panic!("not a list of ids: {v}"))
@@ -48,24 +41,16 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn goldens() -> Vec<Golden> {
-    let index = read_json(&goldens_dir().join("index.json"));
-    index["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            let name = c["case"].as_str().unwrap().to_string();
-            let dir = goldens_dir().join(&name);
-            Golden {
-                request: read_json(&dir.join("request.json")),
-                expected: read_json(&dir.join("expected.json")),
-                name,
-            }
-        })
-        .collect()
+    common::goldens_in(&goldens_dir())
 }
 
-impl Golden {
+/// What this file reads of a golden beyond `common::Golden`.
+trait GoldenExt {
+    fn messages(&self) -> Vec<onnx_chat::protocol::ChatMessage>;
+    fn body(&self) -> Value;
+}
+
+impl GoldenExt for Golden {
     fn messages(&self) -> Vec<onnx_chat::protocol::ChatMessage> {
         onnx_chat::openai::validate(&self.request, &Default::default())
             .unwrap()
@@ -294,56 +279,22 @@ fn ort_reference() -> &'static Value {
     })
 }
 
-/// What a golden expects under `quant`: transformers' ids for FP32; for the quantized sets the
-/// reference loop's ids on this machine (with the golden's text where they agree).
+/// What a golden expects under `quant` (see `common::expected_under`).
 fn expected(g: &Golden, quant: &str) -> (Vec<u32>, Value, Value) {
-    let gen = &g.expected["generated"][quant];
-    let golden = ids(&gen["ids"]);
-    if quant == "FP32" {
-        return (golden, gen["text"].clone(), gen["finish_reason"].clone());
-    }
-    let here = ids(&ort_reference()[&g.name][quant]);
-    if here == golden {
-        return (golden, gen["text"].clone(), gen["finish_reason"].clone());
-    }
-    eprintln!(
-        "{} {quant}: this CPU's onnxruntime gives other ids than the committed golden (kernel rounding); comparing with the reference loop run here",
-        g.name
-    );
-    let tok = tokenizers::Tokenizer::from_file(fixture().join("tokenizer.json")).unwrap();
-    let text = tok.decode(&here, true).unwrap();
-    let finish = if here.last() == Some(&0) {
-        "stop"
-    } else {
-        "length"
-    };
-    (here, json!(text), json!(finish))
+    let eos = [0u32];
+    common::expected_under(
+        g,
+        quant,
+        ort_reference(),
+        &fixture().join("tokenizer.json"),
+        &eos,
+    )
 }
+
 async fn check_quant(quant: &str) {
-    let server = Server::start(vec![model(quant)]).await;
-    let mut checked = 0;
-    for g in goldens() {
-        let (want, text, finish) = expected(&g, quant);
-        let (status, resp) = server.chat(&g.body()).await;
-        assert_eq!(status, 200, "{quant} {}: {resp}", g.name);
-        let choice = &resp["choices"][0];
-        assert_eq!(
-            ids(&choice["token_ids"]),
-            want,
-            "{quant} {}: token ids",
-            g.name
-        );
-        assert_eq!(choice["message"]["content"], text, "{quant} {}", g.name);
-        assert_eq!(choice["finish_reason"], finish, "{quant} {}", g.name);
-        assert_eq!(
-            resp["usage"]["prompt_tokens"], g.expected["prompt_len"],
-            "{quant} {}: prompt tokens",
-            g.name
-        );
-        checked += 1;
-    }
+    let goldens = goldens();
+    let checked = common::http_parity(model(quant), &goldens, quant, |g| expected(g, quant)).await;
     assert!(checked >= 5, "{quant}: {checked} goldens");
-    server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -363,75 +314,28 @@ async fn http_parity_quantized_sets_against_the_onnxruntime_loop() {
 #[tokio::test(flavor = "multi_thread")]
 async fn prefix_cache_and_chunked_prefill_are_exact() {
     let resolved = resolve_dir(&fixture(), NAME, "FP32");
-    let on = Server::start(vec![load_with(&resolved, EngineOpts::cached(100))]).await;
-    let off = Server::start(vec![load_with(&resolved, EngineOpts::ONE_SHOT)]).await;
-    let mut cached = 0;
-    for g in goldens() {
-        let mut turn1 = g.body();
-        turn1["max_tokens"] = json!(8);
-        let (_, first) = on.chat(&turn1).await;
-        let answer = first["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_string();
-        let mut turn2 = turn1.clone();
-        let msgs = turn2["messages"].as_array_mut().unwrap();
-        msgs.push(json!({"role": "assistant", "content": answer}));
-        msgs.push(json!({"role": "user", "content": "And then?"}));
-        for (what, body) in [
-            ("turn 1", &turn1),
-            ("turn 2", &turn2),
-            ("turn 2 again", &turn2),
-        ] {
-            let (s1, a) = on.chat(body).await;
-            let (s2, b) = off.chat(body).await;
-            assert_eq!((s1, s2), (200, 200), "{} {what}: {a}", g.name);
-            assert_eq!(
-                ids(&a["choices"][0]["token_ids"]),
-                ids(&b["choices"][0]["token_ids"]),
-                "{} {what}: cache on vs off",
-                g.name
-            );
-            cached += a["usage"]["prompt_tokens_details"]["cached_tokens"]
-                .as_u64()
-                .unwrap();
-        }
-    }
+    let bodies = goldens()
+        .iter()
+        .map(|g| (g.name.clone(), g.body()))
+        .collect();
+    let cached = common::prefix_cache_matches_one_shot(&resolved, 100, bodies).await;
     assert!(
         cached > 1000,
         "only {cached} prompt tokens came from the cache"
     );
-    on.shutdown().await;
-    off.shutdown().await;
 }
 
 /// All goldens at once: decoded together in batched runs, each gets its ids alone.
 #[tokio::test(flavor = "multi_thread")]
 async fn batched_decoding_equals_alone() {
-    let m = model("FP32");
-    assert!(m.batching().is_ok(), "{:?}", m.batching());
-    let server = Server::start(vec![m]).await;
-    let cases = goldens();
-    let before = common::metrics_text(&server.base).await;
-    let bodies: Vec<Value> = cases.iter().map(Golden::body).collect();
-    let answers = join_all(bodies.iter().map(|b| server.chat(b))).await;
-    for (g, (status, resp)) in cases.iter().zip(answers) {
-        assert_eq!(status, 200, "{}: {resp}", g.name);
-        assert_eq!(
-            ids(&resp["choices"][0]["token_ids"]),
-            ids(&g.expected["generated"]["FP32"]["ids"]),
-            "{}: batched ids differ from alone",
-            g.name
-        );
-    }
-    let after = common::metrics_text(&server.base).await;
-    let d = |name: &str| common::metric(&after, name) - common::metric(&before, name);
-    let (runs, rows) = (
-        d("onnxchat_decode_batch_runs_total"),
-        d("onnxchat_decode_batch_row_steps_total"),
-    );
-    assert!(rows > runs, "{rows} rows in {runs} runs: not batched");
-    server.shutdown().await;
+    let cases = goldens()
+        .iter()
+        .map(|g| {
+            let want = ids(&g.expected["generated"]["FP32"]["ids"]);
+            (g.name.clone(), g.body(), want)
+        })
+        .collect();
+    common::batched_matches_alone(model("FP32"), cases).await;
 }
 
 /// Structured outputs and a required tool call, with an image in the prompt.

@@ -161,3 +161,52 @@ async fn sdk_structured_outputs_tools_logprobs_and_completions() {
     assert_eq!(v["model"]["id"], "tiny-gemma3n");
     s.shutdown().await;
 }
+
+/// The SDK against Gemma 4: the plain session with an image, and thinking turned on through
+/// `extra_body` with the thoughts read from `reasoning_content` (plain and streamed).
+#[tokio::test(flavor = "multi_thread")]
+async fn official_python_sdk_works_against_gemma4() {
+    let dir = root().join("tests/fixtures/tiny-gemma4");
+    let name = "tiny-gemma4";
+    let m = common::load_with(
+        &common::resolve_dir(&dir, name, "FP32"),
+        common::EngineOpts::ONE_SHOT,
+    );
+    let tok = m.tokenizer().clone();
+    let s = Server::start(vec![m]).await;
+    let image = root().join("tests/fixtures/media/formula_320x240.png");
+    let v = sdk_script_with(
+        "openai_sdk_check.py",
+        &s.base,
+        &[name, image.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(v["models"], serde_json::json!([name]));
+    assert!(!v["text"].as_str().unwrap().is_empty(), "{v}");
+    assert_eq!(v["stream_text"], v["text"]);
+    // The image's 266 soft tokens and its begin/end markers.
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 268, "{v}");
+    assert_eq!(v["bad_request"]["param"], "temperature");
+
+    let (open, close) = (
+        tok.token_to_id("<|channel>").unwrap(),
+        tok.token_to_id("<channel|>").unwrap(),
+    );
+    let grammar = format!(
+        "start: <[{open}]> \"thought\\n\" /[a-z]{{2,5}}( [a-z]{{2,5}}){{2,3}}/ <[{close}]> /[A-Z][a-z]{{1,5}}( [a-z]{{1,5}}){{1,2}}/"
+    );
+    let v = sdk_script_with("openai_sdk_reasoning.py", &s.base, &[name, &grammar]).await;
+    let reasoning = v["reasoning"].as_str().unwrap();
+    let content = v["content"].as_str().unwrap();
+    assert!(
+        reasoning.len() >= 5 && !reasoning.starts_with("thought"),
+        "{v}"
+    );
+    assert!(content.starts_with(char::is_uppercase), "{v}");
+    assert!(v["reasoning_tokens"].as_u64().unwrap() >= 4, "{v}");
+    assert_eq!(
+        (&v["stream_reasoning"], &v["stream_content"]),
+        (&v["reasoning"], &v["content"])
+    );
+    s.shutdown().await;
+}

@@ -340,6 +340,22 @@ impl GraphSession {
             })
     }
 
+    /// Runs the graph on `inputs` and returns output `name`'s values (an encoder's one output).
+    pub fn run_output(
+        &mut self,
+        inputs: super::kv::Feeds,
+        name: &str,
+    ) -> Result<super::tensor::FloatData, EngineError> {
+        let mut out = self
+            .session
+            .run(inputs)
+            .map_err(|e| EngineError::run(&self.component, e))?;
+        let v = out
+            .remove(name)
+            .ok_or_else(|| EngineError::run(&self.component, format!("no {name} output")))?;
+        Ok(super::tensor::extract_floats(&v)?.0)
+    }
+
     pub fn output_type(&self, name: &str) -> Result<ElemType, EngineError> {
         self.output(name)
             .map(|i| i.dtype)

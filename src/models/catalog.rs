@@ -320,7 +320,7 @@ mod tests {
     #[test]
     fn the_registry_lists_each_family_once_with_its_names() {
         let names: Vec<&str> = Family::all().map(Family::name).collect();
-        assert_eq!(names, ["gemma3n", "smolvlm", "granite_vision"]);
+        assert_eq!(names, ["gemma3n", "smolvlm", "granite_vision", "gemma4"]);
         for f in Family::all() {
             assert!(
                 !f.quants().is_empty() && !f.model_types().is_empty(),
@@ -337,7 +337,9 @@ mod tests {
             [
                 "Gemma-3n-E2B-it-ONNX",
                 "SmolVLM-256M-Instruct",
-                "granite-vision-3.2-2b"
+                "granite-vision-3.2-2b",
+                "gemma-4-E2B-it-ONNX",
+                "gemma-4-E4B-it-ONNX"
             ]
         );
         assert_eq!(Family::from_model_type("llama"), None);

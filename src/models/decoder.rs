@@ -2,6 +2,11 @@
 //! and checking the two graphs by their input/output names, embedding ids, and one decoder run over a
 //! KV cache (one sequence or a decode batch) with the full attention mask and 0-based positions.
 //!
+//! Gemma-style per-layer inputs ride along when the graphs have them: `embed_tokens` then also returns
+//! `per_layer_inputs`, which the decoder takes unchanged (media rows replace `inputs_embeds` only). A
+//! final logit soft-cap the config asks for is checked with a one-token warm-up and applied on the host
+//! when the graph does not apply it.
+//!
 //! A family keeps what is its own (encoders, where their rows go) and calls [`TextDecoder`] for the
 //! rest. Inputs are fed by name and cast to the element type each session declares; optional decoder
 //! inputs only when declared; any other declared input fails the load with the expected and found
@@ -26,11 +31,23 @@ pub type Inputs<'v> = crate::engine::kv::Feeds<'v>;
 /// Decoder inputs the driver feeds (besides `past_key_values.*`).
 pub const DECODER_INPUTS: &[&str] = &[
     "inputs_embeds",
+    "per_layer_inputs",
     "attention_mask",
     "position_ids",
     "num_logits_to_keep",
     "use_cache_branch",
 ];
+
+/// Gemma's per-layer embeddings: an `embed_tokens` output the decoder takes as an input.
+const PLE: &str = "per_layer_inputs";
+
+/// `embed_tokens`' outputs for some ids.
+pub struct Embedded {
+    /// `inputs_embeds [rows, n, hidden]` (media rows are written into it).
+    pub embeds: DynValue,
+    /// `per_layer_inputs`, for graphs that have them.
+    pub ple: Option<DynValue>,
+}
 
 /// A load-time interface error of graph `g`.
 pub fn interface(g: &GraphSession, message: String) -> ModelError {
@@ -105,8 +122,12 @@ pub struct TextDecoder {
     kv: KvLayout,
     ids_type: ElemType,
     embeds_type: ElemType,
+    /// The decoder's `per_layer_inputs` type, when both graphs have per-layer inputs.
+    ple_type: Option<ElemType>,
     vocab: usize,
     hidden: usize,
+    /// Apply `tanh(x/cap)·cap` on the host: set when the warm-up run shows the graph does not.
+    host_softcap: Option<f32>,
 }
 
 impl TextDecoder {
@@ -152,6 +173,28 @@ impl TextDecoder {
                 ));
             }
         }
+        let ple_type = match (embed.output(PLE).is_some(), decoder.input(PLE)) {
+            (false, None) => None,
+            (true, Some(i)) if i.dtype.is_float() => Some(i.dtype),
+            (true, Some(i)) => {
+                return Err(interface(
+                    &decoder,
+                    format!("{PLE} is {}, expected a float type", i.dtype),
+                ))
+            }
+            (true, None) => {
+                return Err(interface(
+                    &decoder,
+                    format!("embed_tokens returns {PLE} but the decoder takes no such input"),
+                ))
+            }
+            (false, Some(_)) => {
+                return Err(interface(
+                    &embed,
+                    format!("the decoder takes {PLE} but embed_tokens returns no such output"),
+                ))
+            }
+        };
         let vocab = width(decoder.output("logits")).unwrap_or(vocab);
         let kv = KvLayout::from_decoder(&decoder)?;
         if kv.slots.is_empty() {
@@ -167,9 +210,40 @@ impl TextDecoder {
             kv,
             ids_type,
             embeds_type,
+            ple_type,
             vocab,
             hidden,
+            host_softcap: None,
         })
+    }
+
+    /// Whether the graphs carry per-layer inputs.
+    pub fn has_ple(&self) -> bool {
+        self.ple_type.is_some()
+    }
+
+    /// Whether the decoder declares `name` as an input.
+    pub fn decoder_has_input(&self, name: &str) -> bool {
+        self.decoder.has_input(name)
+    }
+
+    /// A one-token warm-up run on `probe` (an id, e.g. BOS): logits beyond ±`cap` mean the graph does
+    /// not soft-cap (transformers caps in the model's `forward`, after the graph an export may stop
+    /// at); later runs then cap on the host.
+    pub fn check_softcap(&mut self, cap: f32, probe: u32) -> Result<(), ModelError> {
+        let mut cache = self.kv.empty()?;
+        let e = self.embed(1, &[probe])?;
+        let logits = self.run(e, 1, &mut cache)?;
+        let max = logits.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
+        if max > cap * 1.0001 {
+            tracing::info!(
+                cap,
+                max_logit = max,
+                "the decoder does not soft-cap its logits; capping on the host"
+            );
+            self.host_softcap = Some(cap);
+        }
+        Ok(())
     }
 
     pub fn kv_layout(&self) -> &KvLayout {
@@ -195,7 +269,7 @@ impl TextDecoder {
     }
 
     /// `embed_tokens` over `rows` rows of `ids.len() / rows` ids.
-    pub fn embed(&mut self, rows: usize, ids: &[u32]) -> Result<DynValue, EngineError> {
+    pub fn embed(&mut self, rows: usize, ids: &[u32]) -> Result<Embedded, EngineError> {
         let ids = int_value(
             self.ids_type,
             &[rows as i64, (ids.len() / rows.max(1)) as i64],
@@ -207,23 +281,43 @@ impl TextDecoder {
             .session
             .run(inputs)
             .map_err(|e| EngineError::run("embed_tokens", e))?;
-        out.remove("inputs_embeds")
-            .ok_or_else(|| EngineError::run("embed_tokens", "no inputs_embeds output"))
+        let embeds = out
+            .remove("inputs_embeds")
+            .ok_or_else(|| EngineError::run("embed_tokens", "no inputs_embeds output"))?;
+        let ple = match self.ple_type {
+            Some(_) => Some(
+                out.remove(PLE)
+                    .ok_or_else(|| EngineError::run("embed_tokens", format!("no {PLE} output")))?,
+            ),
+            None => None,
+        };
+        Ok(Embedded { embeds, ple })
     }
 
-    /// The decoder on `embeds` (`n` new positions per row of `cache`); returns each row's last
+    /// The decoder on `input` (`n` new positions per row of `cache`); returns each row's last
     /// position's logits.
     pub fn run(
         &mut self,
-        embeds: DynValue,
+        input: Embedded,
         n: usize,
         cache: &mut impl KvState,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let rows = cache.row_lens().len();
         let total = cache.width() + n;
-        let embeds = tensor::cast_value(embeds, self.embeds_type)?;
-        let mut inputs: Inputs = Vec::with_capacity(5 + self.kv.slots.len());
+        let embeds = tensor::cast_value(input.embeds, self.embeds_type)?;
+        let mut inputs: Inputs = Vec::with_capacity(6 + self.kv.slots.len());
         inputs.push((Cow::Borrowed("inputs_embeds"), embeds.into()));
+        match (self.ple_type, input.ple) {
+            (Some(ty), Some(ple)) => {
+                inputs.push((Cow::Borrowed(PLE), tensor::cast_value(ple, ty)?.into()))
+            }
+            (None, _) => {}
+            (Some(_), None) => {
+                return Err(ModelError::Config(format!(
+                    "a decoder run without the {PLE} the graph takes"
+                )))
+            }
+        }
         if let Some(ty) = int_type(&self.decoder, "attention_mask")? {
             inputs.push((
                 Cow::Borrowed("attention_mask"),
@@ -246,7 +340,7 @@ impl TextDecoder {
             .session
             .run(inputs)
             .map_err(|e| EngineError::run("decoder_model_merged", e))?;
-        let logits = {
+        let mut logits = {
             let l = out
                 .get("logits")
                 .ok_or_else(|| EngineError::run("decoder_model_merged", "no logits output"))?;
@@ -257,6 +351,12 @@ impl TextDecoder {
             }
         };
         kv::update(cache, &self.kv, &mut out, n)?;
+        drop(out);
+        if let Some(cap) = self.host_softcap {
+            for x in logits.iter_mut().flatten() {
+                *x = (*x / cap).tanh() * cap;
+            }
+        }
         Ok(logits)
     }
 
@@ -266,7 +366,7 @@ impl TextDecoder {
         ids: &[u32],
         batch: &mut BatchKv,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let embeds = self.embed(ids.len(), ids)?;
-        self.run(embeds, 1, batch)
+        let input = self.embed(ids.len(), ids)?;
+        self.run(input, 1, batch)
     }
 }

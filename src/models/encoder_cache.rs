@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::engine::tensor::FloatData;
+use crate::models::ModelError;
 
 /// SHA-256 of a media item's bytes (plus a domain tag, so an image and a clip never collide).
 pub type MediaKey = [u8; 32];
@@ -90,6 +91,45 @@ impl EncoderCache {
         self.entries.insert(key, value);
     }
 
+    /// Encoder rows for `items`, in order (one `Vec` per item): cached ones from here, the others
+    /// from one `encode` call over the missing items (in order; it returns one `Vec` per item),
+    /// which are then cached.
+    pub fn get_or_encode<T>(
+        &mut self,
+        items: &[&T],
+        key: impl Fn(&T) -> MediaKey,
+        encode: impl FnOnce(&[&T]) -> Result<Vec<Vec<f32>>, ModelError>,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let mut out: Vec<Option<Vec<f32>>> = items
+            .iter()
+            .map(|i| self.get(&key(i)).map(|f| f.to_f32_vec()))
+            .collect();
+        let missing: Vec<&T> = items
+            .iter()
+            .zip(&out)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(i, _)| *i)
+            .collect();
+        if !missing.is_empty() {
+            let encoded = encode(&missing)?;
+            if encoded.len() != missing.len() {
+                return Err(ModelError::Config(format!(
+                    "an encoder gave rows for {} of {} items",
+                    encoded.len(),
+                    missing.len()
+                )));
+            }
+            let mut fill = out.iter_mut().filter(|hit| hit.is_none());
+            for (item, rows) in missing.into_iter().zip(encoded) {
+                self.put(key(item), FloatData::F32(rows.clone()));
+                if let Some(slot) = fill.next() {
+                    *slot = Some(rows);
+                }
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
     pub fn len(&self) -> usize {
         self.entries.len()
     }
@@ -126,5 +166,36 @@ mod tests {
         let mut off = EncoderCache::new(0, Arc::default());
         off.put(a, FloatData::F32(vec![1.0]));
         assert!(off.is_empty());
+    }
+
+    #[test]
+    fn only_the_missing_items_are_encoded() {
+        let mut c = EncoderCache::new(1 << 10, Arc::default());
+        let items = [b"a".as_slice(), b"b", b"c"];
+        let key = |i: &[u8]| media_key("i", i);
+        c.put(key(b"b"), FloatData::F32(vec![2.0]));
+        let refs: Vec<&[u8]> = items.to_vec();
+        let refs: Vec<&&[u8]> = refs.iter().collect();
+        let mut seen = Vec::new();
+        let rows = c
+            .get_or_encode(
+                &refs,
+                |i| key(i),
+                |missing| {
+                    seen = missing.iter().map(|i| i.to_vec()).collect();
+                    Ok(vec![vec![1.0], vec![3.0]])
+                },
+            )
+            .unwrap();
+        assert_eq!(seen, [b"a".to_vec(), b"c".to_vec()]);
+        assert_eq!(rows, [vec![1.0], vec![2.0], vec![3.0]]);
+        // Now all cached: no encoder call.
+        let rows = c
+            .get_or_encode(&refs, |i| key(i), |_| panic!("encoded again"))
+            .unwrap();
+        assert_eq!(rows.len(), 3);
+        assert!(c
+            .get_or_encode(&[&b"d".as_slice()], |i| key(i), |_| Ok(vec![]))
+            .is_err());
     }
 }

@@ -24,6 +24,7 @@ use crate::engine::prefix_cache::{PrefixCache, PrefixCacheStats};
 use crate::engine::session::SessionOptions;
 use crate::engine::thread::EngineThread;
 use crate::error::{ClassifiedError, ErrorClass};
+pub use crate::pipeline::reasoning::ReasoningMarkers;
 use crate::protocol::{ChatMessage, Job};
 
 /// A family's `load`: configs, tokenizer, template, media processing, and the graphs on their owner
@@ -200,6 +201,14 @@ pub struct LoadedFamily {
     pub media_ids: Vec<u32>,
     pub vision: bool,
     pub audio: bool,
+    /// The special ids around the model's reasoning (thinking) block: generated text between them is
+    /// returned as `reasoning_content`, not `content` ([`crate::pipeline::reasoning`]). `None`: the
+    /// model does not think in marked blocks; all text is content.
+    pub reasoning: Option<ReasoningMarkers>,
+    /// Special ids of the template's own tool-call syntax (Gemma 4: `<|tool_call>`, `<tool_call|>`,
+    /// `<|"|>`) that a chat answer keeps as their text when tools are in play, so that the calls can
+    /// be parsed from it ([`crate::models::tools`]); empty for families whose calls are plain text.
+    pub tool_call_tokens: Vec<u32>,
 }
 
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer, ModelError> {

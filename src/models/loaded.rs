@@ -23,7 +23,9 @@ use super::tools;
 use super::{ModelError, PreparedInput, Prompt};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::grammar::{Constraint, Vocab};
+use crate::pipeline::reasoning::ReasoningMarkers;
 use crate::pipeline::sampling::SamplingParams;
+use crate::pipeline::template::RESERVED_VARIABLES;
 use crate::protocol::{
     prefix, ChatMessage, ContentPart, Job, WorkerModel, MAX_CHOICES, MAX_TOP_LOGPROBS,
 };
@@ -77,6 +79,10 @@ pub struct LoadedModel {
     pub prefix: PrefixShare,
     /// The vocabulary for constrained decoding and token bytes (`Err`: why there is none).
     vocab: Result<Vocab, String>,
+    /// The reasoning markers the family declared (checked against the tokenizer at load).
+    reasoning: Option<ReasoningMarkers>,
+    /// Special ids of the template's tool-call syntax, kept as text when tools are in play.
+    tool_call_tokens: Vec<u32>,
 }
 
 impl LoadedModel {
@@ -86,6 +92,21 @@ impl LoadedModel {
         let cache_stats = Arc::new(CacheStats::default());
         let prefix = PrefixShare::default();
         let loaded = (model.plan.family.loader())(model, opts, cache_stats.clone(), &prefix)?;
+        if let Some(m) = &loaded.reasoning {
+            check_markers(&loaded.tokenizer, m)?;
+        }
+        // Kept tokens are written as their text in place of the detokenizer's (skipped) output: a
+        // normal token would come out twice.
+        if let Some(id) = loaded.tool_call_tokens.iter().find(|&&id| {
+            loaded
+                .tokenizer
+                .id_to_token(id)
+                .is_none_or(|t| !loaded.tokenizer.get_added_vocabulary().is_special_token(&t))
+        }) {
+            return Err(ModelError::Tokenizer(format!(
+                "the tool-call token id {id} is not a special token of the vocabulary"
+            )));
+        }
         let info = ModelInfo {
             name: model.served_name.clone(),
             aliases: model.aliases.clone(),
@@ -124,6 +145,8 @@ impl LoadedModel {
             media_ids: loaded.media_ids,
             cache_stats,
             prefix,
+            reasoning: loaded.reasoning,
+            tool_call_tokens: loaded.tool_call_tokens,
         })
     }
 
@@ -167,11 +190,12 @@ impl LoadedModel {
                 self.raw_ids(job.prompt_token_ids.clone())?
             }
             None => {
+                check_template_kwargs(job)?;
                 let messages = tools::prompt_messages(job, self.backend.native_tools())?;
                 self.backend.prepare_input(job, &messages)?
             }
         };
-        let params = self.resolve_params(job, input.ids.len())?;
+        let params = self.resolve_params(job, &input.ids)?;
         Ok(PreparedJob {
             input,
             params,
@@ -237,7 +261,8 @@ impl LoadedModel {
         })
     }
 
-    fn resolve_params(&self, job: &Job, prompt_len: usize) -> Result<GenParams, ClassifiedError> {
+    fn resolve_params(&self, job: &Job, prompt: &[u32]) -> Result<GenParams, ClassifiedError> {
+        let prompt_len = prompt.len();
         let ctx = self.info.context_length;
         let max_prompt = self
             .max_prompt_tokens
@@ -275,6 +300,15 @@ impl LoadedModel {
         }
         let s = &job.sampling;
         let d = &self.defaults;
+        let constraint = self.constraint(job)?;
+        // Text completions get the model's raw output. A grammar constrains the output from its first
+        // token: where the prompt leaves a thinking block open that output must not count as
+        // reasoning; otherwise a grammar only yields reasoning where it names the markers itself.
+        let chat = job.prompt.is_none() && job.prompt_token_ids.is_empty();
+        let reasoning = self
+            .reasoning
+            .clone()
+            .filter(|m| chat && (constraint.is_none() || !m.opened_by(prompt)));
         Ok(GenParams {
             sampling: SamplingParams {
                 temperature: s.temperature.unwrap_or(d.temperature),
@@ -302,7 +336,7 @@ impl LoadedModel {
                     &job.messages,
                 )
             }),
-            constraint: self.constraint(job)?,
+            constraint,
             logprobs: match job.logprobs {
                 Some(k) if k > MAX_TOP_LOGPROBS => {
                     return Err(ClassifiedError::invalid(
@@ -314,6 +348,11 @@ impl LoadedModel {
             },
             logit_bias: job.logit_bias.iter().map(|(&id, &b)| (id, b)).collect(),
             vocab: self.vocab.as_ref().ok().cloned(),
+            reasoning,
+            kept_specials: match tools::active_choice(job) {
+                Some(_) if chat => self.tool_call_tokens.clone(),
+                _ => Vec::new(),
+            },
         })
     }
 
@@ -326,6 +365,44 @@ impl LoadedModel {
     ) -> Result<(), ClassifiedError> {
         self.backend.start(job.input, job.params, events, cancel)
     }
+}
+
+/// Reasoning markers must be special tokens the detokenizer skips (they add no text) and must differ.
+fn check_markers(tokenizer: &Tokenizer, m: &ReasoningMarkers) -> Result<(), ModelError> {
+    if m.start == m.end {
+        return Err(ModelError::Config(format!(
+            "the reasoning markers' start and end are the same id ({})",
+            m.start
+        )));
+    }
+    for id in [m.start, m.end] {
+        let name = tokenizer.id_to_token(id).ok_or_else(|| {
+            ModelError::Tokenizer(format!(
+                "the reasoning marker id {id} is not in the vocabulary"
+            ))
+        })?;
+        if !tokenizer.get_added_vocabulary().is_special_token(&name) {
+            return Err(ModelError::Tokenizer(format!(
+                "the reasoning marker {name} (id {id}) is not a special token: its text would stay in the answer"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A job's `chat_template_kwargs` may not name a variable the renderer sets itself (the front end
+/// refuses them too; jobs published directly are checked here).
+fn check_template_kwargs(job: &Job) -> Result<(), ClassifiedError> {
+    let names = job.chat_template_kwargs.iter().flat_map(|m| m.keys());
+    for name in names {
+        if RESERVED_VARIABLES.contains(&name.as_str()) {
+            return Err(ClassifiedError::invalid(
+                &format!("chat_template_kwargs.{name}"),
+                format!("chat_template_kwargs cannot set {name}: the server sets it"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A stable seed for jobs published without one (FNV-1a of the job id), so redeliveries reproduce.

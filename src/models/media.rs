@@ -6,6 +6,8 @@ use ::image::RgbImage;
 use base64::Engine as _;
 
 use crate::error::{ClassifiedError, ErrorClass};
+use crate::models::AudioInput;
+use crate::pipeline::audio::{self, AudioError, MelExtractor};
 use crate::pipeline::image::{self, ImageError, ImageLimits};
 use crate::protocol::{ChatMessage, ContentPart, MediaSource};
 
@@ -93,4 +95,35 @@ pub fn image_sources(messages: &[ChatMessage]) -> impl Iterator<Item = &MediaSou
             ContentPart::Image { source } => Some(source),
             _ => None,
         })
+}
+
+/// Audio clip number `index` of a request (its encoded `bytes`): decoded, downmixed, resampled to the
+/// extractor's rate, and featurised; too large or too long → 413, unreadable → 400.
+pub fn audio_input(
+    index: usize,
+    bytes: &[u8],
+    format: Option<&str>,
+    mel: &MelExtractor,
+    limits: &MediaLimits,
+) -> Result<AudioInput, ClassifiedError> {
+    let err = |e: AudioError| {
+        ClassifiedError::new(e.class(), format!("audio clip {index}: {e}")).with_param("messages")
+    };
+    if bytes.len() > limits.max_audio_bytes {
+        return Err(err(AudioError::TooLarge {
+            bytes: bytes.len(),
+            max: limits.max_audio_bytes,
+        }));
+    }
+    let decoded = audio::decode(bytes, format, limits.max_audio_seconds).map_err(err)?;
+    let rate = mel.config().sampling_rate;
+    let samples = audio::resample(&decoded.samples, decoded.sample_rate, rate).map_err(err)?;
+    let features = mel.extract(&samples);
+    Ok(AudioInput {
+        key: crate::models::encoder_cache::media_key("audio", bytes),
+        features: features.features,
+        frames: features.frames,
+        mel_bins: mel.config().feature_size,
+        mask: features.mask,
+    })
 }

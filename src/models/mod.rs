@@ -5,6 +5,8 @@
 //! - [`gemma3n`]: the Gemma-3n family (config, prompt building, the four graphs).
 //! - [`smolvlm`]: the SmolVLM / Idefics3 family (image splitting into tiles, the three graphs).
 //! - [`granite_vision`]: the Granite Vision / LLaVA-NeXT family (anyres tiles, packed features).
+//! - [`gemma4`]: the Gemma 4 family (aspect-preserving patch sequences, per-item soft-token counts,
+//!   the thought channel; docs/gemma4.md).
 //! - [`config_util`] and [`media`]: what families share: JSON helpers, generation defaults, media
 //!   limits and decoding; [`decoder`] and [`prompt`]: the shared text decoder driver and prompt
 //!   steps (used by Granite Vision; the older families still carry their own copies).
@@ -20,8 +22,10 @@ pub mod catalog;
 pub mod config_util;
 pub mod decoder;
 pub mod encoder_cache;
+pub mod encoders;
 pub mod family;
 pub mod gemma3n;
+pub mod gemma4;
 pub mod generate;
 pub mod granite_vision;
 pub mod hub;
@@ -31,6 +35,7 @@ pub mod prompt;
 pub mod registry;
 pub mod resolve;
 pub mod smolvlm;
+pub mod tool_syntax;
 pub mod tools;
 
 use crate::engine::batch::BatchKv;
@@ -85,6 +90,19 @@ pub struct ImageInput {
     pub shape: [usize; 3],
     /// `[height, width]` of the decoded image, before any resizing (what anyres packing needs).
     pub size: [usize; 2],
+    /// Patch-sequence processors (Gemma 4): `pixel_values` are patch rows, not a channel-first image.
+    pub patches: Option<PatchGrid>,
+}
+
+/// Where the patch rows of a patch-sequence image come from, and what they become.
+#[derive(Debug, Clone)]
+pub struct PatchGrid {
+    /// `(x, y)` grid cell of each patch row of `pixel_values`; `(−1, −1)` for padding rows.
+    pub positions: Vec<[i64; 2]>,
+    /// Values per patch row.
+    pub patch_dim: usize,
+    /// Soft tokens (encoder rows) the image becomes.
+    pub soft_tokens: usize,
 }
 
 /// Audio features for one clip.

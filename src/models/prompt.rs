@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
 use crate::error::{ClassifiedError, ErrorClass};
@@ -28,20 +28,50 @@ pub fn load_template(dir: &Path) -> Result<ChatTemplate, ModelError> {
 }
 
 /// Renders `messages` (the template's items) with the generation prompt; `tools` goes to a template that
-/// reads it.
+/// reads it, `kwargs` (the job's `chat_template_kwargs`, e.g. `enable_thinking`) to the template as
+/// extra top-level variables.
 pub fn render(
     template: &ChatTemplate,
     messages: &Value,
     tools: Option<&Value>,
+    kwargs: Option<&Map<String, Value>>,
 ) -> Result<String, ModelError> {
     template
-        .render_with_tools(messages, tools, true)
+        .render_with(messages, tools, kwargs, true)
         .map_err(|e| match e {
             TemplateError::Render(m) => {
                 ModelError::Request(ClassifiedError::invalid("messages", m))
             }
             other => ModelError::Config(other.to_string()),
         })
+}
+
+/// Messages as Hugging Face chat templates take them: a message that is one text part stays a string
+/// (as the client most likely sent it); otherwise a list of `text` / `image` / `audio` items in the
+/// order of the parts; plus the history's tool calls and call ids.
+pub fn template_items(messages: &[ChatMessage]) -> Value {
+    let msgs: Vec<Value> = messages
+        .iter()
+        .map(|m| {
+            let content = match m.content.as_slice() {
+                [ContentPart::Text { text }] => Value::String(text.clone()),
+                parts => Value::Array(
+                    parts
+                        .iter()
+                        .map(|p| match p {
+                            ContentPart::Text { text } => json!({"type": "text", "text": text}),
+                            ContentPart::Image { .. } => json!({"type": "image"}),
+                            ContentPart::Audio { .. } => json!({"type": "audio"}),
+                        })
+                        .collect(),
+                ),
+            };
+            let mut obj = json!({"role": m.role.as_str(), "content": content});
+            crate::models::tools::add_template_fields(m, &mut obj);
+            obj
+        })
+        .collect();
+    Value::Array(msgs)
 }
 
 /// Image parts in `messages`; fails (internal) unless the preprocessing gave `layouts` as many.

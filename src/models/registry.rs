@@ -8,4 +8,5 @@ pub static FAMILIES: &[&FamilySpec] = &[
     &super::gemma3n::SPEC,
     &super::smolvlm::SPEC,
     &super::granite_vision::SPEC,
+    &super::gemma4::SPEC,
 ];

@@ -21,6 +21,7 @@ use std::borrow::Cow;
 
 use serde_json::{json, Value};
 
+use super::tool_syntax;
 use crate::error::ClassifiedError;
 use crate::pipeline::grammar::{json_layout, Grammar};
 use crate::protocol::{
@@ -340,8 +341,12 @@ struct WrittenCall<'a> {
 }
 
 /// Parses an answer into calls of `tools`: one or more JSON objects `{"name", "parameters"}`
-/// (or `"arguments"`), separated by whitespace. `None` when the text is anything else.
+/// (or `"arguments"`), separated by whitespace, or Gemma 4's `<|tool_call>call:NAME{…}<tool_call|>`
+/// blocks ([`tool_syntax`]). `None` when the text is anything else.
 pub fn parse_calls(text: &str, tools: &[ToolSpec]) -> Option<Vec<(String, String)>> {
+    if text.trim_start().starts_with(tool_syntax::OPEN) {
+        return tool_syntax::parse(text, |name| tools.iter().any(|t| t.name == name));
+    }
     let mut calls = Vec::new();
     // Templates with their own tool syntax often wrap each call (Hermes, Qwen).
     let text = text.replace(CALL_OPEN, " ").replace(CALL_CLOSE, " ");
@@ -409,10 +414,15 @@ impl ToolStream {
             StreamState::Undecided => {
                 self.held.push_str(text);
                 let t = self.held.trim_start();
-                if t.is_empty() || (CALL_OPEN.starts_with(t) && t.len() < CALL_OPEN.len()) {
+                let openers = [CALL_OPEN, tool_syntax::OPEN];
+                if t.is_empty()
+                    || openers
+                        .iter()
+                        .any(|o| o.starts_with(t) && t.len() < o.len())
+                {
                     // Whitespace, or maybe the start of a wrapped call.
                     String::new()
-                } else if t.starts_with('{') || t.starts_with(CALL_OPEN) {
+                } else if t.starts_with('{') || openers.iter().any(|o| t.starts_with(o)) {
                     self.state = StreamState::Call;
                     String::new()
                 } else {

@@ -430,6 +430,47 @@ pub fn to_chw(img: &RgbImage, rescale: f64, normalize: Option<([f32; 3], [f32; 3
     out
 }
 
+/// The image as a sequence of `patch × patch` squares (SigLIP2 / Gemma 4 "patchify"): the squares in
+/// row-major grid order, each square's values in (row, column, channel) order, `x · rescale` (in f64 as
+/// numpy does) then `(x − mean) / std` when normalisation is on, followed by zero rows up to
+/// `max_rows` rows. Returns the values and each row's `(x, y)` grid position, `(−1, −1)` for the
+/// padding rows. The image's sides must be multiples of `patch` (the rest is cut off) and it must
+/// have at most `max_rows` squares.
+pub fn to_patches(
+    img: &RgbImage,
+    patch: usize,
+    rescale: f64,
+    normalize: Option<([f32; 3], [f32; 3])>,
+    max_rows: usize,
+) -> (Vec<f32>, Vec<[i64; 2]>) {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (cols, rows) = (w / patch.max(1), h / patch.max(1));
+    let dim = patch * patch * 3;
+    let n = (rows * cols).min(max_rows);
+    let raw = img.as_raw();
+    let mut values = vec![0f32; max_rows * dim];
+    let mut positions = vec![[-1i64, -1]; max_rows];
+    for (k, (py, px)) in (0..rows)
+        .flat_map(|y| (0..cols).map(move |x| (y, x)))
+        .take(n)
+        .enumerate()
+    {
+        positions[k] = [px as i64, py as i64];
+        let out = &mut values[k * dim..(k + 1) * dim];
+        for dy in 0..patch {
+            let src = ((py * patch + dy) * w + px * patch) * 3;
+            for (j, &v) in raw[src..src + patch * 3].iter().enumerate() {
+                let x = (v as f64 * rescale) as f32;
+                out[dy * patch * 3 + j] = match normalize {
+                    Some((mean, std)) => (x - mean[j % 3]) / std[j % 3],
+                    None => x,
+                };
+            }
+        }
+    }
+    (values, positions)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -442,6 +483,33 @@ mod tests {
                 ((x + y) % 256) as u8,
             ])
         })
+    }
+
+    #[test]
+    fn patches_in_grid_order_then_padding() {
+        let img = gradient(4, 6); // 2 x 3 squares of 2 x 2
+        let (v, pos) = to_patches(&img, 2, 1.0, None, 8);
+        assert_eq!(v.len(), 8 * 12);
+        assert_eq!(
+            pos,
+            vec![
+                [0, 0],
+                [1, 0],
+                [0, 1],
+                [1, 1],
+                [0, 2],
+                [1, 2],
+                [-1, -1],
+                [-1, -1]
+            ]
+        );
+        // Square (x 1, y 2): rows 4..6, columns 2..4, values (dy, dx, c).
+        let px = |x: u32, y: u32| img.get_pixel(x, y).0.map(f32::from);
+        let want: Vec<f32> = [px(2, 4), px(3, 4), px(2, 5), px(3, 5)].concat();
+        assert_eq!(&v[5 * 12..6 * 12], &want[..]);
+        assert!(v[6 * 12..].iter().all(|&x| x == 0.0));
+        let (v, _) = to_patches(&img, 2, 0.5, Some(([1.0; 3], [2.0; 3])), 6);
+        assert_eq!(v[0], (px(0, 0)[0] * 0.5 - 1.0) / 2.0);
     }
 
     #[test]

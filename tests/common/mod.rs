@@ -93,7 +93,12 @@ impl Golden {
 }
 
 pub fn goldens() -> Vec<Golden> {
-    let index = read_json(&goldens_dir().join("index.json"));
+    goldens_in(&goldens_dir())
+}
+
+/// The cases of the goldens folder `root` (its `index.json` lists them).
+pub fn goldens_in(root: &Path) -> Vec<Golden> {
+    let index = read_json(&root.join("index.json"));
     let cases = index["cases"].as_array().expect("index.json has cases");
     cases
         .iter()
@@ -103,7 +108,7 @@ pub fn goldens() -> Vec<Golden> {
                 .or_else(|| c["name"].as_str())
                 .unwrap()
                 .to_string();
-            let dir = goldens_dir().join(&name);
+            let dir = root.join(&name);
             let expected = read_json(&dir.join("expected.json"));
             Golden {
                 kind: expected["kind"].as_str().unwrap_or("text").to_string(),
@@ -535,4 +540,186 @@ pub async fn wait_workers(base: &str, workers: u64, procs: &[&Proc]) {
         "{workers} workers never became ready at {base}\n{}",
         logs.join("\n")
     );
+}
+
+/// A minimal `.npy` reader for the goldens: the shape, the raw little-endian data and the dtype string
+/// (C order).
+pub fn npy(path: &Path) -> (Vec<usize>, Vec<u8>, String) {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..6], b"\x93NUMPY");
+    let (hlen, start) = if b[6] == 1 {
+        (u16::from_le_bytes([b[8], b[9]]) as usize, 10)
+    } else {
+        (u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize, 12)
+    };
+    let header = std::str::from_utf8(&b[start..start + hlen])
+        .unwrap()
+        .to_string();
+    let descr = header
+        .split("'descr':")
+        .nth(1)
+        .unwrap()
+        .split('\'')
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let shape_txt = header.split("'shape':").nth(1).unwrap();
+    let shape_txt = &shape_txt[shape_txt.find('(').unwrap() + 1..shape_txt.find(')').unwrap()];
+    let shape = shape_txt
+        .split(',')
+        .filter_map(|x| x.trim().parse().ok())
+        .collect();
+    (shape, b[start + hlen..].to_vec(), descr)
+}
+
+/// The ids of a chat answer made with `return_token_ids`.
+pub fn token_ids(choice: &Value) -> Vec<u32> {
+    choice["token_ids"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no token_ids in {choice}"))
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// The prefix cache and chunked prefill keep answers exact: every `(name, body)` (with
+/// `return_token_ids`), its next turn and that turn again, served with the cache on (prompts fed in
+/// chunks of `chunk`) and without (one-shot), give the same ids. Returns the prompt tokens served from
+/// the cache.
+pub async fn prefix_cache_matches_one_shot(
+    model: &ResolvedModel,
+    chunk: usize,
+    bodies: Vec<(String, Value)>,
+) -> u64 {
+    let on = Server::start(vec![load_with(model, EngineOpts::cached(chunk))]).await;
+    let off = Server::start(vec![load_with(model, EngineOpts::ONE_SHOT)]).await;
+    let mut cached = 0;
+    for (name, body) in bodies {
+        let mut turn1 = body;
+        turn1["max_tokens"] = Value::from(8);
+        let (_, first) = on.chat(&turn1).await;
+        let answer = first["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        let mut turn2 = turn1.clone();
+        let msgs = turn2["messages"].as_array_mut().unwrap();
+        msgs.push(serde_json::json!({"role": "assistant", "content": answer}));
+        msgs.push(serde_json::json!({"role": "user", "content": "And then?"}));
+        for (what, body) in [
+            ("turn 1", &turn1),
+            ("turn 2", &turn2),
+            ("turn 2 again", &turn2),
+        ] {
+            let (s1, a) = on.chat(body).await;
+            let (s2, b) = off.chat(body).await;
+            assert_eq!((s1, s2), (200, 200), "{name} {what}: {a}");
+            assert_eq!(
+                token_ids(&a["choices"][0]),
+                token_ids(&b["choices"][0]),
+                "{name} {what}: cache on vs off"
+            );
+            cached += a["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap();
+        }
+    }
+    on.shutdown().await;
+    off.shutdown().await;
+    cached
+}
+
+/// Every `(name, body, ids)` sent at once to a server of `model`: decoded together in batched runs,
+/// each answer has the ids it has alone; and the runs held several rows.
+pub async fn batched_matches_alone(model: Arc<LoadedModel>, cases: Vec<(String, Value, Vec<u32>)>) {
+    assert!(model.batching().is_ok(), "{:?}", model.batching());
+    let server = Server::start(vec![model]).await;
+    let before = metrics_text(&server.base).await;
+    let answers = futures::future::join_all(cases.iter().map(|(_, b, _)| server.chat(b))).await;
+    for ((name, _, want), (status, resp)) in cases.iter().zip(answers) {
+        assert_eq!(status, 200, "{name}: {resp}");
+        assert_eq!(
+            &token_ids(&resp["choices"][0]),
+            want,
+            "{name}: batched ids differ from alone"
+        );
+    }
+    let after = metrics_text(&server.base).await;
+    let d = |name: &str| metric(&after, name) - metric(&before, name);
+    let (runs, rows) = (
+        d("onnxchat_decode_batch_runs_total"),
+        d("onnxchat_decode_batch_row_steps_total"),
+    );
+    assert!(rows > runs, "{rows} rows in {runs} runs: not batched");
+    server.shutdown().await;
+}
+
+/// What golden `g` expects under `quant`, as `(ids, text, finish_reason)`: the committed FP32 golden
+/// (transformers); for the other sets the reference loop's ids on this machine (`reference[case][quant]`:
+/// ONNX Runtime's int8/int4/fp16 kernels round differently on different CPUs), with the golden's text
+/// where they agree, else `tokenizer`'s decoding and a finish reason from `eos`.
+pub fn expected_under(
+    g: &Golden,
+    quant: &str,
+    reference: &Value,
+    tokenizer: &Path,
+    eos: &[u32],
+) -> (Vec<u32>, Value, Value) {
+    let list = |v: &Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("{}: not a list of ids: {v}", g.name))
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    };
+    let gen = &g.expected["generated"][quant];
+    let golden = list(&gen["ids"]);
+    if quant == "FP32" {
+        return (golden, gen["text"].clone(), gen["finish_reason"].clone());
+    }
+    let here = list(&reference[&g.name][quant]);
+    if here == golden {
+        return (golden, gen["text"].clone(), gen["finish_reason"].clone());
+    }
+    eprintln!(
+        "{} {quant}: this CPU's onnxruntime gives other ids than the committed golden (kernel rounding); comparing with the reference loop run here",
+        g.name
+    );
+    let tok = tokenizers::Tokenizer::from_file(tokenizer).unwrap();
+    let text = tok.decode(&here, true).unwrap();
+    let finish = if here.last().is_some_and(|t| eos.contains(t)) {
+        "stop"
+    } else {
+        "length"
+    };
+    (here, Value::from(text), Value::from(finish))
+}
+
+/// Every golden through HTTP on `model` (with `return_token_ids`): the ids, text, finish reason
+/// `expected` gives and the golden's prompt length. Returns how many were checked.
+pub async fn http_parity(
+    model: Arc<LoadedModel>,
+    goldens: &[Golden],
+    what: &str,
+    expected: impl Fn(&Golden) -> (Vec<u32>, Value, Value),
+) -> usize {
+    let server = Server::start(vec![model]).await;
+    for g in goldens {
+        let (want, text, finish) = expected(g);
+        let mut body = g.request.clone();
+        body["return_token_ids"] = Value::Bool(true);
+        let (status, resp) = server.chat(&body).await;
+        assert_eq!(status, 200, "{what} {}: {resp}", g.name);
+        let choice = &resp["choices"][0];
+        assert_eq!(token_ids(choice), want, "{what} {}: token ids", g.name);
+        assert_eq!(choice["message"]["content"], text, "{what} {}", g.name);
+        assert_eq!(choice["finish_reason"], finish, "{what} {}", g.name);
+        assert_eq!(
+            resp["usage"]["prompt_tokens"], g.expected["prompt_len"],
+            "{what} {}: prompt tokens",
+            g.name
+        );
+    }
+    server.shutdown().await;
+    goldens.len()
 }

@@ -100,7 +100,7 @@ impl FamilyBackend for Backend {
         };
         let prompt = self
             .prompter
-            .build_with_tools(messages, tools.as_ref())
+            .build_with_tools(messages, tools.as_ref(), job.chat_template_kwargs.as_ref())
             .map_err(ModelError::into_classified)?;
         Ok(PreparedInput {
             ids: prompt.ids,
@@ -163,5 +163,7 @@ pub fn load(
         media_ids: vec![cfg.image_token_id, cfg.audio_token_id],
         vision: model.plan.graph(Component::VisionEncoder).is_some(),
         audio: model.plan.graph(Component::AudioEncoder).is_some(),
+        reasoning: None,
+        tool_call_tokens: Vec::new(),
     })
 }

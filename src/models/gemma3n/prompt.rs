@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::{Map, Value};
 use tokenizers::Tokenizer;
 
 use super::config::Gemma3nConfig;
@@ -75,28 +75,7 @@ impl Gemma3nPrompter {
     /// Maps messages to what HF chat templates expect: a message that is one text part stays a string
     /// (as the client most likely sent it); otherwise a list of `text` / `image` / `audio` items in order.
     pub fn template_messages(messages: &[ChatMessage]) -> Value {
-        let msgs: Vec<Value> = messages
-            .iter()
-            .map(|m| {
-                let content = match m.content.as_slice() {
-                    [ContentPart::Text { text }] => Value::String(text.clone()),
-                    parts => Value::Array(
-                        parts
-                            .iter()
-                            .map(|p| match p {
-                                ContentPart::Text { text } => json!({"type": "text", "text": text}),
-                                ContentPart::Image { .. } => json!({"type": "image"}),
-                                ContentPart::Audio { .. } => json!({"type": "audio"}),
-                            })
-                            .collect(),
-                    ),
-                };
-                let mut obj = json!({"role": m.role.as_str(), "content": content});
-                crate::models::tools::add_template_fields(m, &mut obj);
-                obj
-            })
-            .collect();
-        Value::Array(msgs)
+        crate::models::prompt::template_items(messages)
     }
 
     /// The template has its own tool syntax.
@@ -105,20 +84,22 @@ impl Gemma3nPrompter {
     }
 
     pub fn build(&self, messages: &[ChatMessage]) -> Result<Prompt, ModelError> {
-        self.build_with_tools(messages, None)
+        self.build_with_tools(messages, None, None)
     }
 
-    /// The prompt, with OpenAI's `tools` list given to a template that reads it.
+    /// The prompt, with OpenAI's `tools` list given to a template that reads it and `kwargs` (the
+    /// job's `chat_template_kwargs`) as extra template variables.
     pub fn build_with_tools(
         &self,
         messages: &[ChatMessage],
         tools: Option<&Value>,
+        kwargs: Option<&Map<String, Value>>,
     ) -> Result<Prompt, ModelError> {
         let n_images = count_parts(messages, |p| matches!(p, ContentPart::Image { .. }));
         let n_audio = count_parts(messages, |p| matches!(p, ContentPart::Audio { .. }));
         let rendered = self
             .template
-            .render_with_tools(&Self::template_messages(messages), tools, true)
+            .render_with(&Self::template_messages(messages), tools, kwargs, true)
             .map_err(|e| match e {
                 TemplateError::Render(m) => {
                     ModelError::Request(ClassifiedError::invalid("messages", m))

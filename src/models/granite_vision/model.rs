@@ -16,12 +16,13 @@ use super::preprocess::{pack, AnyresProcessing, FeatureLayout};
 use crate::engine::batch::BatchKv;
 use crate::engine::kv::{KvCache, KvLayout};
 use crate::engine::session::{ElemType, GraphSession, SessionOptions};
-use crate::engine::tensor::{self, FloatData};
+use crate::engine::tensor;
 use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::catalog::Component;
 use crate::models::decoder::{interface, only_known_inputs, width, Inputs, TextDecoder};
 use crate::models::encoder_cache::EncoderCache;
+use crate::models::encoders::{mismatch, no_encoder};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
     image_cache_keys, media_positions, with_media_rows, Batching, ChatModel, ImageInput, MediaRows,
@@ -141,51 +142,33 @@ impl GraniteVisionModel {
     /// the rest from one `vision_encoder` run over all their tiles.
     pub fn encode_images(&mut self, images: &[&ImageInput]) -> Result<Vec<Vec<f32>>, ModelError> {
         let Some(vision) = self.vision.as_mut() else {
-            return Err(ModelError::Request(ClassifiedError::invalid(
-                "messages",
-                "this model has no vision encoder, so it cannot take images",
-            )));
+            return Err(no_encoder("vision", "images"));
         };
-        let mut out: Vec<Option<Vec<f32>>> = images
-            .iter()
-            .map(|img| self.cache.get(&img.key).map(|f| f.to_f32_vec()))
-            .collect();
-        let missing: Vec<&ImageInput> = images
-            .iter()
-            .zip(&out)
-            .filter(|(_, hit)| hit.is_none())
-            .map(|(img, _)| *img)
-            .collect();
-        if missing.is_empty() {
-            return Ok(out.into_iter().flatten().collect());
-        }
-        let (features, newline) = run_vision(vision, &missing, self.cfg.tile)?;
-        let hidden = self.cfg.hidden_size;
+        let (hidden, tile) = (self.cfg.hidden_size, self.cfg.tile);
         let per_tile = self.cfg.features_per_tile() * hidden;
-        let tiles: usize = missing.iter().map(|i| i.frames).sum();
-        if features.len() != tiles * per_tile {
-            return Err(ModelError::Request(ClassifiedError::new(
-                ErrorClass::Internal,
-                format!(
+        let processing = &self.processing;
+        self.cache.get_or_encode(images, |i| i.key, |missing| {
+            let (features, newline) = run_vision(vision, missing, tile)?;
+            let tiles: usize = missing.iter().map(|i| i.frames).sum();
+            if features.len() != tiles * per_tile {
+                return Err(mismatch(format!(
                     "the vision encoder returned {} values for {tiles} tiles; expected {} rows of {hidden} per tile",
                     features.len(),
-                    self.cfg.features_per_tile()
-                ),
-            )));
-        }
-        let mut at = 0;
-        let mut fill = out.iter_mut().filter(|hit| hit.is_none());
-        for img in missing {
-            let layout = self.layout(img);
-            let n = img.frames * per_tile;
-            let packed = pack(&layout, &features[at..at + n], &newline, hidden)?;
-            at += n;
-            self.cache.put(img.key, FloatData::F32(packed.clone()));
-            if let Some(slot) = fill.next() {
-                *slot = Some(packed);
+                    per_tile / hidden.max(1)
+                )));
             }
-        }
-        Ok(out.into_iter().flatten().collect())
+            let mut at = 0;
+            missing
+                .iter()
+                .map(|img| {
+                    let n = img.frames * per_tile;
+                    let layout = processing.layout(img.size[0] as u32, img.size[1] as u32);
+                    let packed = pack(&layout, &features[at..at + n], &newline, hidden);
+                    at += n;
+                    packed
+                })
+                .collect()
+        })
     }
 
     fn layout(&self, img: &ImageInput) -> FeatureLayout {
@@ -278,10 +261,17 @@ impl ChatModel for GraniteVisionModel {
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let embeds = self.text.embed(1, ids)?;
+        let mut input = self.text.embed(1, ids)?;
         let soft = [self.cfg.image_token_id];
-        let embeds = with_media_rows(embeds, ids, &soft, media, self.text.hidden(), cache.len)?;
-        let mut rows = self.text.run(embeds, ids.len(), cache)?;
+        input.embeds = with_media_rows(
+            input.embeds,
+            ids,
+            &soft,
+            media,
+            self.text.hidden(),
+            cache.len,
+        )?;
+        let mut rows = self.text.run(input, ids.len(), cache)?;
         Ok(rows.swap_remove(0))
     }
 

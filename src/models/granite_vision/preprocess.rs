@@ -419,6 +419,7 @@ impl GraniteVisionMedia {
                 frames,
                 shape,
                 size: [rgb.height() as usize, rgb.width() as usize],
+                patches: None,
             },
             layout,
         })

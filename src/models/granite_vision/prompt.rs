@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
 use super::config::GraniteVisionConfig;
@@ -88,15 +88,22 @@ impl GraniteVisionPrompter {
     }
 
     /// The prompt for `messages` whose images (in order) have the feature layouts `layouts`; `tools`
-    /// (OpenAI's list) goes to a template that reads it.
+    /// (OpenAI's list) goes to a template that reads it, `kwargs` (the job's
+    /// `chat_template_kwargs`) to the template as extra variables.
     pub fn build(
         &self,
         messages: &[ChatMessage],
         layouts: &[FeatureLayout],
         tools: Option<&Value>,
+        kwargs: Option<&Map<String, Value>>,
     ) -> Result<Prompt, ModelError> {
         let n_images = count_images(messages, layouts.len())?;
-        let rendered = render(&self.template, &Self::template_messages(messages), tools)?;
+        let rendered = render(
+            &self.template,
+            &Self::template_messages(messages),
+            tools,
+            kwargs,
+        )?;
         let blocks: Vec<String> = layouts
             .iter()
             .map(|l| self.image_token.repeat(l.tokens()))

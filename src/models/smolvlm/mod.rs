@@ -75,7 +75,7 @@ impl FamilyBackend for Backend {
             .map(|(i, source)| self.media.layout(i, source))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ModelError::Request)?;
-        self.prompter.build(messages, &layouts, None)
+        self.prompter.build(messages, &layouts, None, None)
     }
 
     fn prepare_input(
@@ -94,7 +94,12 @@ impl FamilyBackend for Backend {
         };
         let prompt = self
             .prompter
-            .build(messages, &layouts, tools.as_ref())
+            .build(
+                messages,
+                &layouts,
+                tools.as_ref(),
+                job.chat_template_kwargs.as_ref(),
+            )
             .map_err(ModelError::into_classified)?;
         Ok(PreparedInput {
             ids: prompt.ids,
@@ -167,5 +172,7 @@ pub fn load(
         media_ids: vec![cfg.image_token_id],
         vision: model.plan.graph(Component::VisionEncoder).is_some(),
         audio: false,
+        reasoning: None,
+        tool_call_tokens: Vec::new(),
     })
 }

@@ -16,12 +16,13 @@ use super::config::SmolVlmConfig;
 use crate::engine::batch::BatchKv;
 use crate::engine::kv::{KvCache, KvLayout};
 use crate::engine::session::{ElemType, GraphSession, SessionOptions};
-use crate::engine::tensor::{self, FloatData};
+use crate::engine::tensor;
 use crate::engine::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::catalog::Component;
 use crate::models::decoder::{interface, only_known_inputs, Inputs, TextDecoder};
 use crate::models::encoder_cache::EncoderCache;
+use crate::models::encoders::{no_encoder, split_rows};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
     image_cache_keys, media_positions, with_media_rows, Batching, ChatModel, ImageInput, MediaRows,
@@ -166,52 +167,18 @@ impl SmolVlmModel {
     /// cache, the rest from one `vision_encoder` run over all their frames.
     fn encode_images(&mut self, images: &[&ImageInput]) -> Result<Vec<Vec<f32>>, ModelError> {
         let Some(vision) = self.vision.as_mut() else {
-            return Err(ModelError::Request(ClassifiedError::invalid(
-                "messages",
-                "this model has no vision encoder, so it cannot take images",
-            )));
+            return Err(no_encoder("vision", "images"));
         };
-        let mut per_image: Vec<Option<Vec<f32>>> = images
-            .iter()
-            .map(|img| self.cache.get(&img.key).map(|f| f.to_f32_vec()))
-            .collect();
-        let missing: Vec<&ImageInput> = images
-            .iter()
-            .zip(&per_image)
-            .filter(|(_, hit)| hit.is_none())
-            .map(|(img, _)| *img)
-            .collect();
-        if !missing.is_empty() {
-            let rows = run_vision(vision, &missing)?;
-            let frames: usize = missing.iter().map(|i| i.frames).sum();
-            let hidden = self.cfg.hidden_size;
-            let per_frame = rows.len() / frames.max(1);
-            if frames == 0
-                || rows.len() % frames != 0
-                || per_frame != self.cfg.image_seq_len * hidden
-            {
-                return Err(ModelError::Request(ClassifiedError::new(
-                    ErrorClass::Internal,
-                    format!(
-                        "the vision encoder returned {} values for {frames} frames; expected {} rows of {hidden} per frame",
-                        rows.len(),
-                        self.cfg.image_seq_len
-                    ),
-                )));
-            }
-            let mut at = 0;
-            let mut fill = per_image.iter_mut().filter(|hit| hit.is_none());
-            for img in missing {
-                let n = img.frames * per_frame;
-                let feats = rows[at..at + n].to_vec();
-                at += n;
-                self.cache.put(img.key, FloatData::F32(feats.clone()));
-                if let Some(slot) = fill.next() {
-                    *slot = Some(feats);
-                }
-            }
-        }
-        Ok(per_image.into_iter().flatten().collect())
+        let (hidden, per_frame) = (self.cfg.hidden_size, self.cfg.image_seq_len);
+        self.cache.get_or_encode(
+            images,
+            |i| i.key,
+            |missing| {
+                let rows = run_vision(vision, missing)?;
+                let counts: Vec<usize> = missing.iter().map(|i| i.frames * per_frame).collect();
+                split_rows(rows, &counts, hidden, "vision")
+            },
+        )
     }
 
     /// The `<image>` positions of every image of a prompt, in order (64 per frame).
@@ -327,10 +294,17 @@ impl ChatModel for SmolVlmModel {
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let embeds = self.text.embed(1, ids)?;
+        let mut input = self.text.embed(1, ids)?;
         let soft = [self.cfg.image_token_id];
-        let embeds = with_media_rows(embeds, ids, &soft, media, self.cfg.hidden_size, cache.len)?;
-        let mut rows = self.text.run(embeds, ids.len(), cache)?;
+        input.embeds = with_media_rows(
+            input.embeds,
+            ids,
+            &soft,
+            media,
+            self.cfg.hidden_size,
+            cache.len,
+        )?;
+        let mut rows = self.text.run(input, ids.len(), cache)?;
         Ok(rows.swap_remove(0))
     }
 

@@ -325,6 +325,7 @@ impl SmolVlmMedia {
                 frames,
                 shape,
                 size: [rgb.height() as usize, rgb.width() as usize],
+                patches: None,
             },
             rows,
             cols,

@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 use tokenizers::Tokenizer;
 
 use super::config::SmolVlmConfig;
@@ -109,15 +109,22 @@ impl SmolVlmPrompter {
     }
 
     /// The prompt for `messages` whose images (in order) have the tile layouts `layouts`; `tools`
-    /// (OpenAI's list) goes to a template that reads it.
+    /// (OpenAI's list) goes to a template that reads it, `kwargs` (the job's
+    /// `chat_template_kwargs`) to the template as extra variables.
     pub fn build(
         &self,
         messages: &[ChatMessage],
         layouts: &[(usize, usize)],
         tools: Option<&Value>,
+        kwargs: Option<&Map<String, Value>>,
     ) -> Result<Prompt, ModelError> {
         let n_images = count_images(messages, layouts.len())?;
-        let rendered = render(&self.template, &Self::template_messages(messages), tools)?;
+        let rendered = render(
+            &self.template,
+            &Self::template_messages(messages),
+            tools,
+            kwargs,
+        )?;
         let blocks: Vec<String> = layouts
             .iter()
             .map(|&(rows, cols)| self.image_block(rows, cols))
