@@ -244,18 +244,9 @@ fn base64_of(bytes: &[u8]) -> String {
 fn ort_reference() -> &'static Value {
     static REF: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
     REF.get_or_init(|| {
-        let out = std::process::Command::new(root().join(".venv/bin/python"))
-            .arg(root().join("tools/fixtures/gemma4/ort_reference.py"))
-            .arg(root().join("tests/fixtures"))
-            .args(&QUANTS[1..])
-            .output()
-            .expect("the project's .venv (make setup)");
-        assert!(
-            out.status.success(),
-            "ort_reference.py failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        let mut args = vec![root().join("tests/fixtures").into()];
+        args.extend(QUANTS[1..].iter().map(Into::into));
+        common::python_json("tools/fixtures/gemma4/ort_reference.py", &args)
     })
 }
 

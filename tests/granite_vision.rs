@@ -264,18 +264,10 @@ fn ort_reference() -> &'static Value {
             json!({"max_new_tokens": max, "cases": cases}).to_string(),
         )
         .unwrap();
-        let out = std::process::Command::new(root().join(".venv/bin/python"))
-            .arg(root().join("tools/fixtures/granite_vision/ort_reference.py"))
-            .arg(fixture())
-            .arg(&manifest)
-            .output()
-            .expect("the project's .venv (make setup)");
-        assert!(
-            out.status.success(),
-            "ort_reference.py failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        common::python_json(
+            "tools/fixtures/granite_vision/ort_reference.py",
+            &[fixture().into(), manifest.into()],
+        )
     })
 }
 

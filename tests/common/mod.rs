@@ -128,18 +128,27 @@ pub fn goldens_in(root: &Path) -> Vec<Golden> {
 pub fn ort_reference() -> &'static Value {
     static REF: OnceLock<Value> = OnceLock::new();
     REF.get_or_init(|| {
-        let out = std::process::Command::new(root().join(".venv/bin/python"))
-            .arg(root().join("tools/fixtures/ort_reference.py"))
-            .arg(root().join("tests/fixtures"))
-            .output()
-            .expect("run tools/fixtures/ort_reference.py (make setup provisions .venv)");
-        assert!(
-            out.status.success(),
-            "ort_reference.py failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).expect("ort_reference.py prints JSON")
+        python_json(
+            "tools/fixtures/ort_reference.py",
+            &[root().join("tests/fixtures").into()],
+        )
     })
+}
+
+/// Runs a script of the repository (`script`, relative to its root) with the project's `.venv`
+/// Python and returns the JSON it prints; fails the test with the script's stderr otherwise.
+pub fn python_json(script: &str, args: &[std::ffi::OsString]) -> Value {
+    let out = std::process::Command::new(root().join(".venv/bin/python"))
+        .arg(root().join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {script} (make setup provisions .venv): {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{script} prints JSON: {e}"))
 }
 
 /// The Prometheus text of `{base}/metrics`.
