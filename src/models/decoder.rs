@@ -17,13 +17,13 @@ use std::borrow::Cow;
 use ort::value::DynValue;
 
 use crate::engine::batch::BatchKv;
-use crate::engine::kv::{self, KvLayout, KvState, PAST_PREFIX};
+use crate::engine::kv::{self, KvCache, KvLayout, KvState, PAST_PREFIX};
 use crate::engine::session::{ElemType, GraphSession, IoSpec, SessionOptions};
 use crate::engine::tensor;
 use crate::engine::EngineError;
 use crate::models::catalog::Component;
 use crate::models::resolve::ResolvedModel;
-use crate::models::{Batching, ModelError};
+use crate::models::{with_media_rows, Batching, MediaRows, ModelError};
 
 /// Feeds of one `Session::run`.
 pub type Inputs<'v> = crate::engine::kv::Feeds<'v>;
@@ -128,6 +128,8 @@ pub struct TextDecoder {
     hidden: usize,
     /// Apply `tanh(x/cap)·cap` on the host: set when the warm-up run shows the graph does not.
     host_softcap: Option<f32>,
+    /// Ids `embed_tokens` gets as another id (a family's media soft tokens as `<pad>`).
+    embed_as: Option<(Vec<u32>, u32)>,
 }
 
 impl TextDecoder {
@@ -214,6 +216,7 @@ impl TextDecoder {
             vocab,
             hidden,
             host_softcap: None,
+            embed_as: None,
         })
     }
 
@@ -268,12 +271,21 @@ impl TextDecoder {
         Batching::from_report(&self.decoder.rewrite)
     }
 
+    /// From now on `embed_tokens` gets each of `ids` as `as_id` (their rows come from encoders).
+    pub fn embed_ids_as(&mut self, ids: Vec<u32>, as_id: u32) {
+        self.embed_as = Some((ids, as_id));
+    }
+
     /// `embed_tokens` over `rows` rows of `ids.len() / rows` ids.
     pub fn embed(&mut self, rows: usize, ids: &[u32]) -> Result<Embedded, EngineError> {
+        let lookup = |t: u32| match &self.embed_as {
+            Some((from, to)) if from.contains(&t) => *to,
+            _ => t,
+        };
         let ids = int_value(
             self.ids_type,
             &[rows as i64, (ids.len() / rows.max(1)) as i64],
-            ids.iter().map(|&i| i as i64).collect(),
+            ids.iter().map(|&i| lookup(i) as i64).collect(),
         )?;
         let inputs: Inputs = vec![(Cow::Borrowed("input_ids"), ids.into())];
         let mut out = self
@@ -358,6 +370,28 @@ impl TextDecoder {
             }
         }
         Ok(logits)
+    }
+
+    /// `ids` of one sequence (a prompt chunk or a generated id) at the end of `cache`, with `media`'s
+    /// rows written at the positions holding one of `soft_tokens`; returns the last position's logits.
+    pub fn forward(
+        &mut self,
+        ids: &[u32],
+        soft_tokens: &[u32],
+        media: Option<&MediaRows>,
+        cache: &mut KvCache,
+    ) -> Result<Vec<f32>, ModelError> {
+        let mut input = self.embed(1, ids)?;
+        input.embeds = with_media_rows(
+            input.embeds,
+            ids,
+            soft_tokens,
+            media,
+            self.hidden,
+            cache.len,
+        )?;
+        let mut rows = self.run(input, ids.len(), cache)?;
+        Ok(rows.swap_remove(0))
     }
 
     /// One batched decode step: row r gets the generated id `ids[r]`.

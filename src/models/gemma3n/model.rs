@@ -20,8 +20,8 @@ use crate::models::encoder_cache::EncoderCache;
 use crate::models::encoders::{media_cache_keys, no_encoder, split_rows, ClipEncoder, AUDIO_OUT};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
-    media_positions, with_media_rows, AudioInput, Batching, ChatModel, ImageInput, MediaRows,
-    ModelError, PreparedInput,
+    media_positions, AudioInput, Batching, ChatModel, ImageInput, MediaRows, ModelError,
+    PreparedInput,
 };
 
 const IMAGE_OUT: &str = "image_features";
@@ -227,18 +227,8 @@ impl ChatModel for Gemma3nModel {
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let mut input = self.text.embed(1, ids)?;
         let soft = [self.cfg.image_token_id, self.cfg.audio_token_id];
-        input.embeds = with_media_rows(
-            input.embeds,
-            ids,
-            &soft,
-            media,
-            self.cfg.hidden_size,
-            cache.len,
-        )?;
-        let mut rows = self.text.run(input, ids.len(), cache)?;
-        Ok(rows.swap_remove(0))
+        self.text.forward(ids, &soft, media, cache)
     }
 
     fn forward_rows(

@@ -23,8 +23,8 @@ use crate::models::encoder_cache::EncoderCache;
 use crate::models::encoders::{media_cache_keys, mismatch, no_encoder, split_rows, ClipEncoder};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
-    media_positions, with_media_rows, AudioInput, Batching, ChatModel, ImageInput, MediaRows,
-    ModelError, PatchGrid, PreparedInput,
+    media_positions, AudioInput, Batching, ChatModel, ImageInput, MediaRows, ModelError, PatchGrid,
+    PreparedInput,
 };
 
 const FAMILY: &str = "Gemma 4";
@@ -70,6 +70,8 @@ impl Gemma4Model {
         let audio = super::super::load_graph(model, Component::AudioEncoder, opts)?
             .map(|a| ClipEncoder::new(a, cfg.hidden_size, FAMILY))
             .transpose()?;
+        // The soft tokens' rows come from the encoders; embed_tokens gets them as <pad>.
+        text.embed_ids_as(cfg.soft_token_ids(), cfg.pad_token_id);
         if let Some(cap) = cfg.final_logit_softcapping {
             text.check_softcap(cap, cfg.bos_token_id.unwrap_or(2))?;
         }
@@ -93,20 +95,6 @@ impl Gemma4Model {
 
     pub fn config(&self) -> &Gemma4Config {
         &self.cfg
-    }
-
-    /// `ids` as `embed_tokens` gets them: the soft tokens as `<pad>`.
-    fn embed_ids(&self, ids: &[u32]) -> Vec<u32> {
-        let soft = self.cfg.soft_token_ids();
-        ids.iter()
-            .map(|t| {
-                if soft.contains(t) {
-                    self.cfg.pad_token_id
-                } else {
-                    *t
-                }
-            })
-            .collect()
     }
 
     /// Image rows for `images`, in order: cached ones from the encoder cache, the rest from one
@@ -295,18 +283,8 @@ impl ChatModel for Gemma4Model {
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let mut input = self.text.embed(1, &self.embed_ids(ids))?;
         let soft = [self.cfg.image_token_id, self.cfg.audio_token_id];
-        input.embeds = with_media_rows(
-            input.embeds,
-            ids,
-            &soft,
-            media,
-            self.cfg.hidden_size,
-            cache.len,
-        )?;
-        let mut rows = self.text.run(input, ids.len(), cache)?;
-        Ok(rows.swap_remove(0))
+        self.text.forward(ids, &soft, media, cache)
     }
 
     fn forward_rows(
@@ -314,7 +292,6 @@ impl ChatModel for Gemma4Model {
         ids: &[u32],
         batch: &mut BatchKv,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
-        let input = self.text.embed(ids.len(), &self.embed_ids(ids))?;
-        self.text.run(input, 1, batch)
+        self.text.forward_rows(ids, batch)
     }
 }

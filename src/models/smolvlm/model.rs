@@ -25,8 +25,8 @@ use crate::models::encoder_cache::EncoderCache;
 use crate::models::encoders::{no_encoder, split_rows};
 use crate::models::resolve::ResolvedModel;
 use crate::models::{
-    image_cache_keys, media_positions, with_media_rows, Batching, ChatModel, ImageInput, MediaRows,
-    ModelError, PreparedInput,
+    image_cache_keys, media_positions, Batching, ChatModel, ImageInput, MediaRows, ModelError,
+    PreparedInput,
 };
 
 const FAMILY: &str = "SmolVLM";
@@ -294,18 +294,8 @@ impl ChatModel for SmolVlmModel {
         media: Option<&MediaRows>,
         cache: &mut KvCache,
     ) -> Result<Vec<f32>, ModelError> {
-        let mut input = self.text.embed(1, ids)?;
         let soft = [self.cfg.image_token_id];
-        input.embeds = with_media_rows(
-            input.embeds,
-            ids,
-            &soft,
-            media,
-            self.cfg.hidden_size,
-            cache.len,
-        )?;
-        let mut rows = self.text.run(input, ids.len(), cache)?;
-        Ok(rows.swap_remove(0))
+        self.text.forward(ids, &soft, media, cache)
     }
 
     fn batching(&self) -> Batching {
