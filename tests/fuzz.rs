@@ -259,8 +259,7 @@ fn fuzz_image_decoding() {
 
 #[test]
 fn fuzz_audio_decoding() {
-    use onnx_chat::models::gemma3n::preprocess::mel_defaults;
-    use onnx_chat::pipeline::audio::{decode, MelExtractor};
+    use onnx_chat::pipeline::audio::{decode, MelConfig, MelExtractor};
     let dir = root().join("tests/fixtures/media");
     let seeds: Vec<Vec<u8>> = [
         "two_tone_16k_s16.wav",
@@ -271,7 +270,7 @@ fn fuzz_audio_decoding() {
     .iter()
     .map(|f| std::fs::read(dir.join(f)).unwrap())
     .collect();
-    let mel = MelExtractor::new(&mel_defaults());
+    let mel = MelExtractor::new(&MelConfig::gemma3n_extractor());
     let dict: &[&[u8]] = &[
         b"RIFF",
         b"WAVE",

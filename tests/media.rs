@@ -212,10 +212,7 @@ fn gemma4_mel_matches_transformers() {
     let mut clips = 0;
     for (name, ext) in reference["extractors"].as_object().unwrap() {
         let fe = &ext["feature_extractor"];
-        let cfg = MelConfig::from_preprocessor_config(
-            fe,
-            onnx_chat::models::gemma4::preprocess::mel_defaults(),
-        );
+        let cfg = MelConfig::from_preprocessor_config(fe, MelConfig::gemma4_extractor());
         let size = |key: &str| fe[key].as_u64().unwrap() as usize;
         assert_eq!(
             (

@@ -221,9 +221,8 @@ async fn images_field_gives_the_same_answer_as_image_url() {
 fn resampled_audio_is_close_to_native_16k() {
     // The 44.1 kHz stereo float WAV and the MP3 go through resampling / lossy decoding; their features
     // are compared with features of the same signal generated at 16 kHz.
-    use onnx_chat::models::gemma3n::preprocess::mel_defaults;
-    use onnx_chat::pipeline::audio::{self, MelExtractor};
-    let mel = MelExtractor::new(&mel_defaults());
+    use onnx_chat::pipeline::audio::{self, MelConfig, MelExtractor};
+    let mel = MelExtractor::new(&MelConfig::gemma3n_extractor());
     let d = audio::decode(&media("tones_44k1_stereo_f32.wav"), Some("wav"), 30.0).unwrap();
     assert_eq!((d.sample_rate, d.channels), (44100, 2));
     let resampled = audio::resample(&d.samples, 44100, 16000).unwrap();

@@ -10,9 +10,7 @@ use crate::error::ClassifiedError;
 use crate::models::config_util::read_json_opt;
 use crate::models::media::{self, decode_image, media_bytes, MediaLimits};
 use crate::models::{AudioInput, ImageInput, ModelError};
-use crate::pipeline::audio::{
-    FrameValidity, HannWindow, LogFloor, MelConfig, MelExtractor, TimePadding,
-};
+use crate::pipeline::audio::{MelConfig, MelExtractor};
 use crate::pipeline::image::{self, Filter};
 use crate::protocol::MediaSource;
 
@@ -73,37 +71,6 @@ impl ImageProcessing {
     }
 }
 
-/// The log-mel settings of transformers' `Gemma3nAudioFeatureExtractor()`: 16 kHz, 128 bins,
-/// 32 ms frames (512 samples) every 10 ms (160), `fft_overdrive` (FFT of 1024), 125–7600 Hz,
-/// pre-emphasis 0.97 in the HTK flavour, a float32 Hann window, `ln(max(mel, 1e-5))`, no left
-/// padding, a frame valid when its first sample is real, padded to a multiple of 128 samples and
-/// truncated at 480000 (30 s). A model's `preprocessor_config.json` is read over these.
-pub fn mel_defaults() -> MelConfig {
-    MelConfig {
-        sampling_rate: 16_000,
-        feature_size: 128,
-        frame_length: 512,
-        hop_length: 160,
-        fft_length: 1024,
-        fft_overdrive: true,
-        min_frequency: 125.0,
-        max_frequency: 7600.0,
-        preemphasis: 0.97,
-        preemphasis_htk_flavor: true,
-        window: HannWindow::Float32,
-        mel_floor: 1e-5,
-        log_floor: LogFloor::Max,
-        input_scale_factor: 1.0,
-        per_bin_mean: None,
-        per_bin_stddev: None,
-        pad_to_multiple_of: 128,
-        max_length: 480_000,
-        time_padding: TimePadding::None,
-        frame_validity: FrameValidity::FirstSample,
-        zero_invalid_frames: false,
-    }
-}
-
 /// Turns job media into encoder inputs.
 pub struct MediaDecoder {
     image: ImageProcessing,
@@ -117,7 +84,7 @@ impl MediaDecoder {
         // Processors saved by transformers nest the parts; older ones flatten them into one object.
         let image_cfg = cfg.get("image_processor").unwrap_or(&cfg);
         let audio_cfg = cfg.get("feature_extractor").unwrap_or(&cfg);
-        let mel = MelConfig::from_preprocessor_config(audio_cfg, mel_defaults());
+        let mel = MelConfig::from_preprocessor_config(audio_cfg, MelConfig::gemma3n_extractor());
         Ok(Self {
             image: ImageProcessing::from_config(image_cfg)?,
             mel: MelExtractor::new(&mel),
@@ -178,10 +145,11 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny-gemma3n/preprocessor_config.json");
         let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        let d = format!("{:?}", mel_defaults());
-        let read = MelConfig::from_preprocessor_config(&v, mel_defaults());
+        let d = format!("{:?}", MelConfig::gemma3n_extractor());
+        let read = MelConfig::from_preprocessor_config(&v, MelConfig::gemma3n_extractor());
         assert_eq!(format!("{read:?}"), d);
-        let none = MelConfig::from_preprocessor_config(&Value::Null, mel_defaults());
+        let none =
+            MelConfig::from_preprocessor_config(&Value::Null, MelConfig::gemma3n_extractor());
         assert_eq!(format!("{none:?}"), d);
     }
 }

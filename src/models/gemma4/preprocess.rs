@@ -12,9 +12,7 @@ use serde_json::Value;
 use crate::error::ClassifiedError;
 use crate::models::media::{self, decode_image, media_bytes, MediaLimits};
 use crate::models::{AudioInput, ImageInput, ModelError, PatchGrid};
-use crate::pipeline::audio::{
-    FrameValidity, HannWindow, LogFloor, MelConfig, MelExtractor, TimePadding,
-};
+use crate::pipeline::audio::{MelConfig, MelExtractor};
 use crate::pipeline::image::{self, Filter};
 use crate::protocol::MediaSource;
 
@@ -114,38 +112,9 @@ impl ImageProcessing {
     }
 }
 
-/// `Gemma4AudioFeatureExtractor`'s defaults: 16 kHz, 128 HTK mel bins 0–8000 Hz, 20 ms frames (320) every
-/// 10 ms (160), FFT 512, Hann in float64, no pre-emphasis, `ln(mel + 1e-3)`, semicausal padding, a frame valid
-/// when its window ends on real audio, invalid frames zeroed, pad to a multiple of 128, at most 30 s.
-pub fn mel_defaults() -> MelConfig {
-    MelConfig {
-        sampling_rate: 16_000,
-        feature_size: 128,
-        frame_length: 320,
-        hop_length: 160,
-        fft_length: 512,
-        fft_overdrive: false,
-        min_frequency: 0.0,
-        max_frequency: 8000.0,
-        preemphasis: 0.0,
-        preemphasis_htk_flavor: true,
-        window: HannWindow::Float64,
-        mel_floor: 1e-3,
-        log_floor: LogFloor::Add,
-        input_scale_factor: 1.0,
-        per_bin_mean: None,
-        per_bin_stddev: None,
-        pad_to_multiple_of: 128,
-        max_length: 480_000,
-        time_padding: TimePadding::Semicausal,
-        frame_validity: FrameValidity::LastSample,
-        zero_invalid_frames: true,
-    }
-}
-
-/// The snapshot's `feature_extractor` settings over [`mel_defaults`].
+/// The snapshot's `feature_extractor` settings over [`MelConfig::gemma4_extractor`].
 pub fn mel_config(feature_extractor: &Value) -> MelConfig {
-    MelConfig::from_preprocessor_config(feature_extractor, mel_defaults())
+    MelConfig::from_preprocessor_config(feature_extractor, MelConfig::gemma4_extractor())
 }
 
 /// Soft tokens of a clip with frame mask `mask`: the valid entries left after two `[::2]` subsamplings
@@ -286,7 +255,7 @@ mod tests {
         let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
         assert_eq!(
             format!("{:?}", mel_config(&v["feature_extractor"])),
-            format!("{:?}", mel_defaults())
+            format!("{:?}", MelConfig::gemma4_extractor())
         );
         assert_eq!(
             format!(

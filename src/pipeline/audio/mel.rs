@@ -117,6 +117,67 @@ pub struct MelConfig {
 }
 
 impl MelConfig {
+    /// The log-mel settings of transformers' `Gemma3nAudioFeatureExtractor()`: 16 kHz, 128 bins,
+    /// 32 ms frames (512 samples) every 10 ms (160), `fft_overdrive` (FFT of 1024), 125–7600 Hz,
+    /// pre-emphasis 0.97 in the HTK flavour, a float32 Hann window, `ln(max(mel, 1e-5))`, no left
+    /// padding, a frame valid when its first sample is real, padded to a multiple of 128 samples and
+    /// truncated at 480000 (30 s). A family reads its snapshot's `preprocessor_config.json` over
+    /// these ([`MelConfig::from_preprocessor_config`]).
+    pub fn gemma3n_extractor() -> Self {
+        Self {
+            sampling_rate: 16_000,
+            feature_size: 128,
+            frame_length: 512,
+            hop_length: 160,
+            fft_length: 1024,
+            fft_overdrive: true,
+            min_frequency: 125.0,
+            max_frequency: 7600.0,
+            preemphasis: 0.97,
+            preemphasis_htk_flavor: true,
+            window: HannWindow::Float32,
+            mel_floor: 1e-5,
+            log_floor: LogFloor::Max,
+            input_scale_factor: 1.0,
+            per_bin_mean: None,
+            per_bin_stddev: None,
+            pad_to_multiple_of: 128,
+            max_length: 480_000,
+            time_padding: TimePadding::None,
+            frame_validity: FrameValidity::FirstSample,
+            zero_invalid_frames: false,
+        }
+    }
+
+    /// The log-mel settings of transformers' `Gemma4AudioFeatureExtractor()`: 16 kHz, 128 HTK mel bins 0–8000 Hz, 20 ms frames (320) every
+    /// 10 ms (160), FFT 512, Hann in float64, no pre-emphasis, `ln(mel + 1e-3)`, semicausal padding, a frame valid
+    /// when its window ends on real audio, invalid frames zeroed, pad to a multiple of 128, at most 30 s.
+    pub fn gemma4_extractor() -> Self {
+        Self {
+            sampling_rate: 16_000,
+            feature_size: 128,
+            frame_length: 320,
+            hop_length: 160,
+            fft_length: 512,
+            fft_overdrive: false,
+            min_frequency: 0.0,
+            max_frequency: 8000.0,
+            preemphasis: 0.0,
+            preemphasis_htk_flavor: true,
+            window: HannWindow::Float64,
+            mel_floor: 1e-3,
+            log_floor: LogFloor::Add,
+            input_scale_factor: 1.0,
+            per_bin_mean: None,
+            per_bin_stddev: None,
+            pad_to_multiple_of: 128,
+            max_length: 480_000,
+            time_padding: TimePadding::Semicausal,
+            frame_validity: FrameValidity::LastSample,
+            zero_invalid_frames: true,
+        }
+    }
+
     /// Reads `preprocessor_config.json` values over `base`, the family's defaults, the way the HF
     /// extractor interprets them on load. `frame_length_ms` / `hop_length_ms` win over the sample
     /// counts `to_dict()` also saves, and `fft_length` is recomputed from the frame length and
@@ -596,7 +657,7 @@ pub fn log_mel(samples: &[f32], cfg: &MelConfig) -> MelFeatures {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::{fixtures, gemma3n_reference, gemma4_reference, two_tone};
+    use super::super::testutil::{fixtures, two_tone};
     use super::*;
 
     // ------------------------------------------------------------------ features
@@ -624,7 +685,7 @@ mod tests {
 
     #[test]
     fn frame_count_follows_the_padded_length() {
-        let ex = MelExtractor::new(&gemma3n_reference());
+        let ex = MelExtractor::new(&MelConfig::gemma3n_extractor());
         for (n, frames) in [
             (0, 0),
             (100, 0),
@@ -662,7 +723,7 @@ mod tests {
     fn hann_window_is_numpys_float32_window() {
         // transformers' `Gemma3nAudioFeatureExtractor().window` under NumPy 2.4 (x86-64-v3): the sum
         // of its 512 bit patterns, and values where a correctly rounded cosine would differ.
-        let ex = MelExtractor::new(&gemma3n_reference());
+        let ex = MelExtractor::new(&MelConfig::gemma3n_extractor());
         let bits: u64 = ex.window.iter().map(|w| u64::from(w.to_bits())).sum();
         assert_eq!(bits, 535_751_417_374);
         for (i, b) in [
@@ -686,7 +747,7 @@ mod tests {
     /// 2.4) on the same f32 samples; see `two_tone`.
     #[test]
     fn two_tone_matches_transformers() {
-        let f = log_mel(&two_tone(16000, 2.5), &gemma3n_reference());
+        let f = log_mel(&two_tone(16000, 2.5), &MelConfig::gemma3n_extractor());
         assert_eq!(f.frames, 248);
         assert!(f.mask.iter().all(|&m| m));
         let at = |t: usize, m: usize| f64::from(f.features[t * 128 + m]);
@@ -715,7 +776,7 @@ mod tests {
     fn padding_frames_are_masked() {
         let cfg = MelConfig {
             pad_to_multiple_of: 4096,
-            ..gemma3n_reference()
+            ..MelConfig::gemma3n_extractor()
         };
         let f = log_mel(&two_tone(16000, 1000.0 / 16000.0), &cfg);
         assert_eq!(f.frames, 23);
@@ -735,7 +796,7 @@ mod tests {
             per_bin_mean: Some((0..128).map(|i| 0.01 * i as f32).collect()),
             per_bin_stddev: Some((0..128).map(|i| 1.0 + 0.005 * i as f32).collect()),
             mel_floor: 1e-3,
-            ..gemma3n_reference()
+            ..MelConfig::gemma3n_extractor()
         };
         let f = log_mel(&x, &cfg);
         assert_eq!(f.frames, 48);
@@ -748,7 +809,7 @@ mod tests {
             "preemphasis": 0.0, "frame_length_ms": 25.0, "hop_length_ms": 12.5, "fft_overdrive": false,
             "feature_size": 80, "min_frequency": 60.0, "max_frequency": 7000.0,
         });
-        let cfg = MelConfig::from_preprocessor_config(&json, gemma3n_reference());
+        let cfg = MelConfig::from_preprocessor_config(&json, MelConfig::gemma3n_extractor());
         assert_eq!(
             (
                 cfg.frame_length,
@@ -770,8 +831,8 @@ mod tests {
     fn reads_preprocessor_config() {
         let path = fixtures().join("tiny-gemma3n/preprocessor_config.json");
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        let cfg = MelConfig::from_preprocessor_config(&v, gemma3n_reference());
-        let d = gemma3n_reference();
+        let cfg = MelConfig::from_preprocessor_config(&v, MelConfig::gemma3n_extractor());
+        let d = MelConfig::gemma3n_extractor();
         assert_eq!(format!("{cfg:?}"), format!("{d:?}"));
 
         let custom = serde_json::json!({
@@ -782,7 +843,7 @@ mod tests {
                 "pad_to_multiple_of": 64, "max_length": 80000,
             }
         });
-        let c = MelConfig::from_preprocessor_config(&custom, gemma3n_reference());
+        let c = MelConfig::from_preprocessor_config(&custom, MelConfig::gemma3n_extractor());
         assert_eq!(
             (
                 c.sampling_rate,
@@ -806,7 +867,7 @@ mod tests {
         assert_eq!(c.per_bin_stddev, None, "wrong length is ignored");
         // Bad values keep the defaults.
         let bad = serde_json::json!({"hop_length": 0, "feature_size": -3, "sampling_rate": "fast"});
-        let c = MelConfig::from_preprocessor_config(&bad, gemma3n_reference());
+        let c = MelConfig::from_preprocessor_config(&bad, MelConfig::gemma3n_extractor());
         assert_eq!(
             (c.hop_length, c.feature_size, c.sampling_rate),
             (160, 128, 16000)
@@ -821,13 +882,13 @@ mod tests {
             fft_length: 0,
             pad_to_multiple_of: 0,
             max_length: 0,
-            ..gemma3n_reference()
+            ..MelConfig::gemma3n_extractor()
         };
         let f = log_mel(&[0.5; 300], &cfg);
         assert_eq!(f.features.len(), f.frames * 128);
         let cfg = MelConfig {
             feature_size: 0,
-            ..gemma3n_reference()
+            ..MelConfig::gemma3n_extractor()
         };
         assert!(log_mel(&[0.5; 3000], &cfg).features.is_empty());
     }
@@ -838,7 +899,7 @@ mod tests {
     fn semicausal_frames_and_last_sample_masks() {
         // (samples, frames, valid frames) of transformers' `Gemma4AudioFeatureExtractor()` on a
         // one-clip batch; it gives no frame below 161 samples.
-        let cfg = gemma4_reference();
+        let cfg = MelConfig::gemma4_extractor();
         assert_eq!(cfg.pad_left(), 160);
         let ex = MelExtractor::new(&cfg);
         for (n, frames, valid) in [
@@ -884,7 +945,7 @@ mod tests {
         let first = MelConfig {
             frame_validity: FrameValidity::FirstSample,
             zero_invalid_frames: false,
-            ..gemma4_reference()
+            ..MelConfig::gemma4_extractor()
         };
         assert_eq!(first.frame_mask(800), vec![false, true, true, true, true]);
         let f = log_mel(&two_tone(16000, 0.05), &first);
@@ -893,7 +954,7 @@ mod tests {
 
     #[test]
     fn additive_floor_on_silence() {
-        let f = log_mel(&[0.0; 2000], &gemma4_reference());
+        let f = log_mel(&[0.0; 2000], &MelConfig::gemma4_extractor());
         assert_eq!(f.mask.iter().filter(|&&m| m).count(), 12);
         for (t, row) in f.features.chunks(128).enumerate() {
             let want = if f.mask[t] {
@@ -905,12 +966,12 @@ mod tests {
         }
         // ln(mel + floor) ≥ ln(max(mel, floor)), equal only where mel is 0.
         let x = two_tone(16000, 0.1);
-        let add = log_mel(&x, &gemma4_reference());
+        let add = log_mel(&x, &MelConfig::gemma4_extractor());
         let max = log_mel(
             &x,
             &MelConfig {
                 log_floor: LogFloor::Max,
-                ..gemma4_reference()
+                ..MelConfig::gemma4_extractor()
             },
         );
         assert!(add.features.iter().zip(&max.features).all(|(a, m)| a >= m));
@@ -924,7 +985,7 @@ mod tests {
         let cfg = MelConfig {
             max_length: 1000,
             hop_length: 170,
-            ..gemma3n_reference()
+            ..MelConfig::gemma3n_extractor()
         };
         let x = two_tone(16000, 0.3);
         let f = log_mel(&x, &cfg);
@@ -936,7 +997,7 @@ mod tests {
     #[test]
     fn base_config_supplies_what_the_file_does_not_state() {
         use serde_json::json;
-        let g4 = gemma4_reference();
+        let g4 = MelConfig::gemma4_extractor();
         let read = |v: serde_json::Value, base: &MelConfig| {
             MelConfig::from_preprocessor_config(&v, base.clone())
         };
@@ -951,7 +1012,10 @@ mod tests {
             (400, 512, 200)
         );
         assert_eq!(read(json!({"fft_overdrive": true}), &g4).fft_length, 1024);
-        let c = read(json!({"frame_length": 320}), &gemma3n_reference());
+        let c = read(
+            json!({"frame_length": 320}),
+            &MelConfig::gemma3n_extractor(),
+        );
         assert_eq!(c.fft_length, 1024);
         // Behaviours that no file states stay the base's.
         let c = read(json!({"feature_size": 64, "mel_floor": 0.01}), &g4);
@@ -1003,8 +1067,10 @@ mod tests {
         let extractors = reference["extractors"].as_object().unwrap();
         assert_eq!(extractors.len(), 2);
         for (name, ext) in extractors {
-            let cfg =
-                MelConfig::from_preprocessor_config(&ext["feature_extractor"], gemma4_reference());
+            let cfg = MelConfig::from_preprocessor_config(
+                &ext["feature_extractor"],
+                MelConfig::gemma4_extractor(),
+            );
             let ex = MelExtractor::new(&cfg);
             let want: Vec<f32> = ext["window"]
                 .as_array()

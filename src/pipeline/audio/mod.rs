@@ -58,65 +58,6 @@ impl AudioError {
 mod testutil {
     use std::path::{Path, PathBuf};
 
-    use super::{FrameValidity, HannWindow, LogFloor, MelConfig, TimePadding};
-
-    /// The settings of transformers' `Gemma3nAudioFeatureExtractor()`, with which the reference
-    /// numbers of these tests were computed (the family's own copy is
-    /// `models::gemma3n::preprocess::mel_defaults`; media code does not import models).
-    pub(super) fn gemma3n_reference() -> MelConfig {
-        MelConfig {
-            sampling_rate: 16_000,
-            feature_size: 128,
-            frame_length: 512,
-            hop_length: 160,
-            fft_length: 1024,
-            fft_overdrive: true,
-            min_frequency: 125.0,
-            max_frequency: 7600.0,
-            preemphasis: 0.97,
-            preemphasis_htk_flavor: true,
-            window: HannWindow::Float32,
-            mel_floor: 1e-5,
-            log_floor: LogFloor::Max,
-            input_scale_factor: 1.0,
-            per_bin_mean: None,
-            per_bin_stddev: None,
-            pad_to_multiple_of: 128,
-            max_length: 480_000,
-            time_padding: TimePadding::None,
-            frame_validity: FrameValidity::FirstSample,
-            zero_invalid_frames: false,
-        }
-    }
-
-    /// The settings of transformers' `Gemma4AudioFeatureExtractor()` (`tools/fixtures/gemma4/
-    /// mel_reference.py` computed the Gemma 4 reference data with them).
-    pub(super) fn gemma4_reference() -> MelConfig {
-        MelConfig {
-            sampling_rate: 16_000,
-            feature_size: 128,
-            frame_length: 320,
-            hop_length: 160,
-            fft_length: 512,
-            fft_overdrive: false,
-            min_frequency: 0.0,
-            max_frequency: 8000.0,
-            preemphasis: 0.0,
-            preemphasis_htk_flavor: true,
-            window: HannWindow::Float64,
-            mel_floor: 1e-3,
-            log_floor: LogFloor::Add,
-            input_scale_factor: 1.0,
-            per_bin_mean: None,
-            per_bin_stddev: None,
-            pad_to_multiple_of: 128,
-            max_length: 480_000,
-            time_padding: TimePadding::Semicausal,
-            frame_validity: FrameValidity::LastSample,
-            zero_invalid_frames: true,
-        }
-    }
-
     pub(super) fn fixtures() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
     }
@@ -265,7 +206,7 @@ mod tests {
                 &std::fs::read(root.join("tiny-gemma3n/preprocessor_config.json")).unwrap(),
             )
             .unwrap(),
-            gemma3n_reference(),
+            MelConfig::gemma3n_extractor(),
         ));
         for case in cases {
             let Ok(text) = std::fs::read(case.join("expected.json")) else {
@@ -323,7 +264,7 @@ mod tests {
     #[ignore = "timing, run in release"]
     fn mel_timing() {
         let x = two_tone(16000, 30.0);
-        let ex = MelExtractor::new(&gemma3n_reference());
+        let ex = MelExtractor::new(&MelConfig::gemma3n_extractor());
         let t = std::time::Instant::now();
         let f = ex.extract(&x);
         let first = t.elapsed();
