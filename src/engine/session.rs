@@ -11,7 +11,9 @@ use ort::session::builder::GraphOptimizationLevel;
 use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 
-use super::rewrite::{rewrite_model, GraphEdits, RewriteReport};
+use super::rewrite::{
+    external_data_folder, external_data_locations, rewrite_model, GraphEdits, RewriteReport,
+};
 use super::EngineError;
 
 /// Element types the engine feeds or reads. Anything else is reported by name and rejected where used.
@@ -251,6 +253,7 @@ impl GraphSession {
             last_logits: logits.map(str::to_string),
             attention_mask: Some("attention_mask".to_string())
                 .filter(|_| is_decoder && opts.add_attention_mask),
+            relocate: Default::default(),
         };
         let (session, rewrite) =
             build_session(env, path, opts, &edits, logits.is_some() || is_decoder)
@@ -368,7 +371,11 @@ impl GraphSession {
 }
 
 /// Builds the session; when `edits` change the graph, from the rewritten bytes in memory, with
-/// external data (`*.onnx_data`) still read from the graph's directory.
+/// external data (`*.onnx_data*`) read from the real folder of the files the graph names. A graph in a
+/// Hugging Face snapshot (its files are links into the cache's `blobs/`) is always loaded that way,
+/// with its external-data locations renamed to the files the links point at
+/// ([`super::rewrite::external_data_folder`]): ONNX Runtime refuses data whose real path is outside
+/// the model's folder.
 fn build_session(
     env: &ort::environment::Environment,
     path: &Path,
@@ -393,30 +400,64 @@ fn build_session(
             if opts.spin { "1" } else { "0" },
         )
         .map_err(b)?;
-    if edits.is_empty() {
-        // Nothing to change; a decoder is still read once for what its nodes say (dynamic quantization).
-        let report = if scan {
-            let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-            rewrite_model(&bytes, edits).map_err(|e| e.to_string())?.1
-        } else {
-            RewriteReport::default()
-        };
-        return Ok((builder.commit_from_file(path).map_err(s)?, report));
+    let linked = has_links(path);
+    if edits.is_empty() && !scan && !linked {
+        return Ok((
+            builder.commit_from_file(path).map_err(s)?,
+            RewriteReport::default(),
+        ));
     }
-    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
-    let (rewritten, report) = rewrite_model(&bytes, edits).map_err(|e| e.to_string())?;
-    drop(bytes);
+    let read_err = |e: std::io::Error| format!("cannot read {}: {e}", path.display());
+    let bytes = std::fs::read(path).map_err(read_err)?;
+    let mut edits = edits.clone();
+    let mut folder = None;
+    if linked {
+        let locations = external_data_locations(&bytes).map_err(|e| e.to_string())?;
+        if !locations.is_empty() {
+            let found = external_data_folder(path, &locations)?;
+            edits.relocate = found.relocate;
+            folder = Some(found.folder);
+        }
+    }
+    let (rewritten, report) = rewrite_model(&bytes, &edits).map_err(|e| e.to_string())?;
     let Some(rewritten) = rewritten else {
+        drop(bytes);
         return Ok((builder.commit_from_file(path).map_err(s)?, report));
     };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        builder = builder
-            .with_config_entry(
-                "session.model_external_initializers_file_folder_path",
-                dir.to_string_lossy(),
-            )
-            .map_err(b)?;
-    }
+    drop(bytes);
+    let folder = match folder {
+        Some(f) => f,
+        None => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            std::fs::canonicalize(dir.unwrap_or(Path::new("."))).map_err(read_err)?
+        }
+    };
+    builder = builder
+        .with_config_entry(
+            "session.model_external_initializers_file_folder_path",
+            folder.to_string_lossy(),
+        )
+        .map_err(b)?;
     let session = builder.commit_from_memory(rewritten.model()).map_err(s)?;
     Ok((session, report))
+}
+
+/// Whether the graph or a file beside it is a symbolic link (a Hugging Face snapshot, or a folder
+/// assembled from links): then its external data may live elsewhere.
+fn has_links(path: &Path) -> bool {
+    let is_link = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .map(|m| m.file_type().is_symlink())
+            .unwrap_or(false)
+    };
+    if is_link(path) {
+        return true;
+    }
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    std::fs::read_dir(dir.unwrap_or(Path::new(".")))
+        .map(|rd| {
+            rd.flatten()
+                .any(|e| e.file_type().map(|t| t.is_symlink()).unwrap_or(false))
+        })
+        .unwrap_or(false)
 }

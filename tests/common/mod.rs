@@ -2,6 +2,8 @@
 //! starting the real server (front end + worker over the in-process bus) on 127.0.0.1:0.
 #![allow(dead_code)]
 
+pub mod hub;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
 
@@ -412,6 +414,17 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, program: &Path, args: &[&str], dir: &Path) -> Self {
+        Self::spawn_env(name, program, args, dir, &[])
+    }
+
+    /// As [`Self::spawn`], with `env` added to the inherited environment.
+    pub fn spawn_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Self {
         let log = dir.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let child = std::process::Command::new(program)
@@ -419,6 +432,7 @@ impl Proc {
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .env("ONNX_CHAT_LOG", "info")
+            .envs(env.iter().copied())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         Self {

@@ -21,7 +21,14 @@
 //!   what it did before. When no such `Where` is found the rewrite is not applied and the reason is
 //!   reported (the caller then does not batch).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+mod external_data;
+mod wire;
+
+pub use external_data::{external_data_folder, external_data_locations, ExternalDataFolder};
+use external_data::{relocate_sparse, relocate_tensor};
+use wire::*;
 
 /// What to change in a graph.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -32,11 +39,17 @@ pub struct GraphEdits {
     pub last_logits: Option<String>,
     /// Name of the attention-mask input to add when the graph has none (`None` = leave).
     pub attention_mask: Option<String>,
+    /// External-data `location`s to rename (old → new), from [`external_data_folder`]: a hub
+    /// snapshot's links resolved to the files they point at.
+    pub relocate: BTreeMap<String, String>,
 }
 
 impl GraphEdits {
     pub fn is_empty(&self) -> bool {
-        self.accuracy_level.is_none() && self.last_logits.is_none() && self.attention_mask.is_none()
+        self.accuracy_level.is_none()
+            && self.last_logits.is_none()
+            && self.attention_mask.is_none()
+            && self.relocate.is_empty()
     }
 }
 
@@ -59,11 +72,16 @@ pub struct RewriteReport {
     pub attention_mask_skipped: Option<String>,
     /// The graph already declares the attention-mask input.
     pub attention_mask_declared: bool,
+    /// Tensors whose external-data location was renamed ([`GraphEdits::relocate`]).
+    pub external_data_relocated: usize,
 }
 
 impl RewriteReport {
     pub fn changed(&self) -> bool {
-        self.matmulnbits > 0 || self.last_logits_before.is_some() || self.attention_mask_added > 0
+        self.matmulnbits > 0
+            || self.last_logits_before.is_some()
+            || self.attention_mask_added > 0
+            || self.external_data_relocated > 0
     }
 
     /// Whether the graph takes an attention mask (declared, or added by the rewrite).
@@ -97,6 +115,12 @@ impl RewriteReport {
         if let Some(why) = &self.attention_mask_skipped {
             parts.push(format!("attention_mask not added: {why}"));
         }
+        if self.external_data_relocated > 0 {
+            parts.push(format!(
+                "external data of {} tensor(s) read through the snapshot's links",
+                self.external_data_relocated
+            ));
+        }
         parts.join("; ")
     }
 }
@@ -121,156 +145,6 @@ pub struct RewriteError(String);
 
 fn err<T>(m: impl Into<String>) -> Result<T, RewriteError> {
     Err(RewriteError(m.into()))
-}
-
-// ModelProto / GraphProto / NodeProto / AttributeProto / TensorProto field numbers (onnx.proto3).
-const MODEL_GRAPH: u32 = 7;
-const GRAPH_NODE: u32 = 1;
-const GRAPH_INPUT: u32 = 11;
-const VALUE_INFO_NAME: u32 = 1;
-const VALUE_INFO_TYPE: u32 = 2;
-const TYPE_TENSOR: u32 = 1;
-const TYPE_TENSOR_ELEM: u32 = 1;
-const TYPE_TENSOR_SHAPE: u32 = 2;
-const SHAPE_DIM: u32 = 1;
-const DIM_PARAM: u32 = 2;
-const TENSOR_BOOL: u64 = 9;
-const NODE_INPUT: u32 = 1;
-const NODE_OUTPUT: u32 = 2;
-const NODE_NAME: u32 = 3;
-const NODE_OP_TYPE: u32 = 4;
-const NODE_ATTRIBUTE: u32 = 5;
-const NODE_DOMAIN: u32 = 7;
-const ATTR_NAME: u32 = 1;
-const ATTR_I: u32 = 3;
-const ATTR_T: u32 = 5;
-const ATTR_G: u32 = 6;
-const ATTR_GRAPHS: u32 = 11;
-const ATTR_TYPE: u32 = 20;
-const ATTR_TYPE_INT: u64 = 2;
-const ATTR_TYPE_TENSOR: u64 = 4;
-const TENSOR_DIMS: u32 = 1;
-const TENSOR_DATA_TYPE: u32 = 2;
-const TENSOR_INT64_DATA: u32 = 7;
-const TENSOR_INT64: u64 = 7;
-
-const WIRE_VARINT: u8 = 0;
-const WIRE_I64: u8 = 1;
-const WIRE_LEN: u8 = 2;
-const WIRE_I32: u8 = 5;
-
-/// One field of a message: its number, wire type, the whole record (tag included) and its payload.
-struct Field<'a> {
-    num: u32,
-    wire: u8,
-    raw: &'a [u8],
-    /// Length-delimited payload (empty for other wire types).
-    body: &'a [u8],
-}
-
-fn read_varint(buf: &[u8], pos: &mut usize) -> Result<u64, RewriteError> {
-    let mut v = 0u64;
-    for shift in (0..70).step_by(7) {
-        let Some(&b) = buf.get(*pos) else {
-            return err("truncated varint");
-        };
-        *pos += 1;
-        if shift == 63 && b > 1 {
-            return err("varint overflow");
-        }
-        v |= u64::from(b & 0x7f) << shift;
-        if b & 0x80 == 0 {
-            return Ok(v);
-        }
-    }
-    err("varint too long")
-}
-
-struct Fields<'a> {
-    buf: &'a [u8],
-    pos: usize,
-}
-
-fn fields(buf: &[u8]) -> Fields<'_> {
-    Fields { buf, pos: 0 }
-}
-
-impl<'a> Iterator for Fields<'a> {
-    type Item = Result<Field<'a>, RewriteError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.pos >= self.buf.len() {
-            return None;
-        }
-        let start = self.pos;
-        let r = (|| {
-            let tag = read_varint(self.buf, &mut self.pos)?;
-            let (num, wire) = ((tag >> 3) as u32, (tag & 7) as u8);
-            if num == 0 {
-                return err("field number 0");
-            }
-            let mut body: &[u8] = &[];
-            match wire {
-                WIRE_VARINT => {
-                    read_varint(self.buf, &mut self.pos)?;
-                }
-                WIRE_I64 | WIRE_I32 => {
-                    let n = if wire == WIRE_I64 { 8 } else { 4 };
-                    if self.pos + n > self.buf.len() {
-                        return err("truncated fixed-width field");
-                    }
-                    self.pos += n;
-                }
-                WIRE_LEN => {
-                    let len = read_varint(self.buf, &mut self.pos)? as usize;
-                    let end = self.pos.checked_add(len).filter(|&e| e <= self.buf.len());
-                    let Some(end) = end else {
-                        return err("length-delimited field runs past its message");
-                    };
-                    body = &self.buf[self.pos..end];
-                    self.pos = end;
-                }
-                w => return err(format!("unsupported wire type {w}")),
-            }
-            Ok(Field {
-                num,
-                wire,
-                raw: &self.buf[start..self.pos],
-                body,
-            })
-        })();
-        if r.is_err() {
-            self.pos = self.buf.len();
-        }
-        Some(r)
-    }
-}
-
-fn put_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-fn put_tag(out: &mut Vec<u8>, num: u32, wire: u8) {
-    put_varint(out, (u64::from(num) << 3) | u64::from(wire));
-}
-
-fn put_bytes(out: &mut Vec<u8>, num: u32, bytes: &[u8]) {
-    put_tag(out, num, WIRE_LEN);
-    put_varint(out, bytes.len() as u64);
-    out.extend_from_slice(bytes);
-}
-
-fn put_uint(out: &mut Vec<u8>, num: u32, v: u64) {
-    put_tag(out, num, WIRE_VARINT);
-    put_varint(out, v);
-}
-
-fn text(b: &[u8]) -> Result<&str, RewriteError> {
-    std::str::from_utf8(b).map_err(|_| RewriteError("a name is not UTF-8".into()))
 }
 
 /// Applies `edits` to a serialized `ModelProto`. Returns `None` when nothing had to change (the
@@ -514,7 +388,19 @@ fn rewrite_graph(
     for f in fields(body) {
         let f = f?;
         if !(f.num == GRAPH_NODE && f.wire == WIRE_LEN) {
-            out.extend_from_slice(f.raw);
+            let moved = match (f.num, f.wire) {
+                _ if edits.relocate.is_empty() => None,
+                (GRAPH_INITIALIZER, WIRE_LEN) => relocate_tensor(f.body, &edits.relocate)?,
+                (GRAPH_SPARSE_INITIALIZER, WIRE_LEN) => relocate_sparse(f.body, &edits.relocate)?,
+                _ => None,
+            };
+            match moved {
+                Some(t) => {
+                    put_bytes(out, f.num, &t);
+                    report.external_data_relocated += 1;
+                }
+                None => out.extend_from_slice(f.raw),
+            }
             continue;
         }
         if let (0, Some(mask), Some(b11t)) = (index, mask_name, mask_b11t.as_deref()) {
@@ -669,16 +555,25 @@ fn rewrite_node(
     edits: &GraphEdits,
     report: &mut RewriteReport,
 ) -> Result<Option<Vec<u8>>, RewriteError> {
-    let (mut op, mut domain, mut subgraphs) = ("", "", false);
+    let (mut op, mut domain, mut subgraphs, mut tensors) = ("", "", false, false);
+    let tensor_attr = |n: u32| {
+        !edits.relocate.is_empty()
+            && matches!(
+                n,
+                ATTR_T | ATTR_TENSORS | ATTR_SPARSE_TENSOR | ATTR_SPARSE_TENSORS
+            )
+    };
     for f in fields(body) {
         let f = f?;
         match (f.num, f.wire) {
             (NODE_OP_TYPE, WIRE_LEN) => op = text(f.body)?,
             (NODE_DOMAIN, WIRE_LEN) => domain = text(f.body)?,
             (NODE_ATTRIBUTE, WIRE_LEN) => {
-                subgraphs |= fields(f.body).any(|a| {
-                    a.is_ok_and(|a| matches!(a.num, ATTR_G | ATTR_GRAPHS) && a.wire == WIRE_LEN)
-                })
+                for a in fields(f.body) {
+                    let a = a?;
+                    subgraphs |= matches!(a.num, ATTR_G | ATTR_GRAPHS) && a.wire == WIRE_LEN;
+                    tensors |= tensor_attr(a.num) && a.wire == WIRE_LEN;
+                }
             }
             _ => {}
         }
@@ -689,7 +584,7 @@ fn rewrite_node(
     let level = edits
         .accuracy_level
         .filter(|_| op == "MatMulNBits" && domain == "com.microsoft");
-    if level.is_none() && !subgraphs {
+    if level.is_none() && !subgraphs && !tensors {
         return Ok(None);
     }
     let mut out = Vec::with_capacity(body.len() + 32);
@@ -706,6 +601,7 @@ fn rewrite_node(
             match (a.num, a.wire) {
                 (ATTR_NAME, WIRE_LEN) => name = text(a.body)?,
                 (ATTR_G | ATTR_GRAPHS, WIRE_LEN) => has_graph = true,
+                (n, WIRE_LEN) if tensor_attr(n) => has_graph = true,
                 _ => {}
             }
         }
@@ -719,12 +615,28 @@ fn rewrite_node(
         let mut attr = Vec::with_capacity(f.body.len());
         for a in fields(f.body) {
             let a = a?;
-            if matches!(a.num, ATTR_G | ATTR_GRAPHS) && a.wire == WIRE_LEN {
-                let mut g = Vec::with_capacity(a.body.len());
-                rewrite_graph(a.body, edits, false, report, &mut g)?;
-                put_bytes(&mut attr, a.num, &g);
-            } else {
-                attr.extend_from_slice(a.raw);
+            let moved = match (a.num, a.wire) {
+                (ATTR_G | ATTR_GRAPHS, WIRE_LEN) => {
+                    let mut g = Vec::with_capacity(a.body.len());
+                    rewrite_graph(a.body, edits, false, report, &mut g)?;
+                    Some(g)
+                }
+                (ATTR_T | ATTR_TENSORS, WIRE_LEN) if tensor_attr(a.num) => {
+                    relocate_tensor(a.body, &edits.relocate)?
+                }
+                (ATTR_SPARSE_TENSOR | ATTR_SPARSE_TENSORS, WIRE_LEN) if tensor_attr(a.num) => {
+                    relocate_sparse(a.body, &edits.relocate)?
+                }
+                _ => None,
+            };
+            match moved {
+                Some(m) => {
+                    if !matches!(a.num, ATTR_G | ATTR_GRAPHS) {
+                        report.external_data_relocated += 1;
+                    }
+                    put_bytes(&mut attr, a.num, &m);
+                }
+                None => attr.extend_from_slice(a.raw),
             }
         }
         put_bytes(&mut out, NODE_ATTRIBUTE, &attr);
