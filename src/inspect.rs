@@ -1,6 +1,10 @@
 //! `onnx-chat inspect MODEL`: the first thing to run on a new snapshot. Shows how the model name
 //! resolved, which file each component uses under the chosen quantization (and whether that was a
-//! fallback), and every ONNX graph's inputs and outputs with element types and shapes.
+//! fallback), the processor settings and which file each came from (transformers 5's nested
+//! `processor_config.json` entry, or the flat `preprocessor_config.json`), whether the model loads the
+//! way `serve` loads it (the family's own loader: configs, tokenizer, template, processor settings,
+//! graphs), and every ONNX graph's inputs and outputs with element types and shapes. It fails when a
+//! graph or the model does not load (the export recipe, tools/export/export.sh, relies on that).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -11,6 +15,9 @@ use serde::Serialize;
 use crate::engine::kv::KvLayout;
 use crate::engine::session::{GraphSession, IoSpec, SessionOptions};
 use crate::models::catalog::Component;
+use crate::models::family::LoadOptions;
+use crate::models::loaded::LoadedModel;
+use crate::models::processor_config::{Origin, Part, ProcessorFiles, PROCESSOR_CONFIG};
 use crate::models::resolve::{self, ResolvedModel};
 
 #[derive(Debug, Serialize)]
@@ -45,11 +52,97 @@ impl From<&IoSpec> for IoLine {
     }
 }
 
+/// One group of processor settings and the file (and entry) they were read from.
+#[derive(Debug, Serialize)]
+pub struct ProcessorReport {
+    /// "image processor", "feature extractor", "video processor", or "processor" (its own settings).
+    pub part: String,
+    /// `processor_config.json "image_processor"`, `preprocessor_config.json`, `processor_config.json`.
+    pub source: String,
+    pub settings: serde_json::Map<String, serde_json::Value>,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub model: ResolvedModel,
     pub ort_library: Option<String>,
+    /// The processor settings found, by part (parts found nowhere are left out).
+    pub processor: Vec<ProcessorReport>,
+    /// Why the processor files could not be read, if they could not.
+    pub processor_error: Option<String>,
+    /// Why the model does not load as `serve` loads it (`None`: it loads).
+    pub load_error: Option<String>,
     pub graphs: Vec<GraphReport>,
+}
+
+impl Report {
+    /// What makes `inspect` fail: a graph or the model that does not load.
+    pub fn failure(&self) -> Option<String> {
+        if let Some(e) = &self.load_error {
+            return Some(format!("the model does not load as `serve` loads it: {e}"));
+        }
+        if let Some(e) = &self.processor_error {
+            return Some(format!("the processor settings cannot be read: {e}"));
+        }
+        self.graphs
+            .iter()
+            .find(|g| g.error.is_some())
+            .map(|g| format!("{} failed to load", g.file))
+    }
+}
+
+/// The snapshot's processor settings, read where the families read them
+/// ([`crate::models::processor_config`]): each part's object and where it was found, then the
+/// processor's own settings (the top level of `processor_config.json`).
+fn processor_settings(dir: &Path) -> Result<Vec<ProcessorReport>, String> {
+    let files = ProcessorFiles::load(dir).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for part in [
+        Part::ImageProcessor,
+        Part::FeatureExtractor,
+        Part::VideoProcessor,
+    ] {
+        let s = files.part(part).map_err(|e| e.to_string())?;
+        if s.origin() == Origin::Nowhere {
+            continue;
+        }
+        // A flat file holding several parts (older snapshots) is listed once.
+        let source = s.origin().to_string();
+        if out.iter().any(|r: &ProcessorReport| r.source == source) {
+            continue;
+        }
+        out.push(ProcessorReport {
+            part: part.label().to_string(),
+            source,
+            settings: s.values().clone(),
+        });
+    }
+    let own = files.processor();
+    let top = crate::models::config_util::read_json_opt(&dir.join(PROCESSOR_CONFIG))
+        .map_err(|e| e.to_string())?;
+    if let Some(serde_json::Value::Object(top)) = top {
+        let settings: serde_json::Map<_, _> = top
+            .into_iter()
+            .filter(|(k, _)| own.get(k).is_some())
+            .collect();
+        out.push(ProcessorReport {
+            part: "processor".into(),
+            source: PROCESSOR_CONFIG.into(),
+            settings,
+        });
+    }
+    Ok(out)
+}
+
+/// Loads the model the way `serve` does (the family's loader), then drops it.
+fn load_as_served(model: &ResolvedModel, opts: &SessionOptions) -> Option<String> {
+    let load = LoadOptions {
+        session: opts.clone(),
+        encoder_cache_bytes: 0,
+        kv_cache_bytes: 0,
+        ..LoadOptions::default()
+    };
+    LoadedModel::load(model, &load).err().map(|e| e.to_string())
 }
 
 fn variant_of(stem: &str) -> (Option<Component>, String) {
@@ -78,8 +171,14 @@ fn size(p: &Path) -> u64 {
     std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
 
-/// Loads every graph (all variants in the snapshot, or only the selected ones) and reports their I/O.
+/// Reads the processor settings, loads the model as `serve` does, and loads every graph (all variants
+/// in the snapshot, or only the selected ones) and reports their I/O.
 pub fn inspect(model: ResolvedModel, selected_only: bool, opts: &SessionOptions) -> Report {
+    let (processor, processor_error) = match processor_settings(&model.root) {
+        Ok(p) => (p, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    let load_error = load_as_served(&model, opts);
     let files = resolve::list_dir(&model.root).unwrap_or_default();
     let selected: Vec<String> = model
         .plan
@@ -137,6 +236,9 @@ pub fn inspect(model: ResolvedModel, selected_only: bool, opts: &SessionOptions)
     Report {
         ort_library: crate::engine::runtime::loaded_library().map(|p| p.display().to_string()),
         model,
+        processor,
+        processor_error,
+        load_error,
         graphs,
     }
 }
@@ -192,6 +294,35 @@ pub fn render_text(r: &Report) -> String {
             "  {:<22} (none: requests with this modality are rejected)",
             c.file_stem()
         );
+    }
+    let _ = writeln!(out, "\nprocessor settings:");
+    if let Some(e) = &r.processor_error {
+        let _ = writeln!(out, "  UNREADABLE: {e}");
+    } else if r.processor.is_empty() {
+        let _ = writeln!(
+            out,
+            "  (none: no processor_config.json or preprocessor_config.json)"
+        );
+    }
+    for p in &r.processor {
+        let _ = writeln!(out, "  {:<18} from {}", p.part, p.source);
+        let width = p.settings.keys().map(String::len).max().unwrap_or(0);
+        for (k, v) in &p.settings {
+            let _ = writeln!(out, "      {k:<width$}  {v}");
+        }
+    }
+    match &r.load_error {
+        None => {
+            let _ = writeln!(
+                out,
+                "\nloads as served: ok ({} loader: configs, tokenizer, template, processor settings, {} graphs)",
+                m.plan.family.name(),
+                m.plan.quant
+            );
+        }
+        Some(e) => {
+            let _ = writeln!(out, "\nloads as served: LOAD FAILED: {e}");
+        }
     }
     let mut by_component: BTreeMap<String, Vec<&GraphReport>> = BTreeMap::new();
     for g in &r.graphs {

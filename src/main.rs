@@ -58,8 +58,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             } else {
                 print!("{}", inspect::render_text(&report));
             }
-            if let Some(bad) = report.graphs.iter().find(|g| g.error.is_some()) {
-                anyhow::bail!("{} failed to load", bad.file);
+            if let Some(why) = report.failure() {
+                anyhow::bail!("{why}");
             }
             Ok(())
         }

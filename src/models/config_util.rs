@@ -1,5 +1,6 @@
-//! What every family reads from a snapshot's JSON files: the file helpers and the generation defaults of
-//! `generation_config.json`.
+//! What every family reads from a snapshot's JSON files: the file helpers, the nested configs of
+//! `config.json` with transformers' class defaults ([`SubConfig`]), and the generation defaults of
+//! `generation_config.json`. Processor settings: [`super::processor_config`].
 
 use std::path::Path;
 
@@ -42,6 +43,131 @@ pub fn u32_field(v: &Value, key: &str, what: &str) -> Result<u32, ModelError> {
         .and_then(Value::as_u64)
         .and_then(|x| u32::try_from(x).ok())
         .ok_or_else(|| ModelError::Config(format!("{what} has no integer {key:?}")))
+}
+
+/// The class default of `key` in transformers' config class for `model_type`, for the nested configs the
+/// families read. transformers 4.x saved a nested config as its difference from the class defaults
+/// (`recursive_diff_dict`: a key whose value equalled both the class default and the composite's default
+/// sub-config was left out), so in a real `config.json` a missing `text_config` / `vision_config` key
+/// means this value. transformers 5 writes nested configs whole. `None`: no default known here, the key
+/// must be stated. `Some(Value::Null)`: the default is `None`.
+pub fn class_default(model_type: &str, key: &str) -> Option<Value> {
+    let v = match (model_type, key) {
+        // Gemma3nTextConfig
+        ("gemma3n_text", "vocab_size") => Value::from(262_400),
+        ("gemma3n_text", "hidden_size") => Value::from(2048),
+        ("gemma3n_text", "max_position_embeddings") => Value::from(32_768),
+        ("gemma3n_text", "final_logit_softcapping") => Value::from(30.0),
+        // Gemma4TextConfig
+        ("gemma4_text", "vocab_size") => Value::from(262_144),
+        ("gemma4_text", "hidden_size") => Value::from(2304),
+        ("gemma4_text", "max_position_embeddings") => Value::from(131_072),
+        ("gemma4_text", "final_logit_softcapping") => Value::Null,
+        ("gemma3n_text" | "gemma4_text", "pad_token_id") => Value::from(0),
+        ("gemma3n_text" | "gemma4_text", "bos_token_id") => Value::from(2),
+        ("gemma3n_text" | "gemma4_text", "eos_token_id") => Value::from(1),
+        // LlamaConfig (SmolVLM's text model, and LLaVA-NeXT's default one) and GraniteConfig
+        ("llama" | "granite", "vocab_size") => Value::from(32_000),
+        ("llama" | "granite", "hidden_size") => Value::from(4096),
+        ("llama" | "granite", "max_position_embeddings") => Value::from(2048),
+        ("llama" | "granite", "bos_token_id") => Value::from(1),
+        ("llama" | "granite", "eos_token_id") => Value::from(2),
+        // Idefics3VisionConfig / SmolVLMVisionConfig
+        ("idefics3_vision" | "smolvlm_vision", "image_size") => Value::from(224),
+        ("idefics3_vision" | "smolvlm_vision", "patch_size") => Value::from(32),
+        _ => return None,
+    };
+    Some(v)
+}
+
+/// A nested config of `config.json` (`text_config`, `vision_config`): its stated values, else the class
+/// defaults of its `model_type` ([`class_default`]); the section's `model_type` itself may be left out
+/// when it is the composite's default one, which the family names.
+#[derive(Debug, Clone, Copy)]
+pub struct SubConfig<'a> {
+    name: &'static str,
+    model_type: &'a str,
+    v: &'a Value,
+}
+
+impl<'a> SubConfig<'a> {
+    /// `cfg[name]`, whose `model_type` is `default_type` unless it says otherwise.
+    pub fn of(
+        cfg: &'a Value,
+        name: &'static str,
+        default_type: &'a str,
+    ) -> Result<Self, ModelError> {
+        let v = cfg
+            .get(name)
+            .filter(|v| v.is_object())
+            .ok_or_else(|| ModelError::Config(format!("config.json has no {name}")))?;
+        let model_type = v
+            .get("model_type")
+            .and_then(Value::as_str)
+            .unwrap_or(default_type);
+        Ok(Self {
+            name,
+            model_type,
+            v,
+        })
+    }
+
+    pub fn model_type(&self) -> &'a str {
+        self.model_type
+    }
+
+    /// The section as stated.
+    pub fn raw(&self) -> &'a Value {
+        self.v
+    }
+
+    /// The stated value (a stated `null` included), else the class default.
+    pub fn value(&self, key: &str) -> Option<Value> {
+        self.v
+            .get(key)
+            .cloned()
+            .or_else(|| class_default(self.model_type, key))
+    }
+
+    fn missing(&self, key: &str, what: &str) -> ModelError {
+        ModelError::Config(format!(
+            "config.json {} has no {what} {key:?} (and transformers' {:?} config has no default for it)",
+            self.name, self.model_type
+        ))
+    }
+
+    /// A positive integer.
+    pub fn positive(&self, key: &str) -> Result<usize, ModelError> {
+        self.value(key)
+            .and_then(|v| v.as_u64())
+            .filter(|&x| x > 0)
+            .map(|x| x as usize)
+            .ok_or_else(|| self.missing(key, "positive integer"))
+    }
+
+    /// A number that may be `null` (off).
+    pub fn optional_f32(&self, key: &str) -> Result<Option<f32>, ModelError> {
+        match self.value(key) {
+            None => Err(self.missing(key, "number")),
+            Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_f64()
+                .map(|x| Some(x as f32))
+                .ok_or_else(|| self.missing(key, "number")),
+        }
+    }
+
+    /// A token id that may be `null`.
+    pub fn optional_id(&self, key: &str) -> Option<u32> {
+        self.value(key)
+            .and_then(|v| v.as_u64())
+            .and_then(|x| u32::try_from(x).ok())
+    }
+
+    /// An id or list of ids (empty when `null` or unknown).
+    pub fn ids(&self, key: &str) -> Vec<u32> {
+        ids_of(self.value(key).as_ref())
+    }
 }
 
 /// Sampling defaults from `generation_config.json`; a request's own values win.

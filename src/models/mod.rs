@@ -8,8 +8,10 @@
 //! - [`gemma4`]: the Gemma 4 family (aspect-preserving patch sequences, per-item soft-token counts,
 //!   the thought channel; docs/gemma4.md).
 //! - [`config_util`] and [`media`]: what families share: JSON helpers, generation defaults, media
-//!   limits and decoding; [`decoder`] and [`prompt`]: the shared text decoder driver and prompt
-//!   steps (used by Granite Vision; the older families still carry their own copies).
+//!   limits and decoding; [`processor_config`]: a snapshot's processor settings, found where
+//!   transformers 5 looks (nested in `processor_config.json`, else `preprocessor_config.json`);
+//!   [`decoder`] and [`prompt`]: the shared text decoder driver and prompt steps (used by Granite
+//!   Vision; the older families still carry their own copies).
 //! - [`generate`]: the family-agnostic generation loop (sampling, stop conditions, detokenization),
 //!   run as a step task on the model's owner thread.
 //! - [`loaded`]: a loaded model as the worker sees it: preprocess a job, then stream its generation.
@@ -31,6 +33,7 @@ pub mod granite_vision;
 pub mod hub;
 pub mod loaded;
 pub mod media;
+pub mod processor_config;
 pub mod prompt;
 pub mod registry;
 pub mod resolve;

@@ -7,10 +7,11 @@ use std::path::Path;
 use serde_json::Value;
 
 pub use crate::models::config_util::GenerationDefaults;
-use crate::models::config_util::{self, ids_of, read_json, read_json_opt};
+use crate::models::config_util::{self, ids_of, read_json, SubConfig};
+use crate::models::processor_config::ProcessorFiles;
 use crate::models::ModelError;
 
-/// Parsed `config.json` (+ `processor_config.json` counts) of a Gemma-3n model.
+/// Parsed `config.json` (+ the processor's counts in `processor_config.json`) of a Gemma-3n model.
 #[derive(Debug, Clone)]
 pub struct Gemma3nConfig {
     pub image_token_id: u32,
@@ -19,9 +20,9 @@ pub struct Gemma3nConfig {
     pub eoi_token_id: u32,
     pub boa_token_id: u32,
     pub eoa_token_id: u32,
-    /// `<image_soft_token>` per image (`image_seq_length`, else `vision_soft_tokens_per_image`).
+    /// `<image_soft_token>` per image (`processor_config.json` `image_seq_length`).
     pub image_seq_length: usize,
-    /// `<audio_soft_token>` per clip (`audio_seq_length`, else `audio_soft_tokens_per_image`).
+    /// `<audio_soft_token>` per clip (`processor_config.json` `audio_seq_length`).
     pub audio_seq_length: usize,
     pub vocab_size: usize,
     pub hidden_size: usize,
@@ -38,22 +39,11 @@ fn u32_field(v: &Value, key: &str) -> Result<u32, ModelError> {
 impl Gemma3nConfig {
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let cfg = read_json(&dir.join("config.json"))?;
-        let processor = read_json_opt(&dir.join("processor_config.json"))?;
-        let text = cfg
-            .get("text_config")
-            .ok_or_else(|| ModelError::Config("config.json has no text_config".into()))?;
-        let count = |proc_key: &str, cfg_key: &str, default: usize| -> usize {
-            processor
-                .as_ref()
-                .and_then(|p| p.get(proc_key))
-                .and_then(Value::as_u64)
-                .or_else(|| cfg.get(cfg_key).and_then(Value::as_u64))
-                .map(|x| x as usize)
-                .unwrap_or(default)
-        };
+        let processor = ProcessorFiles::load(dir)?.processor();
+        let text = SubConfig::of(&cfg, "text_config", "gemma3n_text")?;
         let mut eos = ids_of(cfg.get("eos_token_id"));
         if eos.is_empty() {
-            eos = ids_of(text.get("eos_token_id"));
+            eos = text.ids("eos_token_id");
         }
         Ok(Self {
             image_token_id: u32_field(&cfg, "image_token_id")?,
@@ -62,32 +52,102 @@ impl Gemma3nConfig {
             eoi_token_id: u32_field(&cfg, "eoi_token_id")?,
             boa_token_id: u32_field(&cfg, "boa_token_id")?,
             eoa_token_id: u32_field(&cfg, "eoa_token_id")?,
-            image_seq_length: count("image_seq_length", "vision_soft_tokens_per_image", 256),
-            audio_seq_length: count("audio_seq_length", "audio_soft_tokens_per_image", 188),
-            vocab_size: text
-                .get("vocab_size")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| ModelError::Config("text_config has no vocab_size".into()))?
-                as usize,
-            hidden_size: text
-                .get("hidden_size")
-                .and_then(Value::as_u64)
-                .ok_or_else(|| ModelError::Config("text_config has no hidden_size".into()))?
-                as usize,
-            context_length: text
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(32768) as usize,
-            final_logit_softcapping: text
-                .get("final_logit_softcapping")
-                .and_then(Value::as_f64)
-                .map(|x| x as f32),
+            // The processor's own settings (Gemma3nProcessor's image_seq_length / audio_seq_length): only
+            // processor_config.json states them, and the model loader checks them against the encoders.
+            image_seq_length: processor.positive("image_seq_length")?,
+            audio_seq_length: processor.positive("audio_seq_length")?,
+            vocab_size: text.positive("vocab_size")?,
+            hidden_size: text.positive("hidden_size")?,
+            context_length: text.positive("max_position_embeddings")?,
+            // Gemma3nTextConfig's default is 30.0 (a missing key soft-caps), `null` turns it off.
+            final_logit_softcapping: text.optional_f32("final_logit_softcapping")?,
             bos_token_id: text
+                .raw()
                 .get("bos_token_id")
                 .or_else(|| cfg.get("bos_token_id"))
                 .and_then(Value::as_u64)
-                .map(|x| x as u32),
+                .map(|x| x as u32)
+                .or_else(|| text.optional_id("bos_token_id")),
             eos_token_ids: eos,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::processor_config::{PREPROCESSOR_CONFIG, PROCESSOR_CONFIG};
+    use serde_json::json;
+
+    fn write(dir: &Path, name: &str, v: Value) {
+        std::fs::write(dir.join(name), v.to_string()).unwrap();
+    }
+
+    fn base() -> Value {
+        json!({"model_type": "gemma3n", "image_token_id": 262145, "audio_token_id": 262273,
+               "boi_token_id": 255999, "eoi_token_id": 262144, "boa_token_id": 256000,
+               "eoa_token_id": 262272,
+               "text_config": {"model_type": "gemma3n_text", "vocab_size": 600, "hidden_size": 64}})
+    }
+
+    #[test]
+    fn counts_come_from_processor_config() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "config.json", base());
+        let e = Gemma3nConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("\"image_seq_length\"") && e.contains(PROCESSOR_CONFIG),
+            "{e}"
+        );
+        // A flat preprocessor_config.json is not where the processor's own settings are read.
+        write(
+            dir.path(),
+            PREPROCESSOR_CONFIG,
+            json!({"image_seq_length": 256, "audio_seq_length": 188}),
+        );
+        assert!(Gemma3nConfig::load(dir.path()).is_err());
+        write(
+            dir.path(),
+            PROCESSOR_CONFIG,
+            json!({"image_seq_length": 256, "audio_seq_length": 188,
+                   "image_processor": {"size": {"height": 768, "width": 768}}}),
+        );
+        let c = Gemma3nConfig::load(dir.path()).unwrap();
+        assert_eq!((c.image_seq_length, c.audio_seq_length), (256, 188));
+    }
+
+    #[test]
+    fn text_config_keys_left_out_take_the_class_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            dir.path(),
+            PROCESSOR_CONFIG,
+            json!({"image_seq_length": 256, "audio_seq_length": 188}),
+        );
+        let mut v = base();
+        v["text_config"] = json!({});
+        write(dir.path(), "config.json", v);
+        let c = Gemma3nConfig::load(dir.path()).unwrap();
+        assert_eq!(
+            (c.vocab_size, c.hidden_size, c.context_length),
+            (262_400, 2048, 32_768)
+        );
+        assert_eq!(c.final_logit_softcapping, Some(30.0));
+        assert_eq!(
+            (c.bos_token_id, c.eos_token_ids.clone()),
+            (Some(2), vec![1])
+        );
+        let mut v = base();
+        v["text_config"]["final_logit_softcapping"] = Value::Null;
+        v["eos_token_id"] = json!([1, 106]);
+        write(dir.path(), "config.json", v);
+        let c = Gemma3nConfig::load(dir.path()).unwrap();
+        assert_eq!(c.final_logit_softcapping, None);
+        assert_eq!(c.eos_token_ids, vec![1, 106]);
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("boa_token_id");
+        write(dir.path(), "config.json", v);
+        let e = Gemma3nConfig::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("boa_token_id"), "{e}");
     }
 }

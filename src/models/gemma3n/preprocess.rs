@@ -1,14 +1,13 @@
 //! Gemma-3n media preprocessing: the wiring of the generic image and audio stages with the values of
-//! the model's `preprocessor_config.json` (model_interface.md §1.6–1.7). Errors name the media item by
+//! the model's image processor and feature extractor settings (model_interface.md §1.6–1.7; where they
+//! are read from: [`crate::models::processor_config`]). Errors name the media item by
 //! its index in the request (images and clips counted separately, in message order).
 
 use std::path::Path;
 
-use serde_json::Value;
-
 use crate::error::ClassifiedError;
-use crate::models::config_util::read_json_opt;
 use crate::models::media::{self, decode_image, media_bytes, MediaLimits};
+use crate::models::processor_config::{Part, ProcessorFiles, Settings};
 use crate::models::{AudioInput, ImageInput, ModelError};
 use crate::pipeline::audio::{MelConfig, MelExtractor};
 use crate::pipeline::image::{self, Filter};
@@ -25,48 +24,24 @@ struct ImageProcessing {
 }
 
 impl ImageProcessing {
-    fn from_config(v: &Value) -> Result<Self, ModelError> {
-        let size = v.get("size");
-        let dim = |k: &str| {
-            size.and_then(|s| s.get(k))
-                .and_then(Value::as_u64)
-                .unwrap_or(768) as u32
-        };
-        let resample = v.get("resample").and_then(Value::as_u64).unwrap_or(2);
-        let filter = Filter::from_pil(resample).ok_or_else(|| {
-            ModelError::Config(format!(
-                "preprocessor_config.json: unsupported resample {resample}"
-            ))
-        })?;
-        let flag = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
-        let triple = |k: &str| -> Option<[f32; 3]> {
-            let a = v.get(k)?.as_array()?;
-            let f = |i: usize| {
-                a.get(i)
-                    .or(a.first())
-                    .and_then(Value::as_f64)
-                    .map(|x| x as f32)
-            };
-            Some([f(0)?, f(1)?, f(2)?])
-        };
-        let normalize = if flag("do_normalize", false) {
-            Some((
-                triple("image_mean").unwrap_or([0.5; 3]),
-                triple("image_std").unwrap_or([0.5; 3]),
-            ))
-        } else {
-            None
+    /// `SiglipImageProcessor`'s settings: every image is resized to `size` (`height` × `width`).
+    fn from_settings(s: &Settings) -> Result<Self, ModelError> {
+        if !s.flag("do_resize")? {
+            return Err(s.invalid(
+                "do_resize",
+                "the vision encoder takes images of `size` only",
+            ));
+        }
+        let size = s.size("size")?;
+        let (Some(height), Some(width)) = (size.height, size.width) else {
+            return Err(s.invalid("size", "expected height and width"));
         };
         Ok(Self {
-            width: dim("width"),
-            height: dim("height"),
-            filter,
-            rescale: flag("do_rescale", true).then(|| {
-                v.get("rescale_factor")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(1.0 / 255.0)
-            }),
-            normalize,
+            width,
+            height,
+            filter: s.resample()?,
+            rescale: s.rescale()?,
+            normalize: s.normalize()?,
         })
     }
 }
@@ -79,14 +54,17 @@ pub struct MediaDecoder {
 }
 
 impl MediaDecoder {
+    /// The image processor's and the feature extractor's settings of snapshot `dir`, found where
+    /// transformers looks ([`ProcessorFiles`]): hub snapshots merge both into one flat
+    /// `preprocessor_config.json`, transformers 5 nests them in `processor_config.json`.
     pub fn new(dir: &Path, limits: MediaLimits) -> Result<Self, ModelError> {
-        let cfg = read_json_opt(&dir.join("preprocessor_config.json"))?.unwrap_or(Value::Null);
-        // Processors saved by transformers nest the parts; older ones flatten them into one object.
-        let image_cfg = cfg.get("image_processor").unwrap_or(&cfg);
-        let audio_cfg = cfg.get("feature_extractor").unwrap_or(&cfg);
-        let mel = MelConfig::from_preprocessor_config(audio_cfg, MelConfig::gemma3n_extractor());
+        let files = ProcessorFiles::load(dir)?;
+        let image = ImageProcessing::from_settings(&files.part(Part::ImageProcessor)?)?;
+        let mel = files
+            .part(Part::FeatureExtractor)?
+            .mel(MelConfig::gemma3n_extractor())?;
         Ok(Self {
-            image: ImageProcessing::from_config(image_cfg)?,
+            image,
             mel: MelExtractor::new(&mel),
             limits,
         })
@@ -137,19 +115,89 @@ impl MediaDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::processor_config::{PREPROCESSOR_CONFIG, PROCESSOR_CONFIG};
+    use serde_json::{json, Value};
 
-    /// The tiny model's config states the reference defaults, and a model without a
-    /// `preprocessor_config.json` (read as `null`) gets them unchanged.
-    #[test]
-    fn mel_defaults_are_the_reference_extractors() {
+    fn fixture_flat() -> Value {
         let path = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny-gemma3n/preprocessor_config.json");
-        let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
-        let d = format!("{:?}", MelConfig::gemma3n_extractor());
-        let read = MelConfig::from_preprocessor_config(&v, MelConfig::gemma3n_extractor());
-        assert_eq!(format!("{read:?}"), d);
-        let none =
-            MelConfig::from_preprocessor_config(&Value::Null, MelConfig::gemma3n_extractor());
-        assert_eq!(format!("{none:?}"), d);
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    fn write(dir: &Path, name: &str, v: &Value) {
+        std::fs::write(dir.join(name), v.to_string()).unwrap();
+    }
+
+    /// The tiny model's flat file states the reference extractor's settings.
+    #[test]
+    fn mel_defaults_are_the_reference_extractors() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), PREPROCESSOR_CONFIG, &fixture_flat());
+        let d = MediaDecoder::new(dir.path(), MediaLimits::default()).unwrap();
+        assert_eq!(
+            format!("{:?}", d.mel.config()),
+            format!("{:?}", MelConfig::gemma3n_extractor())
+        );
+        assert_eq!((d.image.width, d.image.height), (768, 768));
+        assert_eq!(d.image.normalize, None);
+    }
+
+    /// transformers 5's layout: the same settings nested; the nested entries win over a flat file.
+    #[test]
+    fn nested_parts_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let flat = fixture_flat();
+        let mut image = flat.clone();
+        image["size"] = json!({"height": 512, "width": 384});
+        image["resample"] = json!(3);
+        let mut audio = flat.clone();
+        audio["feature_size"] = json!(64);
+        write(
+            dir.path(),
+            PROCESSOR_CONFIG,
+            &json!({"image_processor": image, "feature_extractor": audio}),
+        );
+        let d = MediaDecoder::new(dir.path(), MediaLimits::default()).unwrap();
+        assert_eq!((d.image.width, d.image.height), (384, 512));
+        assert_eq!(d.image.filter, Filter::Bicubic);
+        assert_eq!(d.mel.config().feature_size, 64);
+        write(dir.path(), PREPROCESSOR_CONFIG, &flat);
+        let d = MediaDecoder::new(dir.path(), MediaLimits::default()).unwrap();
+        assert_eq!((d.image.width, d.mel.config().feature_size), (384, 64));
+    }
+
+    /// A setting in neither file is an error naming it and both files; so is one the nested entry
+    /// leaves out even though the flat file has it (transformers does not merge them).
+    #[test]
+    fn missing_settings_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = |dir: &Path| {
+            MediaDecoder::new(dir, MediaLimits::default())
+                .err()
+                .expect("an error")
+                .to_string()
+        };
+        let e = err(dir.path());
+        assert!(
+            e.contains("\"do_resize\"")
+                && e.contains(PREPROCESSOR_CONFIG)
+                && e.contains("processor_config.json \"image_processor\""),
+            "{e}"
+        );
+        let mut flat = fixture_flat();
+        flat.as_object_mut().unwrap().remove("mel_floor");
+        write(dir.path(), PREPROCESSOR_CONFIG, &flat);
+        let e = err(dir.path());
+        assert!(e.contains("feature extractor setting \"mel_floor\""), "{e}");
+        write(dir.path(), PREPROCESSOR_CONFIG, &fixture_flat());
+        let mut image = fixture_flat();
+        image.as_object_mut().unwrap().remove("rescale_factor");
+        write(
+            dir.path(),
+            PROCESSOR_CONFIG,
+            &json!({"image_processor": image}),
+        );
+        let e = err(dir.path());
+        assert!(e.contains("\"rescale_factor\""), "{e}");
     }
 }

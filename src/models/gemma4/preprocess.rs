@@ -7,10 +7,9 @@
 //! tokens. Audio: the semicausal log-mel front end; a clip becomes as many soft tokens as its frame mask
 //! keeps valid entries after the encoder's two stride-2 subsamplings.
 
-use serde_json::Value;
-
 use crate::error::ClassifiedError;
 use crate::models::media::{self, decode_image, media_bytes, MediaLimits};
+use crate::models::processor_config::Settings;
 use crate::models::{AudioInput, ImageInput, ModelError, PatchGrid};
 use crate::pipeline::audio::{MelConfig, MelExtractor};
 use crate::pipeline::image::{self, Filter};
@@ -31,48 +30,27 @@ pub struct ImageProcessing {
 }
 
 impl ImageProcessing {
-    /// From the `image_processor` settings, over transformers' defaults (16, 280, 3, bicubic, 1/255, no
-    /// normalisation).
-    pub fn from_config(v: &Value) -> Result<Self, ModelError> {
-        let count = |k: &str, d: usize| v.get(k).and_then(Value::as_u64).map_or(d, |x| x as usize);
-        let flag = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
-        let resample = v.get("resample").and_then(Value::as_u64).unwrap_or(3);
-        let filter = Filter::from_pil(resample).ok_or_else(|| {
-            ModelError::Config(format!("image_processor: unsupported resample {resample}"))
-        })?;
-        let p = Self {
-            patch_size: count("patch_size", 16),
-            max_soft_tokens: count("max_soft_tokens", 280),
-            pooling_kernel_size: count("pooling_kernel_size", 3),
-            filter,
-            rescale: flag("do_rescale", true).then(|| {
-                v.get("rescale_factor")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(1.0 / 255.0)
-            }),
-            normalize: flag("do_normalize", false).then(|| {
-                let triple = |k: &str, d: f32| -> [f32; 3] {
-                    let a = v.get(k).and_then(Value::as_array);
-                    let at = |i: usize| {
-                        a.and_then(|a| a.get(i).or(a.first()))
-                            .and_then(Value::as_f64)
-                            .map_or(d, |x| x as f32)
-                    };
-                    [at(0), at(1), at(2)]
-                };
-                (triple("image_mean", 0.0), triple("image_std", 1.0))
-            }),
-        };
-        if p.patch_size == 0 || p.pooling_kernel_size == 0 {
-            return Err(ModelError::Config(
-                "image_processor: patch_size and pooling_kernel_size must be positive".into(),
+    /// From the image processor's settings (`Gemma4ImageProcessor`'s keys, each required).
+    pub fn from_config(s: &Settings) -> Result<Self, ModelError> {
+        if !s.flag("do_resize")? {
+            return Err(s.invalid(
+                "do_resize",
+                "images are always resized to fit the patch budget here",
             ));
         }
+        let p = Self {
+            patch_size: s.positive("patch_size")?,
+            max_soft_tokens: s.positive("max_soft_tokens")?,
+            pooling_kernel_size: s.positive("pooling_kernel_size")?,
+            filter: s.resample()?,
+            rescale: s.rescale()?,
+            normalize: s.normalize()?,
+        };
         if !SUPPORTED_SOFT_TOKENS.contains(&p.max_soft_tokens) {
-            return Err(ModelError::Config(format!(
-                "image_processor: max_soft_tokens is {}; transformers accepts {SUPPORTED_SOFT_TOKENS:?}",
-                p.max_soft_tokens
-            )));
+            return Err(s.invalid(
+                "max_soft_tokens",
+                format!("transformers accepts {SUPPORTED_SOFT_TOKENS:?}"),
+            ));
         }
         Ok(p)
     }
@@ -112,9 +90,13 @@ impl ImageProcessing {
     }
 }
 
-/// The snapshot's `feature_extractor` settings over [`MelConfig::gemma4_extractor`].
-pub fn mel_config(feature_extractor: &Value) -> MelConfig {
-    MelConfig::from_preprocessor_config(feature_extractor, MelConfig::gemma4_extractor())
+/// The snapshot's feature extractor settings over [`MelConfig::gemma4_extractor`]; settings that
+/// [`super::Gemma4Config::load`] checked (it refuses a snapshot whose keys are missing or invalid).
+pub fn mel_config(feature_extractor: &Settings) -> MelConfig {
+    MelConfig::from_preprocessor_config(
+        &feature_extractor.to_value(),
+        MelConfig::gemma4_extractor(),
+    )
 }
 
 /// Soft tokens of a clip with frame mask `mask`: the valid entries left after two `[::2]` subsamplings
@@ -211,9 +193,36 @@ impl MediaDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::processor_config::{Part, ProcessorFiles, PROCESSOR_CONFIG};
+    use serde_json::{json, Value};
 
+    fn fixture_processor() -> Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-gemma4/processor_config.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    /// `processor_config.json` holding `v` read back as the part's settings.
+    fn settings(part: Part, v: Value) -> Settings {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(PROCESSOR_CONFIG), v.to_string()).unwrap();
+        ProcessorFiles::load(dir.path())
+            .unwrap()
+            .part(part)
+            .unwrap()
+    }
+
+    fn image_settings(patch: Value) -> Settings {
+        let mut v = fixture_processor();
+        for (k, x) in patch.as_object().unwrap() {
+            v["image_processor"][k] = x.clone();
+        }
+        settings(Part::ImageProcessor, v)
+    }
+
+    /// The fixture states `Gemma4ImageProcessor`'s defaults.
     fn default_processing() -> ImageProcessing {
-        ImageProcessing::from_config(&Value::Null).unwrap()
+        ImageProcessing::from_config(&image_settings(json!({}))).unwrap()
     }
 
     #[test]
@@ -239,30 +248,41 @@ mod tests {
 
     #[test]
     fn settings_are_checked() {
-        let bad = serde_json::json!({"max_soft_tokens": 100});
-        assert!(ImageProcessing::from_config(&bad)
+        let err = |patch: Value| {
+            ImageProcessing::from_config(&image_settings(patch))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(json!({"max_soft_tokens": 100})).contains("max_soft_tokens"));
+        assert!(err(json!({"resample": 9})).contains("resample"));
+        assert!(err(json!({"do_resize": false})).contains("do_resize"));
+        assert!(err(json!({"patch_size": 0})).contains("patch_size"));
+        let mut v = fixture_processor();
+        v["image_processor"]
+            .as_object_mut()
+            .unwrap()
+            .remove("pooling_kernel_size");
+        let e = ImageProcessing::from_config(&settings(Part::ImageProcessor, v))
             .unwrap_err()
-            .to_string()
-            .contains("max_soft_tokens"));
-        let bad = serde_json::json!({"resample": 9});
-        assert!(ImageProcessing::from_config(&bad).is_err());
+            .to_string();
+        assert!(e.contains("\"pooling_kernel_size\""), "{e}");
     }
 
     #[test]
     fn the_fixture_states_the_defaults() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/tiny-gemma4/processor_config.json");
-        let v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let fe = settings(Part::FeatureExtractor, fixture_processor());
         assert_eq!(
-            format!("{:?}", mel_config(&v["feature_extractor"])),
+            format!("{:?}", mel_config(&fe)),
             format!("{:?}", MelConfig::gemma4_extractor())
         );
+        let p = default_processing();
         assert_eq!(
-            format!(
-                "{:?}",
-                ImageProcessing::from_config(&v["image_processor"]).unwrap()
-            ),
-            format!("{:?}", default_processing())
+            (p.patch_size, p.max_soft_tokens, p.pooling_kernel_size),
+            (16, 280, 3)
+        );
+        assert_eq!(
+            (p.filter, p.rescale, p.normalize),
+            (Filter::Bicubic, Some(1.0 / 255.0), None)
         );
     }
 

@@ -1,13 +1,14 @@
-//! The values of a Granite Vision (LLaVA-NeXT) snapshot's `config.json` and `processor_config.json`
-//! that serving needs: the `<image>` id, the vision tower's tile and patch (so the features per tile and
-//! the anyres grid), the pinpoints, the text model's sizes and end ids. The image processor's own
-//! settings are read by [`super::preprocess`].
+//! The values of a Granite Vision (LLaVA-NeXT) snapshot's `config.json` and the processor's own
+//! settings in `processor_config.json` that serving needs: the `<image>` id, the vision tower's tile and
+//! patch (so the features per tile and the anyres grid), the pinpoints, the text model's sizes and end
+//! ids. The image processor's settings are read by [`super::preprocess`].
 
 use std::path::Path;
 
 use serde_json::Value;
 
-use crate::models::config_util::{ids_of, read_json, read_json_opt, u32_field};
+use crate::models::config_util::{ids_of, read_json, u32_field, SubConfig};
+use crate::models::processor_config::ProcessorFiles;
 use crate::models::ModelError;
 
 /// Parsed configuration of a Granite Vision model.
@@ -25,14 +26,6 @@ pub struct GraniteVisionConfig {
     pub vocab_size: usize,
     pub context_length: usize,
     pub eos_token_ids: Vec<u32>,
-}
-
-fn positive(v: &Value, key: &str, what: &str) -> Result<usize, ModelError> {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .filter(|&x| x > 0)
-        .map(|x| x as usize)
-        .ok_or_else(|| ModelError::Config(format!("{what} has no positive integer {key:?}")))
 }
 
 /// `image_grid_pinpoints`: a non-empty list of [height, width] pairs, each a multiple of the tile.
@@ -73,47 +66,71 @@ pub fn pinpoints(
 impl GraniteVisionConfig {
     pub fn load(dir: &Path) -> Result<Self, ModelError> {
         let cfg = read_json(&dir.join("config.json"))?;
-        let section = |k: &str| {
-            cfg.get(k)
-                .ok_or_else(|| ModelError::Config(format!("config.json has no {k}")))
-        };
-        let text = section("text_config")?;
-        let vision = section("vision_config")?;
-        let tile = positive(vision, "image_size", "vision_config")?;
-        let patch = positive(vision, "patch_size", "vision_config")?;
-        match cfg
+        // LlavaNextConfig's default text config is a LlamaConfig (Granite's says "granite").
+        let text = SubConfig::of(&cfg, "text_config", "llama")?;
+        let vision = SubConfig::of(&cfg, "vision_config", "clip_vision_model")?;
+        let tile = vision.positive("image_size")?;
+        let patch = vision.positive("patch_size")?;
+        let strategy = match cfg
             .get("vision_feature_select_strategy")
             .and_then(Value::as_str)
         {
-            None | Some("full") | Some("default") => {}
+            Some(s @ ("full" | "default")) => s,
             Some(other) => {
                 return Err(ModelError::Config(format!(
                     "config.json vision_feature_select_strategy {other:?} is not \"default\" or \"full\""
                 )))
             }
+            None => {
+                return Err(ModelError::Config(
+                    "config.json has no vision_feature_select_strategy (\"default\" or \"full\")"
+                        .into(),
+                ))
+            }
+        };
+        let processor = ProcessorFiles::load(dir)?.processor();
+        // LlavaNextProcessor counts an image's tokens with its own patch_size and strategy; processors
+        // saved before transformers 4.45 have neither (nor num_additional_image_tokens), and the model's
+        // own values then apply. Stated ones must be the model's, or the counts would not match the
+        // encoder's rows.
+        if let Some(p) = processor.get("patch_size").filter(|v| !v.is_null()) {
+            if p.as_u64() != Some(patch as u64) {
+                return Err(processor.invalid(
+                    "patch_size",
+                    format!("config.json vision_config.patch_size is {patch}"),
+                ));
+            }
         }
-        let processor = read_json_opt(&dir.join("processor_config.json"))?;
+        if let Some(s) = processor
+            .get("vision_feature_select_strategy")
+            .filter(|v| !v.is_null())
+        {
+            if s.as_str() != Some(strategy) {
+                return Err(processor.invalid(
+                    "vision_feature_select_strategy",
+                    format!("config.json says {strategy:?}"),
+                ));
+            }
+        }
         // Extra image tokens per image (a CLS the processor counts); the exported encoder returns
         // (image_size / patch_size)² rows per tile, so only processors without any are served.
-        let extra = processor
-            .as_ref()
-            .and_then(|p| p.get("num_additional_image_tokens"))
-            .and_then(Value::as_i64)
-            .unwrap_or(0);
-        let default = cfg
-            .get("vision_feature_select_strategy")
-            .and_then(Value::as_str)
-            == Some("default");
+        // LlavaNextProcessor's default is 0, and older processors (above) leave it out.
+        let extra = match processor.get("num_additional_image_tokens") {
+            None | Some(Value::Null) => 0,
+            Some(v) => v.as_i64().ok_or_else(|| {
+                processor.invalid("num_additional_image_tokens", "expected an integer")
+            })?,
+        };
+        let default = strategy == "default";
         if extra - default as i64 != 0 {
             return Err(ModelError::Config(format!(
-                "processor_config.json num_additional_image_tokens {extra} with vision_feature_select_strategy {:?} counts {} tokens per tile beyond the encoder's rows; not supported",
-                if default { "default" } else { "full" },
+                "processor_config.json num_additional_image_tokens {extra} with vision_feature_select_strategy {strategy:?} counts {} tokens per tile beyond the encoder's rows; not supported",
                 extra - default as i64
             )));
         }
         let mut eos = ids_of(cfg.get("eos_token_id"));
         if eos.is_empty() {
-            eos = ids_of(text.get("eos_token_id"));
+            eos = text.ids("eos_token_id");
         }
         let image_token_id = match cfg.get("image_token_index") {
             Some(_) => u32_field(&cfg, "image_token_index", "config.json")?,
@@ -124,12 +141,9 @@ impl GraniteVisionConfig {
             tile,
             side: (tile / patch).max(1),
             pinpoints: pinpoints(cfg.get("image_grid_pinpoints"), tile, "config.json")?,
-            hidden_size: positive(text, "hidden_size", "text_config")?,
-            vocab_size: positive(text, "vocab_size", "text_config")?,
-            context_length: text
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(8192) as usize,
+            hidden_size: text.positive("hidden_size")?,
+            vocab_size: text.positive("vocab_size")?,
+            context_length: text.positive("max_position_embeddings")?,
             eos_token_ids: eos,
         })
     }
@@ -203,5 +217,47 @@ mod tests {
         assert!(err(v, None).contains("vision_feature_select_strategy"));
         let extra = serde_json::json!({"num_additional_image_tokens": 1});
         assert!(err(real(), Some(extra)).contains("num_additional_image_tokens"));
+        let mut v = real();
+        v.as_object_mut()
+            .unwrap()
+            .remove("vision_feature_select_strategy");
+        assert!(err(v, None).contains("vision_feature_select_strategy"));
+        // The processor's own counting settings must be the model's.
+        let p = serde_json::json!({"patch_size": 16, "vision_feature_select_strategy": "full"});
+        let e = err(real(), Some(p));
+        assert!(
+            e.contains("\"patch_size\"") && e.contains("processor_config.json"),
+            "{e}"
+        );
+        let p = serde_json::json!({"patch_size": 14, "vision_feature_select_strategy": "default"});
+        assert!(err(real(), Some(p)).contains("vision_feature_select_strategy"));
+    }
+
+    /// A processor saved by transformers 5 states its counting settings; they load when they agree.
+    /// Keys transformers 4.x left out of the nested text config take GraniteConfig's defaults.
+    #[test]
+    fn processor_settings_and_left_out_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "config.json", real());
+        write(
+            dir.path(),
+            "processor_config.json",
+            serde_json::json!({"num_additional_image_tokens": 0, "patch_size": 14,
+                               "vision_feature_select_strategy": "full", "image_token": "<image>",
+                               "image_processor": {"size": {"shortest_edge": 384}}}),
+        );
+        assert_eq!(GraniteVisionConfig::load(dir.path()).unwrap().side, 27);
+        let mut v = real();
+        v["text_config"]
+            .as_object_mut()
+            .unwrap()
+            .remove("max_position_embeddings");
+        write(dir.path(), "config.json", v);
+        assert_eq!(
+            GraniteVisionConfig::load(dir.path())
+                .unwrap()
+                .context_length,
+            2048
+        );
     }
 }

@@ -1,5 +1,6 @@
 //! Granite Vision image preprocessing: transformers' `LlavaNextImageProcessorPil` ("anyres") wired from
-//! the generic stages of [`crate::pipeline::image`] with the values of `preprocessor_config.json`, and
+//! the generic stages of [`crate::pipeline::image`] with the image processor's settings (where they are
+//! read from: [`crate::models::processor_config`]), and
 //! the layout of an image's features after the vision encoder (`LlavaNextModel.pack_image_features`).
 //!
 //! 1. The best grid resolution among `image_grid_pinpoints` (`select_best_resolution`: the most of the
@@ -10,7 +11,7 @@
 //! 4. Each frame resized to `size` (a no-op for tiles of that size), centre-cropped to `crop_size`,
 //!    rescaled, normalised, channel-first.
 //!
-//! Every resize is Pillow's (BICUBIC by default) on 8-bit pixels, as the reference does.
+//! Every resize is Pillow's (the `resample` filter) on 8-bit pixels, as the reference does.
 //!
 //! Features: the base tile's rows first, then the tile grid laid out spatially, cut to the image's
 //! aspect ratio (`unpad_image`), with the `image_newline` row after each feature row. The number of
@@ -19,20 +20,15 @@
 use std::path::Path;
 
 use ::image::RgbImage;
-use serde_json::Value;
 
 use super::config::{pinpoints, GraniteVisionConfig};
 use crate::error::{ClassifiedError, ErrorClass};
-use crate::models::config_util::read_json_opt;
 use crate::models::encoder_cache::media_key;
 use crate::models::media::{decode_image, media_bytes, MediaLimits};
+use crate::models::processor_config::{Part, ProcessorFiles, Settings};
 use crate::models::{ImageInput, ModelError};
 use crate::pipeline::image::{self, Filter};
 use crate::protocol::MediaSource;
-
-/// transformers' `OPENAI_CLIP_MEAN` / `OPENAI_CLIP_STD`, the image processor's defaults.
-const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
-const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 /// transformers' `select_best_resolution` over `pinpoints` ((height, width)) for an image of
 /// `height` × `width`: the most effective pixels, then the least waste. Python float arithmetic.
@@ -187,104 +183,56 @@ pub struct AnyresProcessing {
     side: usize,
 }
 
-fn triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3], ModelError> {
-    let bad = || {
-        ModelError::Config(format!(
-            "preprocessor_config.json {key} must be a number or 3 numbers"
-        ))
-    };
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Number(n)) => Ok([n.as_f64().ok_or_else(bad)? as f32; 3]),
-        Some(Value::Array(a)) if a.len() == 3 => {
-            let f = |i: usize| a[i].as_f64().map(|x| x as f32).ok_or_else(bad);
-            Ok([f(0)?, f(1)?, f(2)?])
-        }
-        Some(_) => Err(bad()),
-    }
-}
-
 impl AnyresProcessing {
-    /// Reads the image-processor keys (defaults: transformers' `LlavaNextImageProcessor`); the pinpoints
-    /// come from the processor, else from `config.json`. Fails unless the frames come out as the
-    /// encoder's tiles.
-    pub fn from_config(v: &Value, cfg: &GraniteVisionConfig) -> Result<Self, ModelError> {
-        let flag = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
-        let dim = |obj: Option<&Value>, k: &str| {
-            obj.and_then(|o| o.get(k))
-                .and_then(Value::as_u64)
-                .filter(|&x| x > 0 && x <= u32::MAX as u64)
-                .map(|x| x as u32)
-        };
-        let size = v.get("size");
-        let square = match (
-            dim(size, "height"),
-            dim(size, "width"),
-            dim(size, "shortest_edge"),
-        ) {
+    /// Reads `LlavaNextImageProcessor`'s settings, each required (`rescale_factor` and the mean and
+    /// deviation only when their switch is on). Fails unless the frames come out as the encoder's tiles
+    /// and the pinpoints are the model's (`config.json`'s, which the packing uses).
+    pub fn from_settings(s: &Settings, cfg: &GraniteVisionConfig) -> Result<Self, ModelError> {
+        let size = s.size("size")?;
+        // As the reference: `size` as (height, width), else a square of its shortest edge.
+        let square = match (size.height, size.width, size.shortest_edge) {
             (Some(h), Some(w), _) => (h, w),
-            (_, _, Some(s)) => (s, s),
-            _ if size.is_none() => (224, 224),
-            _ => {
-                return Err(ModelError::Config(format!(
-                "preprocessor_config.json size {} has neither height and width nor shortest_edge",
-                size.cloned().unwrap_or_default()
-            )))
-            }
+            (_, _, Some(e)) => (e, e),
+            _ => return Err(s.invalid("size", "expected height and width, or shortest_edge")),
         };
-        let crop_size = v.get("crop_size");
-        let crop = match (dim(crop_size, "height"), dim(crop_size, "width")) {
-            (Some(h), Some(w)) => Some((h, w)),
-            _ if crop_size.is_none() => Some((224, 224)),
-            _ => {
-                return Err(ModelError::Config(format!(
-                    "preprocessor_config.json crop_size {} has no height and width",
-                    crop_size.cloned().unwrap_or_default()
-                )))
-            }
+        let crop_size = s.size("crop_size")?;
+        let (Some(ch), Some(cw)) = (crop_size.height, crop_size.width) else {
+            return Err(s.invalid("crop_size", "expected height and width"));
         };
-        let patch = crop.map(|c| c.0).unwrap_or(square.0);
-        let resample = v.get("resample").and_then(Value::as_u64).unwrap_or(3);
-        let filter = Filter::from_pil(resample).ok_or_else(|| {
-            ModelError::Config(format!(
-                "preprocessor_config.json: unsupported resample {resample} (supported: 1 LANCZOS, 2 BILINEAR, 3 BICUBIC)"
-            ))
-        })?;
-        let normalize = if flag("do_normalize", true) {
-            let std = triple(v, "image_std", CLIP_STD)?;
-            if std.contains(&0.0) {
-                return Err(ModelError::Config(
-                    "preprocessor_config.json image_std has a 0".into(),
-                ));
-            }
-            Some((triple(v, "image_mean", CLIP_MEAN)?, std))
-        } else {
-            None
-        };
-        let pinpoints = match v.get("image_grid_pinpoints") {
-            Some(p) => pinpoints(Some(p), patch as usize, "preprocessor_config.json")?,
-            None => cfg.pinpoints.clone(),
-        };
+        // The grid tiles are `crop_size.height` pixels, as the reference's `patch_size`.
+        let patch = ch;
+        let pinpoints = pinpoints(
+            Some(s.require("image_grid_pinpoints")?),
+            patch as usize,
+            &s.origin().to_string(),
+        )?;
+        if pinpoints != cfg.pinpoints {
+            return Err(s.invalid(
+                "image_grid_pinpoints",
+                "config.json image_grid_pinpoints (which the features are packed by) differ",
+            ));
+        }
         let p = Self {
             pinpoints,
             patch,
-            resize: flag("do_resize", true).then_some(square),
+            resize: s.flag("do_resize")?.then_some(square),
             base: square,
-            crop: crop.filter(|_| flag("do_center_crop", true)),
-            filter,
-            rescale: flag("do_rescale", true).then(|| {
-                v.get("rescale_factor")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(1.0 / 255.0)
-            }),
-            normalize,
+            crop: s.flag("do_center_crop")?.then_some((ch, cw)),
+            filter: s.resample()?,
+            rescale: s.rescale()?,
+            normalize: s.normalize()?,
             side: cfg.side,
         };
         let frame = p.frame_size((p.patch, p.patch));
         if frame != (cfg.tile as u32, cfg.tile as u32) || p.frame_size(p.base) != frame {
             return Err(ModelError::Config(format!(
-                "preprocessor_config.json makes {}x{} frames (size {square:?}, crop_size {crop:?}); the vision tower takes {}x{} tiles",
-                frame.1, frame.0, cfg.tile, cfg.tile
+                "the image processor's settings ({}) make {}x{} frames (size {square:?}, crop_size {:?}); the vision tower takes {}x{} tiles",
+                s.origin(),
+                frame.1,
+                frame.0,
+                (ch, cw),
+                cfg.tile,
+                cfg.tile
             )));
         }
         Ok(p)
@@ -374,11 +322,10 @@ impl GraniteVisionMedia {
         cfg: &GraniteVisionConfig,
         limits: MediaLimits,
     ) -> Result<Self, ModelError> {
-        let v = read_json_opt(&dir.join("preprocessor_config.json"))?.unwrap_or(Value::Null);
-        // Processors saved by transformers 5 nest the image processor; hub files are flat.
-        let image_cfg = v.get("image_processor").unwrap_or(&v);
+        // transformers 5 nests the image processor in processor_config.json; hub files are flat.
+        let settings = ProcessorFiles::load(dir)?.part(Part::ImageProcessor)?;
         Ok(Self {
-            processing: AnyresProcessing::from_config(image_cfg, cfg)?,
+            processing: AnyresProcessing::from_settings(&settings, cfg)?,
             limits,
         })
     }
@@ -502,5 +449,101 @@ mod tests {
         let packed = pack(&l, &feats, &[-1.0], 1).unwrap();
         assert_eq!(packed, vec![0., 1., 2., 3., 6., 7., 10., 11., -1.]);
         assert!(pack(&l, &feats[..11], &[-1.0], 1).is_err());
+    }
+
+    fn tiny_cfg(tile: usize, side: usize, pinpoints: Vec<(u32, u32)>) -> GraniteVisionConfig {
+        GraniteVisionConfig {
+            image_token_id: 1,
+            tile,
+            side,
+            pinpoints,
+            hidden_size: 8,
+            vocab_size: 16,
+            context_length: 64,
+            eos_token_ids: vec![0],
+        }
+    }
+
+    /// The committed fixture's flat image processor settings.
+    fn fixture_flat() -> serde_json::Value {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-granite-vision/preprocessor_config.json");
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    /// Flat only, nested only (as transformers 5 saves it: 448-pixel tiles, other mean and filter),
+    /// both (the nested entry wins whole), neither (the first key is named with both files).
+    #[test]
+    fn reads_either_layout_with_transformers_precedence() {
+        use crate::models::processor_config::{PREPROCESSOR_CONFIG, PROCESSOR_CONFIG};
+        use serde_json::json;
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, v: &serde_json::Value| {
+            std::fs::write(dir.path().join(name), v.to_string()).unwrap()
+        };
+        let cfg384 = tiny_cfg(384, 27, real_pinpoints());
+        let load = |cfg: &GraniteVisionConfig| {
+            GraniteVisionMedia::new(dir.path(), cfg, MediaLimits::default())
+                .map(|m| m.processing().clone())
+        };
+        let e = load(&cfg384).err().unwrap().to_string();
+        assert!(
+            e.contains("\"size\"")
+                && e.contains(PREPROCESSOR_CONFIG)
+                && e.contains("processor_config.json \"image_processor\""),
+            "{e}"
+        );
+        write(PREPROCESSOR_CONFIG, &fixture_flat());
+        let p = load(&cfg384).unwrap();
+        assert_eq!(
+            (p.patch, p.filter, p.normalize),
+            (384, Filter::Bicubic, Some(([0.5; 3], [0.5; 3])))
+        );
+
+        let pins448 = vec![(448, 448), (448, 896), (896, 448)];
+        let nested = json!({
+            "crop_size": {"height": 448, "width": 448}, "do_center_crop": true, "do_convert_rgb": true,
+            "do_normalize": true, "do_pad": true, "do_rescale": true, "do_resize": true,
+            "image_grid_pinpoints": [[448, 448], [448, 896], [896, 448]],
+            "image_mean": [0.1, 0.2, 0.3], "image_processor_type": "LlavaNextImageProcessor",
+            "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 2,
+            "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": 448}
+        });
+        write(
+            PROCESSOR_CONFIG,
+            &json!({"patch_size": 16, "image_processor": nested}),
+        );
+        let cfg448 = tiny_cfg(448, 28, pins448.clone());
+        let p = load(&cfg448).unwrap();
+        assert_eq!(
+            (p.patch, p.base, p.filter),
+            (448, (448, 448), Filter::Bilinear)
+        );
+        assert_eq!(p.pinpoints, pins448);
+        assert_eq!(
+            p.normalize,
+            Some(([0.1, 0.2, 0.3], [0.268_629_54, 0.261_302_6, 0.275_777_1]))
+        );
+        // The flat file still there is not read, not even for a key the nested entry leaves out.
+        let mut partial = nested.clone();
+        partial.as_object_mut().unwrap().remove("resample");
+        write(PROCESSOR_CONFIG, &json!({"image_processor": partial}));
+        let e = load(&cfg448).err().unwrap().to_string();
+        assert!(
+            e.contains("\"resample\"")
+                && e.contains("read from processor_config.json \"image_processor\""),
+            "{e}"
+        );
+        // Nested only.
+        std::fs::remove_file(dir.path().join(PREPROCESSOR_CONFIG)).unwrap();
+        write(PROCESSOR_CONFIG, &json!({"image_processor": nested}));
+        assert_eq!(load(&cfg448).unwrap().patch, 448);
+        // The model's pinpoints and tile must be the processor's.
+        assert!(load(&tiny_cfg(448, 28, vec![(448, 448)]))
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("image_grid_pinpoints"));
+        assert!(load(&tiny_cfg(384, 27, pins448)).is_err());
     }
 }

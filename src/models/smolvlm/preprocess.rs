@@ -1,6 +1,6 @@
 //! SmolVLM image preprocessing: the Idefics3 image processor (transformers' `Idefics3ImageProcessorPil`)
-//! wired from the generic stages of [`crate::pipeline::image`] with the values of the model's
-//! `preprocessor_config.json` (model_interface.md §2.4).
+//! wired from the generic stages of [`crate::pipeline::image`] with the model's image processor settings
+//! (model_interface.md §2.4; where they are read from: [`crate::models::processor_config`]).
 //!
 //! 1. Resize so the longest edge is `size.longest_edge` (aspect kept, the other side rounded up to even,
 //!    capped at 4096).
@@ -16,12 +16,11 @@
 use std::path::Path;
 
 use ::image::RgbImage;
-use serde_json::Value;
 
 use crate::error::ClassifiedError;
-use crate::models::config_util::read_json_opt;
 use crate::models::encoder_cache::media_key;
 use crate::models::media::{decode_image, media_bytes, MediaLimits};
+use crate::models::processor_config::{Part, ProcessorFiles, Settings};
 use crate::models::{ImageInput, ModelError};
 use crate::pipeline::image::{self, Filter};
 use crate::protocol::MediaSource;
@@ -57,96 +56,32 @@ pub struct SplitImage {
     pub cols: usize,
 }
 
-fn triple(v: &Value, key: &str, default: [f32; 3]) -> Result<[f32; 3], ModelError> {
-    match v.get(key) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Number(n)) => {
-            let x = n.as_f64().unwrap_or(0.0) as f32;
-            Ok([x; 3])
-        }
-        Some(Value::Array(a)) if a.len() == 3 => {
-            let f = |i: usize| a[i].as_f64().map(|x| x as f32);
-            match (f(0), f(1), f(2)) {
-                (Some(x), Some(y), Some(z)) => Ok([x, y, z]),
-                _ => Err(ModelError::Config(format!(
-                    "preprocessor_config.json {key} must hold numbers"
-                ))),
-            }
-        }
-        Some(other) => Err(ModelError::Config(format!(
-            "preprocessor_config.json {key} is {other}; expected 3 numbers"
-        ))),
-    }
-}
-
 impl SplitProcessing {
-    /// Reads the image-processor keys (defaults: transformers' `Idefics3ImageProcessor`).
-    pub fn from_config(v: &Value) -> Result<Self, ModelError> {
-        let flag = |k: &str, d: bool| v.get(k).and_then(Value::as_bool).unwrap_or(d);
-        let dim = |obj: Option<&Value>, k: &str| {
-            obj.and_then(|o| o.get(k))
-                .and_then(Value::as_u64)
-                .filter(|&x| x > 0)
-                .map(|x| x.min(u32::MAX as u64) as u32)
-        };
-        let size = v.get("size");
-        let resize = if !flag("do_resize", true) {
-            None
-        } else if let Some(l) = dim(size, "longest_edge") {
-            Some(ResizeTo::LongestEdge(l))
-        } else if let (Some(h), Some(w)) = (dim(size, "height"), dim(size, "width")) {
-            Some(ResizeTo::Exact {
-                width: w,
-                height: h,
+    /// Reads `Idefics3ImageProcessor`'s settings, each required (`size` and `max_image_size` only
+    /// where the switch that uses them is on).
+    pub fn from_settings(s: &Settings) -> Result<Self, ModelError> {
+        let resize = if s.flag("do_resize")? {
+            let size = s.size("size")?;
+            Some(match (size.longest_edge, size.height, size.width) {
+                (Some(l), _, _) => ResizeTo::LongestEdge(l),
+                (None, Some(height), Some(width)) => ResizeTo::Exact { width, height },
+                _ => return Err(s.invalid("size", "expected longest_edge, or height and width")),
             })
-        } else if size.is_none() {
-            Some(ResizeTo::LongestEdge(4 * 364))
-        } else {
-            return Err(ModelError::Config(format!(
-                "preprocessor_config.json size {} has neither longest_edge nor height and width",
-                size.cloned().unwrap_or_default()
-            )));
-        };
-        let tile = match v.get("max_image_size") {
-            None => 364,
-            Some(m) => dim(Some(m), "longest_edge").ok_or_else(|| {
-                ModelError::Config(format!(
-                    "preprocessor_config.json max_image_size {m} has no positive longest_edge"
-                ))
-            })?,
-        };
-        let resample = v.get("resample").and_then(Value::as_u64).unwrap_or(1);
-        let filter = Filter::from_pil(resample).ok_or_else(|| {
-            ModelError::Config(format!(
-                "preprocessor_config.json: unsupported resample {resample} (supported: 1 LANCZOS, 2 BILINEAR, 3 BICUBIC)"
-            ))
-        })?;
-        let normalize = if flag("do_normalize", true) {
-            Some((
-                triple(v, "image_mean", [0.5; 3])?,
-                triple(v, "image_std", [0.5; 3])?,
-            ))
         } else {
             None
         };
-        if let Some((_, std)) = normalize {
-            if std.contains(&0.0) {
-                return Err(ModelError::Config(
-                    "preprocessor_config.json image_std has a 0".into(),
-                ));
-            }
-        }
+        // Frames are one tile when not split, so the tile side is needed either way.
+        let tile = s
+            .size("max_image_size")?
+            .longest_edge
+            .ok_or_else(|| s.invalid("max_image_size", "expected longest_edge"))?;
         Ok(Self {
             resize,
-            filter,
-            split: flag("do_image_splitting", true),
+            filter: s.resample()?,
+            split: s.flag("do_image_splitting")?,
             tile,
-            rescale: flag("do_rescale", true).then(|| {
-                v.get("rescale_factor")
-                    .and_then(Value::as_f64)
-                    .unwrap_or(1.0 / 255.0)
-            }),
-            normalize,
+            rescale: s.rescale()?,
+            normalize: s.normalize()?,
         })
     }
 
@@ -284,12 +219,12 @@ pub struct SmolVlmMedia {
 }
 
 impl SmolVlmMedia {
+    /// The image processor's settings of snapshot `dir`, found where transformers looks
+    /// ([`ProcessorFiles`]: `processor_config.json` `image_processor`, else `preprocessor_config.json`).
     pub fn new(dir: &Path, limits: MediaLimits) -> Result<Self, ModelError> {
-        let cfg = read_json_opt(&dir.join("preprocessor_config.json"))?.unwrap_or(Value::Null);
-        // Processors saved by transformers 5 nest the image processor; hub files are flat.
-        let image_cfg = cfg.get("image_processor").unwrap_or(&cfg);
+        let settings = ProcessorFiles::load(dir)?.part(Part::ImageProcessor)?;
         Ok(Self {
-            processing: SplitProcessing::from_config(image_cfg)?,
+            processing: SplitProcessing::from_settings(&settings)?,
             limits,
         })
     }
@@ -336,6 +271,7 @@ impl SmolVlmMedia {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn sizes_follow_the_reference_arithmetic() {
@@ -353,11 +289,25 @@ mod tests {
         assert_eq!(tile_multiple_size(512, 512, 512), (512, 512));
     }
 
+    /// The committed fixture's image processor settings with `patch` applied.
+    fn settings(patch: Value) -> Settings {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-smolvlm/preprocessor_config.json");
+        let mut v: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        for (k, x) in patch.as_object().unwrap() {
+            if x.is_null() {
+                v.as_object_mut().unwrap().remove(k);
+            } else {
+                v[k] = x.clone();
+            }
+        }
+        Settings::flat_for_test(Part::ImageProcessor, v)
+    }
+
     fn processing(split: bool) -> SplitProcessing {
-        SplitProcessing::from_config(&serde_json::json!({
+        SplitProcessing::from_settings(&settings(serde_json::json!({
             "do_image_splitting": split, "size": {"longest_edge": 96}, "max_image_size": {"longest_edge": 32},
-            "resample": 1, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]
-        }))
+        })))
         .unwrap()
     }
 
@@ -391,11 +341,67 @@ mod tests {
 
     #[test]
     fn config_errors_are_reported() {
-        let bad = |v: Value| SplitProcessing::from_config(&v).unwrap_err().to_string();
+        let bad = |v: Value| {
+            SplitProcessing::from_settings(&settings(v))
+                .unwrap_err()
+                .to_string()
+        };
         assert!(bad(serde_json::json!({"resample": 9})).contains("resample"));
         assert!(bad(serde_json::json!({"size": {"shortest_edge": 3}})).contains("longest_edge"));
         assert!(bad(serde_json::json!({"max_image_size": {}})).contains("max_image_size"));
         assert!(bad(serde_json::json!({"image_std": [0.5, 0, 0.5]})).contains("image_std"));
         assert!(bad(serde_json::json!({"image_mean": "x"})).contains("image_mean"));
+        // Settings in neither file: the key and both files are named.
+        for key in [
+            "do_resize",
+            "size",
+            "max_image_size",
+            "resample",
+            "do_image_splitting",
+            "rescale_factor",
+        ] {
+            let mut unset = serde_json::Map::new();
+            unset.insert(key.to_string(), Value::Null);
+            let e = bad(Value::Object(unset));
+            assert!(
+                e.contains(&format!("\"{key}\""))
+                    && e.contains("preprocessor_config.json")
+                    && e.contains("processor_config.json \"image_processor\""),
+                "{e}"
+            );
+        }
+        // A switch that is off does not need its values.
+        let p = SplitProcessing::from_settings(&settings(serde_json::json!({
+            "do_normalize": false, "image_mean": null, "image_std": null,
+            "do_resize": false, "size": null,
+        })))
+        .unwrap();
+        assert_eq!((p.normalize, p.resize), (None, None));
+    }
+
+    /// Flat only, nested only, both (nested wins): the snapshot loader.
+    #[test]
+    fn reads_either_layout() {
+        use crate::models::processor_config::{PREPROCESSOR_CONFIG, PROCESSOR_CONFIG};
+        let dir = tempfile::tempdir().unwrap();
+        let fixture = settings(serde_json::json!({})).to_value();
+        let write =
+            |name: &str, v: &Value| std::fs::write(dir.path().join(name), v.to_string()).unwrap();
+        let tile = |dir: &std::path::Path| {
+            SmolVlmMedia::new(dir, MediaLimits::default()).map(|m| m.processing().tile)
+        };
+        let e = tile(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("\"do_resize\""), "{e}");
+        write(PREPROCESSOR_CONFIG, &fixture);
+        assert_eq!(tile(dir.path()).unwrap(), 512);
+        let mut nested = fixture.clone();
+        nested["max_image_size"] = serde_json::json!({"longest_edge": 384});
+        write(
+            PROCESSOR_CONFIG,
+            &serde_json::json!({"image_seq_len": 64, "image_processor": nested}),
+        );
+        assert_eq!(tile(dir.path()).unwrap(), 384);
+        std::fs::remove_file(dir.path().join(PREPROCESSOR_CONFIG)).unwrap();
+        assert_eq!(tile(dir.path()).unwrap(), 384);
     }
 }

@@ -116,6 +116,23 @@ pub struct MelConfig {
     pub zero_invalid_frames: bool,
 }
 
+/// A feature-extractor setting [`MelConfig::from_extractor_settings`] cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("feature extractor setting {key:?} {problem}")]
+pub struct MelSettingError {
+    pub key: &'static str,
+    pub problem: MelSettingProblem,
+}
+
+/// What is wrong with a [`MelSettingError`]'s key.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MelSettingProblem {
+    #[error("is not stated")]
+    Missing,
+    #[error("is invalid: {0}")]
+    Invalid(String),
+}
+
 impl MelConfig {
     /// The log-mel settings of transformers' `Gemma3nAudioFeatureExtractor()`: 16 kHz, 128 bins,
     /// 32 ms frames (512 samples) every 10 ms (160), `fft_overdrive` (FFT of 1024), 125–7600 Hz,
@@ -265,6 +282,97 @@ impl MelConfig {
             c.max_length = m;
         }
         c
+    }
+
+    /// As [`MelConfig::from_preprocessor_config`], for a snapshot's saved settings: every key the
+    /// extractor saves (transformers' `to_dict` writes every attribute) must be stated and valid, since a
+    /// value taken from `base` instead would be a guess. `frame_length_ms` / `hop_length_ms` may stand
+    /// for the sample counts; `pad_to_multiple_of` and `max_length` are call arguments of the reference,
+    /// never saved, so they stay the base's unless stated. The error names the key.
+    pub fn from_extractor_settings(
+        v: &serde_json::Value,
+        base: MelConfig,
+    ) -> Result<Self, MelSettingError> {
+        use serde_json::Value;
+        let missing = |key: &'static str| MelSettingError {
+            key,
+            problem: MelSettingProblem::Missing,
+        };
+        let invalid = |key: &'static str, why: &str| MelSettingError {
+            key,
+            problem: MelSettingProblem::Invalid(why.to_string()),
+        };
+        let stated = |key: &'static str| match v.get(key) {
+            None | Some(Value::Null) => Err(missing(key)),
+            Some(x) => Ok(x),
+        };
+        let positive = |key: &'static str| {
+            stated(key)?
+                .as_u64()
+                .filter(|&x| x > 0 && x <= u32::MAX as u64)
+                .map(|x| x as usize)
+                .ok_or_else(|| invalid(key, "expected a positive integer"))
+        };
+        let real = |key: &'static str| {
+            json_number(stated(key)?)
+                .filter(|x| x.is_finite())
+                .ok_or_else(|| invalid(key, "expected a number"))
+        };
+        let flag = |key: &'static str| {
+            stated(key)?
+                .as_bool()
+                .ok_or_else(|| invalid(key, "expected true or false"))
+        };
+        positive("sampling_rate")?;
+        let feature_size = positive("feature_size")?;
+        for (ms, samples) in [
+            ("frame_length_ms", "frame_length"),
+            ("hop_length_ms", "hop_length"),
+        ] {
+            match v.get(ms) {
+                Some(x) if !x.is_null() => {
+                    real(ms)?;
+                    if x.as_f64().is_some_and(|x| x <= 0.0) {
+                        return Err(invalid(ms, "expected a positive number"));
+                    }
+                }
+                _ => {
+                    positive(samples)?;
+                }
+            }
+        }
+        flag("fft_overdrive")?;
+        flag("preemphasis_htk_flavor")?;
+        for key in [
+            "min_frequency",
+            "max_frequency",
+            "preemphasis",
+            "mel_floor",
+            "input_scale_factor",
+        ] {
+            real(key)?;
+        }
+        for key in ["per_bin_mean", "per_bin_stddev"] {
+            match v.get(key) {
+                None => return Err(missing(key)),
+                Some(Value::Null) => {}
+                Some(x) => {
+                    let mut values = Vec::new();
+                    flatten_numbers(x, &mut values);
+                    if values.len() != feature_size {
+                        return Err(invalid(key, "expected feature_size numbers or null"));
+                    }
+                }
+            }
+        }
+        for key in ["pad_to_multiple_of", "max_length"] {
+            if let Some(x) = v.get(key).filter(|x| !x.is_null()) {
+                if x.as_u64().is_none() {
+                    return Err(invalid(key, "expected a non-negative integer"));
+                }
+            }
+        }
+        Ok(Self::from_preprocessor_config(v, base))
     }
 
     /// Zeros prepended before framing.

@@ -15,7 +15,7 @@ mod mel;
 pub use decode::{decode, resample, DecodedAudio, MAX_SAMPLE_RATE};
 pub use mel::{
     htk_mel_filter_bank, log_mel, FrameValidity, HannWindow, LogFloor, MelConfig, MelExtractor,
-    MelFeatures, TimePadding,
+    MelFeatures, MelSettingError, MelSettingProblem, TimePadding,
 };
 
 use crate::error::ErrorClass;
