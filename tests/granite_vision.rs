@@ -12,7 +12,9 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use common::hub::HubCache;
 use common::{init_ort, load_with, read_json, resolve_dir, root, EngineOpts, Golden, Server};
+use onnx_chat::models::catalog::Component;
 use onnx_chat::models::encoder_cache::{CacheStats, EncoderCache};
 use onnx_chat::models::granite_vision::{
     GraniteVisionConfig, GraniteVisionMedia, GraniteVisionModel,
@@ -24,12 +26,105 @@ use sha2::{Digest, Sha256};
 const NAME: &str = "tiny-granite-vision";
 const QUANTS: &[&str] = &["FP32", "QUANTIZED", "Q4", "Q4_MIXED"];
 
-fn fixture() -> PathBuf {
-    root().join("tests/fixtures/tiny-granite-vision")
+/// A committed export and its goldens.
+#[derive(Debug, Clone, Copy)]
+struct Fixture {
+    /// Folder under tests/fixtures, and the name it is served as.
+    name: &'static str,
+    goldens: &'static str,
 }
 
-fn goldens_dir() -> PathBuf {
-    root().join("tests/fixtures/goldens-granite-vision")
+/// The export of a checkpoint in the hub repo's flat layout (`preprocessor_config.json`; 384-px tiles,
+/// patch 14, mean/std 0.5, BICUBIC).
+const FLAT: Fixture = Fixture {
+    name: NAME,
+    goldens: "goldens-granite-vision",
+};
+
+/// The export, by the recipe (tools/export/export.sh), of a checkpoint saved by transformers 5 itself:
+/// the image processor nested in `processor_config.json`, no `preprocessor_config.json`, and settings
+/// that differ from every default (240-px tiles, patch 16, ImageNet mean/std, BILINEAR, 8 pinpoints).
+const T5: Fixture = Fixture {
+    name: "tiny-granite-vision-t5",
+    goldens: "goldens-granite-vision-t5",
+};
+
+impl Fixture {
+    fn dir(self) -> PathBuf {
+        root().join("tests/fixtures").join(self.name)
+    }
+
+    fn goldens(self) -> Vec<Golden> {
+        common::goldens_in(&root().join("tests/fixtures").join(self.goldens))
+    }
+
+    fn model(self, quant: &str) -> Arc<LoadedModel> {
+        load_with(
+            &resolve_dir(&self.dir(), self.name, quant),
+            EngineOpts::ONE_SHOT,
+        )
+    }
+
+    /// The reference image processor's tile side, rescale factor, mean and std, as the goldens'
+    /// index.json records them (the flat goldens predate that record: the hub repo's settings).
+    fn reference_pixels(self) -> Pixels {
+        let s = read_json(
+            &root()
+                .join("tests/fixtures")
+                .join(self.goldens)
+                .join("index.json"),
+        )["image_processor_settings"]
+            .clone();
+        if s.is_null() {
+            return Pixels {
+                tile: 384,
+                rescale: 1.0 / 255.0,
+                mean: [0.5; 3],
+                std: [0.5; 3],
+            };
+        }
+        let three = |k: &str| -> [f32; 3] {
+            let v: Vec<f32> = s[k]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap() as f32)
+                .collect();
+            v.try_into().unwrap()
+        };
+        Pixels {
+            tile: s["crop_size"]["height"].as_u64().unwrap() as usize,
+            rescale: s["rescale_factor"].as_f64().unwrap(),
+            mean: three("image_mean"),
+            std: three("image_std"),
+        }
+    }
+}
+
+/// How the reference turned 8-bit levels into `pixel_values`: `((k · rescale) − mean[c]) / std[c]`.
+#[derive(Debug, Clone, Copy)]
+struct Pixels {
+    tile: usize,
+    rescale: f64,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl Pixels {
+    fn value(&self, k: u8, c: usize) -> f32 {
+        ((k as f64 * self.rescale) as f32 - self.mean[c]) / self.std[c]
+    }
+
+    /// The 8-bit level behind a value of channel `c`.
+    fn level(&self, v: f32, c: usize) -> u8 {
+        ((v as f64 * self.std[c] as f64 + self.mean[c] as f64) / self.rescale)
+            .round()
+            .clamp(0.0, 255.0) as u8
+    }
+}
+
+fn fixture() -> PathBuf {
+    FLAT.dir()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -41,7 +136,7 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 fn goldens() -> Vec<Golden> {
-    common::goldens_in(&goldens_dir())
+    FLAT.goldens()
 }
 
 /// What this file reads of a golden beyond `common::Golden`.
@@ -65,7 +160,7 @@ impl GoldenExt for Golden {
 }
 
 fn model(quant: &str) -> Arc<LoadedModel> {
-    load_with(&resolve_dir(&fixture(), NAME, quant), EngineOpts::ONE_SHOT)
+    FLAT.model(quant)
 }
 
 fn media_bytes(m: &Value) -> Vec<u8> {
@@ -77,11 +172,10 @@ fn media_bytes(m: &Value) -> Vec<u8> {
     .unwrap()
 }
 
-#[test]
-fn prompts_match_the_reference_processor() {
-    let m = model("FP32");
+fn check_prompts(f: Fixture) {
+    let m = f.model("FP32");
     let mut images = 0;
-    for g in goldens() {
+    for g in f.goldens() {
         let p = m.prompt(&g.messages()).unwrap();
         let e = &g.expected;
         assert_eq!(
@@ -100,20 +194,25 @@ fn prompts_match_the_reference_processor() {
         assert_eq!(p.n_images, e["media"].as_array().unwrap().len());
         images += p.n_images;
     }
-    assert!(images >= 4, "{images} images in the goldens");
-}
-
-/// The 8-bit level behind a normalised value: pixel = ((k / 255) − 0.5) / 0.5.
-fn level(v: f32) -> u8 {
-    ((v as f64 * 0.5 + 0.5) * 255.0).round().clamp(0.0, 255.0) as u8
+    assert!(images >= 4, "{}: {images} images in the goldens", f.name);
 }
 
 #[test]
-fn tiles_and_layouts_match_the_reference_processor() {
-    let cfg = GraniteVisionConfig::load(&fixture()).unwrap();
-    let media = GraniteVisionMedia::new(&fixture(), &cfg, Default::default()).unwrap();
+fn prompts_match_the_reference_processor() {
+    check_prompts(FLAT);
+}
+
+#[test]
+fn prompts_match_the_reference_processor_transformers5() {
+    check_prompts(T5);
+}
+
+fn check_tiles(f: Fixture) {
+    let px = f.reference_pixels();
+    let cfg = GraniteVisionConfig::load(&f.dir()).unwrap();
+    let media = GraniteVisionMedia::new(&f.dir(), &cfg, Default::default()).unwrap();
     let mut checked = 0;
-    for g in goldens() {
+    for g in f.goldens() {
         for (n, m) in g.expected["media"].as_array().unwrap().iter().enumerate() {
             let what = format!("{} image {n}", g.name);
             let got = media.image_bytes(n, &media_bytes(m)).unwrap();
@@ -143,18 +242,25 @@ fn tiles_and_layouts_match_the_reference_processor() {
             );
             let tiles = m["tiles"].as_u64().unwrap() as usize;
             assert_eq!(got.input.frames, tiles, "{what}: tiles");
+            let side = px.tile;
             assert_eq!(
                 got.input.shape.to_vec(),
-                vec![3, 384, 384],
+                vec![3, side, side],
                 "{what}: tile shape"
             );
-            let size = 3 * 384 * 384;
+            let size = 3 * side * side;
+            let channel = |i: usize| i / (side * side);
             assert_eq!(got.input.pixel_values.len(), tiles * size);
             for (t, chunk) in got.input.pixel_values.chunks_exact(size).enumerate() {
-                let levels: Vec<u8> = chunk.iter().map(|&v| level(v)).collect();
+                let levels: Vec<u8> = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| px.level(v, channel(i)))
+                    .collect();
                 let back: Vec<f32> = levels
                     .iter()
-                    .map(|&k| ((k as f64 / 255.0) as f32 - 0.5) / 0.5)
+                    .enumerate()
+                    .map(|(i, &k)| px.value(k, channel(i)))
                     .collect();
                 assert_eq!(back, chunk, "{what} tile {t}: values off the 8-bit grid");
                 assert_eq!(
@@ -172,17 +278,28 @@ fn tiles_and_layouts_match_the_reference_processor() {
             checked += 1;
         }
     }
-    assert!(checked >= 4, "{checked} images");
+    assert!(checked >= 4, "{}: {checked} images", f.name);
+}
+
+#[test]
+fn tiles_and_layouts_match_the_reference_processor() {
+    check_tiles(FLAT);
+}
+
+/// Tiles of 240 px normalised with ImageNet's mean/std after BILINEAR resizing, every setting read
+/// from `processor_config.json`'s nested `image_processor`: bit for bit what transformers 5 made.
+#[test]
+fn tiles_and_layouts_match_the_reference_processor_transformers5() {
+    check_tiles(T5);
 }
 
 /// Our vision encoder run plus packing (unpadding, newline rows, base tile first) against
 /// transformers' packed features: every row's sum and a few whole rows, within 1e-4.
-#[test]
-fn packed_features_match_transformers() {
+fn check_packed(f: Fixture) {
     init_ort();
-    let cfg = GraniteVisionConfig::load(&fixture()).unwrap();
-    let media = GraniteVisionMedia::new(&fixture(), &cfg, Default::default()).unwrap();
-    let resolved = resolve_dir(&fixture(), NAME, "FP32");
+    let cfg = GraniteVisionConfig::load(&f.dir()).unwrap();
+    let media = GraniteVisionMedia::new(&f.dir(), &cfg, Default::default()).unwrap();
+    let resolved = resolve_dir(&f.dir(), f.name, "FP32");
     let opts = onnx_chat::engine::session::SessionOptions {
         intra_threads: 1,
         ..Default::default()
@@ -191,7 +308,7 @@ fn packed_features_match_transformers() {
     let processing = media.processing().clone();
     let mut m = GraniteVisionModel::load(&resolved, cfg, &opts, cache, processing).unwrap();
     let (mut max_row, mut max_sum, mut checked) = (0f32, 0f64, 0);
-    for g in goldens() {
+    for g in f.goldens() {
         for (n, e) in g.expected["media"].as_array().unwrap().iter().enumerate() {
             let img = media.image_bytes(n, &media_bytes(e)).unwrap();
             let packed = m.encode_images(&[&img.input]).unwrap().remove(0);
@@ -222,26 +339,44 @@ fn packed_features_match_transformers() {
             checked += 1;
         }
     }
-    eprintln!("packed features: max |Δ| {max_row:.2e} in whole rows, {max_sum:.2e} in row sums");
+    eprintln!(
+        "{}: packed features: max |Δ| {max_row:.2e} in whole rows, {max_sum:.2e} in row sums",
+        f.name
+    );
     assert!(checked >= 4);
     assert!(
         max_row < 1e-4 && max_sum < 1e-3,
-        "rows {max_row}, sums {max_sum}"
+        "{}: rows {max_row}, sums {max_sum}",
+        f.name
     );
+}
+
+#[test]
+fn packed_features_match_transformers() {
+    check_packed(FLAT);
+}
+
+#[test]
+fn packed_features_match_transformers_transformers5() {
+    check_packed(T5);
 }
 
 /// Greedy ids of the Python onnxruntime loop (`tools/fixtures/granite_vision/ort_reference.py`) on this
 /// machine for the quantized sets, by case: ONNX Runtime's int8/int4 kernels round differently on
 /// different CPUs, so those sets are compared with the loop run here, on the goldens' prompt ids and
 /// our tiles (which `tiles_and_layouts_match_the_reference_processor` checks bit for bit).
-fn ort_reference() -> &'static Value {
-    static REF: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
-    REF.get_or_init(|| {
+fn ort_reference(f: Fixture) -> &'static Value {
+    static REFS: std::sync::Mutex<Vec<(&str, &'static Value)>> = std::sync::Mutex::new(Vec::new());
+    let mut refs = REFS.lock().unwrap();
+    if let Some((_, v)) = refs.iter().find(|(n, _)| *n == f.name) {
+        return v;
+    }
+    let v: &'static Value = Box::leak(Box::new({
         let tmp = tempfile::tempdir().unwrap();
-        let cfg = GraniteVisionConfig::load(&fixture()).unwrap();
-        let media = GraniteVisionMedia::new(&fixture(), &cfg, Default::default()).unwrap();
+        let cfg = GraniteVisionConfig::load(&f.dir()).unwrap();
+        let media = GraniteVisionMedia::new(&f.dir(), &cfg, Default::default()).unwrap();
         let mut cases = Vec::new();
-        for g in goldens() {
+        for g in f.goldens() {
             let mut images = Vec::new();
             for (n, m) in g.expected["media"].as_array().unwrap().iter().enumerate() {
                 let img = media.image_bytes(n, &media_bytes(m)).unwrap();
@@ -258,7 +393,7 @@ fn ort_reference() -> &'static Value {
             cases.push(json!({"case": g.name, "ids": g.expected["prompt_ids"], "images": images}));
         }
         let manifest = tmp.path().join("manifest.json");
-        let max = goldens()[0].expected["max_new_tokens"].clone();
+        let max = f.goldens()[0].expected["max_new_tokens"].clone();
         std::fs::write(
             &manifest,
             json!({"max_new_tokens": max, "cases": cases}).to_string(),
@@ -266,38 +401,75 @@ fn ort_reference() -> &'static Value {
         .unwrap();
         common::python_json(
             "tools/fixtures/granite_vision/ort_reference.py",
-            &[fixture().into(), manifest.into()],
+            &[f.dir().into(), manifest.into()],
         )
-    })
+    }));
+    refs.push((f.name, v));
+    v
 }
 
-/// What a golden expects under `quant` (see `common::expected_under`).
-fn expected(g: &Golden, quant: &str) -> (Vec<u32>, Value, Value) {
+/// What a golden of `f` expects under `quant` (see `common::expected_under`).
+fn expected_of(f: Fixture, g: &Golden, quant: &str) -> (Vec<u32>, Value, Value) {
     let eos = [0u32];
     common::expected_under(
         g,
         quant,
-        ort_reference(),
-        &fixture().join("tokenizer.json"),
+        ort_reference(f),
+        &f.dir().join("tokenizer.json"),
         &eos,
     )
 }
 
-async fn check_quant(quant: &str) {
-    let goldens = goldens();
-    let checked = common::http_parity(model(quant), &goldens, quant, |g| expected(g, quant)).await;
-    assert!(checked >= 5, "{quant}: {checked} goldens");
+fn expected(g: &Golden, quant: &str) -> (Vec<u32>, Value, Value) {
+    expected_of(FLAT, g, quant)
+}
+
+/// Every golden of `f` through HTTP on `model`, served as `f.name`.
+async fn check_on(f: Fixture, model: Arc<LoadedModel>, quant: &str) {
+    let goldens = f.goldens();
+    let checked = common::http_parity(model, &goldens, quant, |g| expected_of(f, g, quant)).await;
+    assert!(checked >= 4, "{} {quant}: {checked} goldens", f.name);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http_parity_fp32_against_transformers() {
-    check_quant("FP32").await;
+    check_on(FLAT, FLAT.model("FP32"), "FP32").await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn http_parity_quantized_sets_against_the_onnxruntime_loop() {
     for q in &QUANTS[1..] {
-        check_quant(q).await;
+        check_on(FLAT, FLAT.model(q), q).await;
+    }
+}
+
+/// The transformers-5 checkpoint's export: FP32 equals transformers 5, the quantized sets the
+/// onnxruntime loop.
+#[tokio::test(flavor = "multi_thread")]
+async fn http_parity_transformers5_checkpoint_every_set() {
+    for q in QUANTS {
+        check_on(T5, T5.model(q), q).await;
+    }
+}
+
+/// Both exports as users download them: hf-hub's cache (every file a relative link into `blobs/`),
+/// the decoder's weights in external data (`decoder_model_merged.onnx_data`, as a 2B export has),
+/// served by repo id offline with the default load-time rewrites: the goldens, as from the folder.
+#[tokio::test(flavor = "multi_thread")]
+async fn hf_hub_snapshots_with_external_data_serve_the_goldens() {
+    for (f, repo) in [
+        (FLAT, "onnx-community/granite-vision-tiny-ONNX"),
+        (T5, "onnx-community/granite-vision-tiny-t5-ONNX"),
+    ] {
+        let cache = HubCache::download(&f.dir(), repo, QUANTS, &["onnx/decoder_model_merged.onnx"]);
+        for q in QUANTS {
+            let m = cache.resolve(q, f.name);
+            if *q == "FP32" {
+                let d = m.plan.graph(Component::DecoderModelMerged).unwrap();
+                assert_eq!(d.data_files, ["onnx/decoder_model_merged.onnx_data"]);
+            }
+            check_on(f, load_with(&m, EngineOpts::ONE_SHOT), q).await;
+        }
     }
 }
 
@@ -494,6 +666,55 @@ fn inspect_lists_the_three_graphs_and_their_variants() {
         "vision_encoder: fp32, q4, quantized",
         "out image_newline",
         "in  pixel_values",
+    ] {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+}
+
+/// `inspect` on the transformers-5 export shows where each processor setting came from and that the
+/// model loads as served; with a needed setting removed from the nested entry it fails, naming the
+/// key and both files (what the export recipe relies on).
+#[test]
+fn inspect_reads_the_nested_processor_config_and_fails_on_a_missing_setting() {
+    let run = |dir: &Path| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_onnx-chat"))
+            .args(["inspect", dir.to_str().unwrap(), "--threads", "1"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
+    let (ok, text) = run(&T5.dir());
+    assert!(ok, "{text}");
+    for want in [
+        "image processor    from processor_config.json \"image_processor\"",
+        "[0.485,0.456,0.406]",
+        "loads as served: ok",
+    ] {
+        assert!(text.contains(want), "{want:?} missing:\n{text}");
+    }
+    assert!(!T5.dir().join("preprocessor_config.json").exists());
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("t5");
+    copy_dir(&T5.dir(), &dir);
+    let path = dir.join("processor_config.json");
+    let mut pc = read_json(&path);
+    pc["image_processor"]
+        .as_object_mut()
+        .unwrap()
+        .remove("image_std");
+    std::fs::write(&path, pc.to_string()).unwrap();
+    let (ok, text) = run(&dir);
+    assert!(!ok, "loaded without image_std:\n{text}");
+    for want in [
+        "\"image_std\"",
+        "processor_config.json \"image_processor\"",
+        "preprocessor_config.json",
     ] {
         assert!(text.contains(want), "{want:?} missing:\n{text}");
     }

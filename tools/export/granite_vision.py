@@ -4,7 +4,8 @@ model, e.g. ibm-granite/granite-vision-3.2-2b) to ONNX in the transformers.js la
 usage: python granite_vision.py SRC OUT_DIR [--quants fp32,quantized,q4] [--no-check] [--external-data]
 
 SRC is a local checkpoint directory or a hub repo id (downloaded with huggingface_hub; needs network).
-OUT_DIR gets the checkpoint's tokenizer / chat template / config files and onnx/:
+OUT_DIR gets the checkpoint's tokenizer / chat template / config / processor files, copied as they are (COPY), and
+onnx/:
 
   vision_encoder{,_quantized,_q4}.onnx
       pixel_values f32 [num_tiles, 3, 384, 384]  (the base image first, then the anyres tiles, of any images)
@@ -40,9 +41,12 @@ import time
 import torch
 from torch import nn
 
+# Copied byte for byte, as the checkpoint has them: the processor files in particular are not flattened or filled in
+# (transformers 5 writes only processor_config.json, the image processor nested under "image_processor"; older
+# snapshots have a flat preprocessor_config.json; the server reads both with transformers' precedence).
 COPY = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
         "chat_template.json", "chat_template.jinja", "preprocessor_config.json", "processor_config.json",
-        "added_tokens.json", "vocab.json", "merges.txt"]
+        "video_preprocessor_config.json", "added_tokens.json", "vocab.json", "merges.txt"]
 LIMIT = 1_900_000_000  # bytes of one protobuf before external data is used
 
 
