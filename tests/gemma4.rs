@@ -361,48 +361,56 @@ fn inspect_lists_the_four_graphs_and_their_variants() {
     }
 }
 
-/// The catalog names through a (fake, offline) Hugging Face cache holding the fixture as the snapshot of
-/// onnx-community/gemma-4-E2B-it-ONNX or -E4B-it-ONNX: display names and repo ids resolve, `Q4` is the
-/// default set, `/QUANT` picks another, and the model serves the goldens under those names.
+/// The catalog names through a Hugging Face cache as hf-hub writes it (the fixture published as
+/// onnx-community/gemma-4-E2B-it-ONNX and -E4B-it-ONNX and downloaded by the server's resolver: every
+/// file a relative link into `blobs/`, the fp32 graphs' `.onnx_data` among them): display names and
+/// repo ids resolve offline, `Q4` is the default set, `/QUANT` picks another, and the snapshot serves
+/// every golden under FP32 (external data, default load-time rewrites) and Q4, also by those names.
 #[tokio::test(flavor = "multi_thread")]
 async fn catalog_names_resolve_through_the_hub_cache() {
+    use common::hub::HubCache;
     use onnx_chat::models::resolve::{self, ModelSpec};
-    const HASH: &str = "89abcdef0123456789abcdef0123456789abcdef";
-    let tmp = tempfile::tempdir().unwrap();
-    for repo in ["gemma-4-E2B-it-ONNX", "gemma-4-E4B-it-ONNX"] {
-        let dir = tmp.path().join(format!("models--onnx-community--{repo}"));
-        let snap = dir.join("snapshots").join(HASH);
-        for f in resolve::list_dir(&fixture()).unwrap() {
-            let dst = snap.join(&f);
-            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
-            std::os::unix::fs::symlink(fixture().join(&f), &dst).unwrap();
-        }
-        std::fs::create_dir_all(dir.join("refs")).unwrap();
-        std::fs::write(dir.join("refs/main"), HASH).unwrap();
-    }
-    let mut hub = onnx_chat::models::hub::HubConfig::from_vars(|_| None);
-    hub.cache_dir = tmp.path().to_path_buf();
-    hub.offline = true;
-    hub.progress = false;
+    let e2b = HubCache::download(
+        &fixture(),
+        "onnx-community/gemma-4-E2B-it-ONNX",
+        &["Q4", "QUANTIZED", "FP32"],
+        &[],
+    );
+    let e4b = HubCache::download(
+        &fixture(),
+        "onnx-community/gemma-4-E4B-it-ONNX",
+        &["FP16"],
+        &[],
+    );
     let files = |m: &resolve::ResolvedModel| -> Vec<String> {
         m.plan.graphs.iter().map(|g| g.rel_path.clone()).collect()
     };
-    for (name, served, suffix) in [
-        ("gemma-4-E2B-it-ONNX", "gemma-4-E2B-it-ONNX", "_q4"),
+    for (cache, name, served, suffix) in [
+        (&e2b, "gemma-4-E2B-it-ONNX", "gemma-4-E2B-it-ONNX", "_q4"),
         (
+            &e2b,
             "onnx-community/gemma-4-E2B-it-ONNX",
             "gemma-4-E2B-it-ONNX",
             "_q4",
         ),
-        ("gemma-4-E4B-it-ONNX/FP16", "gemma-4-E4B-it-ONNX", "_fp16"),
         (
+            &e4b,
+            "gemma-4-E4B-it-ONNX/FP16",
+            "gemma-4-E4B-it-ONNX",
+            "_fp16",
+        ),
+        (
+            &e2b,
             "gemma-4-E2B-it-ONNX/QUANTIZED",
             "gemma-4-E2B-it-ONNX",
             "_quantized",
         ),
     ] {
         let spec = ModelSpec::parse(name, None).unwrap();
-        let m = resolve::resolve(&spec, None, &hub).await.unwrap();
+        let m = resolve::resolve(&spec, None, &cache.offline())
+            .await
+            .unwrap();
+        assert_eq!(m.root, cache.snapshot, "{name}");
         assert_eq!(m.served_name, served, "{name}");
         assert_eq!(
             files(&m),
@@ -416,7 +424,7 @@ async fn catalog_names_resolve_through_the_hub_cache() {
         );
     }
     let spec = ModelSpec::parse("gemma-4-E2B-it-ONNX", None).unwrap();
-    let m = resolve::resolve(&spec, None, &hub).await.unwrap();
+    let m = resolve::resolve(&spec, None, &e2b.offline()).await.unwrap();
     let server = Server::start(vec![load_with(&m, EngineOpts::ONE_SHOT)]).await;
     let g = goldens()
         .into_iter()
@@ -438,6 +446,23 @@ async fn catalog_names_resolve_through_the_hub_cache() {
         );
     }
     server.shutdown().await;
+    for quant in ["FP32", "Q4"] {
+        let m = e2b.resolve(quant, NAME);
+        if quant == "FP32" {
+            let d = m
+                .plan
+                .graph(onnx_chat::models::catalog::Component::DecoderModelMerged)
+                .unwrap();
+            assert_eq!(d.data_files, ["onnx/decoder_model_merged.onnx_data"]);
+        }
+        let goldens = goldens();
+        let checked =
+            common::http_parity(load_with(&m, EngineOpts::ONE_SHOT), &goldens, quant, |g| {
+                expected(g, quant)
+            })
+            .await;
+        assert!(checked >= 7, "{quant}: {checked} goldens");
+    }
 }
 
 /// The thought channel comes back as `reasoning_content`, not in `content` (JSON and streamed), with the

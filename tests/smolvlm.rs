@@ -281,19 +281,31 @@ fn pixel_values_match_the_reference_processor() {
 }
 
 async fn check_quant(quant: &str) {
+    let checked = check_goldens(quant, |g| {
+        let dir = snapshot_for(g.overrides());
+        Some((dir.display().to_string(), model_at(&dir, quant)))
+    })
+    .await;
+    assert!(checked >= 6, "{quant}: only {checked} goldens");
+}
+
+/// The goldens of `quant` through HTTP, each on the model `model_for` gives it (keyed: one server per
+/// key), skipping those it gives none. Returns how many were checked.
+async fn check_goldens(
+    quant: &str,
+    model_for: impl Fn(&Golden) -> Option<(String, Arc<LoadedModel>)>,
+) -> usize {
     let mut checked = 0;
     let mut servers: Vec<(String, Server)> = Vec::new();
     for g in goldens() {
         let Some(gen) = g.expected["generated"].get(quant) else {
             continue;
         };
-        let dir = snapshot_for(g.overrides());
-        let key = dir.display().to_string();
+        let Some((key, model)) = model_for(&g) else {
+            continue;
+        };
         if !servers.iter().any(|(k, _)| *k == key) {
-            servers.push((
-                key.clone(),
-                Server::start(vec![model_at(&dir, quant)]).await,
-            ));
+            servers.push((key.clone(), Server::start(vec![model]).await));
         }
         let server = &servers.iter().find(|(k, _)| *k == key).unwrap().1;
         let mut body = g.request.clone();
@@ -329,9 +341,45 @@ async fn check_quant(quant: &str) {
         );
         checked += 1;
     }
-    assert!(checked >= 6, "{quant}: only {checked} goldens");
     for (_, s) in servers {
         s.shutdown().await;
+    }
+    checked
+}
+
+/// The fixture as users download it: published as HuggingFaceTB/SmolVLM-256M-Instruct with the fp32
+/// decoder's weights in external data, downloaded by the server's resolver into hf-hub's cache (every
+/// file a relative link into `blobs/`), served by repo id offline with the default load-time rewrites:
+/// the goldens of both sets (those without processor overrides), as from the folder.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_hf_hub_snapshot_with_external_data_serves_the_goldens() {
+    use common::hub::HubCache;
+    init_ort();
+    let cache = HubCache::download(
+        &fixture(),
+        "HuggingFaceTB/SmolVLM-256M-Instruct",
+        &["FP32", "UINT8"],
+        &["onnx/decoder_model_merged.onnx"],
+    );
+    for quant in ["FP32", "UINT8"] {
+        let m = cache.resolve(quant, NAME);
+        if quant == "FP32" {
+            let d = m
+                .plan
+                .graph(onnx_chat::models::catalog::Component::DecoderModelMerged)
+                .unwrap();
+            assert_eq!(d.data_files, ["onnx/decoder_model_merged.onnx_data"]);
+        }
+        let mut opts = LoadOptions::default();
+        opts.session.intra_threads = 1;
+        let model = Arc::new(LoadedModel::load(&m, &opts).unwrap());
+        let checked = check_goldens(quant, |g| {
+            g.overrides()
+                .is_empty()
+                .then(|| ("hub".to_string(), model.clone()))
+        })
+        .await;
+        assert!(checked >= 4, "{quant}: only {checked} goldens");
     }
 }
 
