@@ -10,17 +10,17 @@ use tokenizers::Tokenizer;
 
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::ModelError;
-use crate::pipeline::template::{ChatTemplate, TemplateError};
+use crate::pipeline::template::{ChatTemplate, TemplateError, TEMPLATE_SOURCES};
 use crate::protocol::{ChatMessage, ContentPart};
 
-/// The chat template of snapshot `dir` (`chat_template.jinja`, `chat_template.json`, or
-/// `tokenizer_config.json`), compiled.
+/// The chat template of snapshot `dir`, found where transformers looks for it
+/// ([`ChatTemplate::load_from_dir`]) and compiled; every family's prompter starts here.
 pub fn load_template(dir: &Path) -> Result<ChatTemplate, ModelError> {
     let (source, tokens) = ChatTemplate::load_from_dir(dir)
         .map_err(|e| ModelError::Config(e.to_string()))?
         .ok_or_else(|| {
             ModelError::Config(format!(
-                "{} has no chat template (chat_template.jinja, chat_template.json, or chat_template in tokenizer_config.json)",
+                "{} has no chat template (tried {TEMPLATE_SOURCES})",
                 dir.display()
             ))
         })?;
@@ -137,5 +137,21 @@ mod tests {
             "{err}"
         );
         assert_eq!(expand("plain", "<i>", &[]).unwrap(), "plain");
+    }
+
+    #[test]
+    fn a_missing_template_names_every_file_tried() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
+        let err = load_template(dir.path()).unwrap_err().to_string();
+        for file in [
+            "processor_config.json",
+            "chat_template.json",
+            "chat_template.jinja",
+            "additional_chat_templates/default.jinja",
+            "tokenizer_config.json",
+        ] {
+            assert!(err.contains(file), "{file} missing from: {err}");
+        }
     }
 }

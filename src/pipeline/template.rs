@@ -4,6 +4,7 @@
 //! `raise_exception`, `strftime_now`, Python string methods), so that the prompt text we tokenize
 //! is the one the model was trained on.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use minijinja::value::{Serde, Value};
@@ -11,12 +12,17 @@ use minijinja::{AutoEscape, Environment, Error, ErrorKind, UndefinedBehavior};
 
 mod clock;
 mod pyjson;
+mod snapshot;
+
+pub use snapshot::TEMPLATE_SOURCES;
 
 /// Name under which the single compiled template lives in the environment.
 const TEMPLATE_NAME: &str = "chat_template";
 
 /// The variables the renderer itself sets (transformers' `apply_chat_template` arguments and the
-/// special tokens): extra template variables (`chat_template_kwargs`) may not use these names.
+/// four special tokens every template family uses): extra template variables
+/// (`chat_template_kwargs`) may not use these names. The other special tokens
+/// ([`SpecialTokens::other`]) give way to a kwarg of the same name, as in transformers.
 pub const RESERVED_VARIABLES: &[&str] = &[
     "messages",
     "tools",
@@ -39,33 +45,17 @@ pub enum TemplateError {
     Render(String),
 }
 
-/// The special-token strings transformers exposes to chat templates.
+/// The special-token strings transformers exposes to chat templates: its tokenizer's
+/// `special_tokens_map` (where they come from: [`ChatTemplate::load_from_dir`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SpecialTokens {
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
     pub pad_token: Option<String>,
     pub unk_token: Option<String>,
-}
-
-impl SpecialTokens {
-    /// Reads the tokens from a parsed `tokenizer_config.json`. Each entry may be a plain string
-    /// or a serialized `AddedToken` (`{"content": "...", ...}`); anything else counts as absent.
-    pub fn from_tokenizer_config(v: &serde_json::Value) -> Self {
-        let token = |key: &str| match v.get(key) {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(serde_json::Value::Object(o)) => {
-                o.get("content").and_then(|c| c.as_str()).map(str::to_owned)
-            }
-            _ => None,
-        };
-        SpecialTokens {
-            bos_token: token("bos_token"),
-            eos_token: token("eos_token"),
-            pad_token: token("pad_token"),
-            unk_token: token("unk_token"),
-        }
-    }
+    /// The rest of the map by variable name: `sep_token`, `cls_token`, `mask_token` and the
+    /// model-specific ones (`image_token`, `boi_token`, ...).
+    pub other: BTreeMap<String, String>,
 }
 
 /// A compiled chat template plus the special tokens it is rendered with.
@@ -133,33 +123,16 @@ impl ChatTemplate {
         Ok(ChatTemplate { env, tokens })
     }
 
-    /// Finds the template of a snapshot dir: `chat_template.jinja`, else `chat_template.json`
-    /// (`{"chat_template": ...}`), else `chat_template` in `tokenizer_config.json` (a string, or
-    /// a list of `{"name","template"}` from which "default" or else the first is taken). Special
-    /// tokens always come from `tokenizer_config.json` when it exists. `Ok(None)`: no template.
+    /// The template of a snapshot dir and the special tokens it is rendered with, found as
+    /// transformers 5 finds them (the rules, and the transformers functions they come from, are in
+    /// `template/snapshot.rs`): `processor_config.json`'s `chat_template`, else
+    /// `chat_template.json`, else `chat_template.jinja` (or `additional_chat_templates/default.jinja`),
+    /// else `tokenizer_config.json`'s `chat_template`; of named templates only "default", never a
+    /// guess. Tokens: `tokenizer_config.json`, overridden by `special_tokens_map.json` when the
+    /// config has no `added_tokens_decoder`. `Ok(None)`: none of [`TEMPLATE_SOURCES`] has a template;
+    /// a broken or ambiguous file is an error.
     pub fn load_from_dir(dir: &Path) -> Result<Option<(String, SpecialTokens)>, TemplateError> {
-        let config = read_json(&dir.join("tokenizer_config.json"))?;
-        let tokens = config
-            .as_ref()
-            .map(SpecialTokens::from_tokenizer_config)
-            .unwrap_or_default();
-
-        let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            let source = std::fs::read_to_string(&jinja)
-                .map_err(|e| TemplateError::Compile(format!("{}: {e}", jinja.display())))?;
-            return Ok(Some((source, tokens)));
-        }
-        if let Some(json) = read_json(&dir.join("chat_template.json"))? {
-            if let Some(source) = json.get("chat_template").and_then(pick_template) {
-                return Ok(Some((source, tokens)));
-            }
-        }
-        let source = config
-            .as_ref()
-            .and_then(|c| c.get("chat_template"))
-            .and_then(pick_template);
-        Ok(source.map(|s| (s, tokens)))
+        snapshot::load(dir)
     }
 
     /// Renders `messages` (a JSON array of `{"role", "content"}`; content a string or a list of
@@ -229,6 +202,13 @@ impl ChatTemplate {
                 ctx.push((name, Value::from(token.as_str())));
             }
         }
+        // transformers renders with `{**special_tokens_map, **kwargs}`: a kwarg wins.
+        let kwarg_named = |name: &str| kwargs.is_some_and(|k| k.contains_key(name));
+        for (name, token) in &self.tokens.other {
+            if !kwarg_named(name) {
+                ctx.push((name.as_str(), Value::from(token.as_str())));
+            }
+        }
         for (name, value) in kwargs.into_iter().flatten() {
             if !RESERVED_VARIABLES.contains(&name.as_str()) {
                 ctx.push((name.as_str(), Value::from(Serde(value))));
@@ -249,39 +229,6 @@ fn render_error(err: Error) -> TemplateError {
         cause = e.source();
     }
     TemplateError::Render(err.to_string())
-}
-
-/// `Ok(None)` when the file does not exist; a present but broken file is an error, since
-/// silently falling back to another template would produce subtly wrong prompts.
-fn read_json(path: &Path) -> Result<Option<serde_json::Value>, TemplateError> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(TemplateError::Compile(format!("{}: {e}", path.display()))),
-    };
-    serde_json::from_str(&text)
-        .map(Some)
-        .map_err(|e| TemplateError::Compile(format!("{}: {e}", path.display())))
-}
-
-fn pick_template(v: &serde_json::Value) -> Option<String> {
-    match v {
-        serde_json::Value::String(s) => Some(s.clone()),
-        serde_json::Value::Array(named) => {
-            let template_of = |entry: &serde_json::Value| {
-                entry
-                    .get("template")
-                    .and_then(|t| t.as_str())
-                    .map(str::to_owned)
-            };
-            named
-                .iter()
-                .find(|e| e.get("name").and_then(|n| n.as_str()) == Some("default"))
-                .and_then(template_of)
-                .or_else(|| named.first().and_then(template_of))
-        }
-        _ => None,
-    }
 }
 
 #[cfg(test)]
@@ -456,48 +403,37 @@ mod tests {
     }
 
     #[test]
-    fn special_tokens_accept_added_token_objects() {
-        let cfg = json!({"bos_token": {"content": "<s>", "lstrip": false},
-                         "eos_token": "</s>", "pad_token": null});
-        let t = SpecialTokens::from_tokenizer_config(&cfg);
-        assert_eq!(t.bos_token.as_deref(), Some("<s>"));
-        assert_eq!(t.eos_token.as_deref(), Some("</s>"));
-        assert_eq!(t.pad_token, None);
-        assert_eq!(t.unk_token, None);
-    }
-
-    #[test]
-    fn load_from_dir_precedence() {
-        let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).unwrap();
-        assert!(ChatTemplate::load_from_dir(dir.path()).unwrap().is_none());
-
-        write(
-            "tokenizer_config.json",
-            r#"{"bos_token": "<bos>", "chat_template": [
-                {"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]}"#,
-        );
-        let (src, tokens) = ChatTemplate::load_from_dir(dir.path()).unwrap().unwrap();
+    fn other_special_tokens_reach_the_template_and_give_way_to_kwargs() {
+        let tokens = SpecialTokens {
+            bos_token: Some("<bos>".into()),
+            other: [("image_token", "<img>"), ("mask_token", "<mask>")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+            ..SpecialTokens::default()
+        };
+        let t = ChatTemplate::new(
+            "{{ bos_token }}|{{ image_token }}|{{ mask_token }}|{{ sep_token is defined }}",
+            tokens,
+        )
+        .unwrap();
         assert_eq!(
-            (src.as_str(), tokens.bos_token.as_deref()),
-            ("D", Some("<bos>"))
+            t.render(&json!([]), true).unwrap(),
+            "<bos>|<img>|<mask>|False"
         );
-
-        write("chat_template.json", r#"{"chat_template": "J"}"#);
-        let (src, _) = ChatTemplate::load_from_dir(dir.path()).unwrap().unwrap();
-        assert_eq!(src, "J");
-
-        write("chat_template.jinja", "F");
-        let (src, tokens) = ChatTemplate::load_from_dir(dir.path()).unwrap().unwrap();
+        // `{**special_tokens_map, **kwargs}`: a kwarg replaces a model-specific token...
+        let kwargs = json!({"image_token": "<IMG>"}).as_object().unwrap().clone();
         assert_eq!(
-            (src.as_str(), tokens.bos_token.as_deref()),
-            ("F", Some("<bos>"))
+            t.render_with(&json!([]), None, Some(&kwargs), true)
+                .unwrap(),
+            "<bos>|<IMG>|<mask>|False"
         );
-
-        write("tokenizer_config.json", "{not json");
-        assert!(matches!(
-            ChatTemplate::load_from_dir(dir.path()),
-            Err(TemplateError::Compile(_))
-        ));
+        // ...but not one of the reserved four (the front end refuses those names).
+        let kwargs = json!({"bos_token": "<x>"}).as_object().unwrap().clone();
+        assert_eq!(
+            t.render_with(&json!([]), None, Some(&kwargs), true)
+                .unwrap(),
+            "<bos>|<img>|<mask>|False"
+        );
     }
 }

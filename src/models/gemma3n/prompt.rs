@@ -12,6 +12,7 @@ use tokenizers::Tokenizer;
 
 use super::config::Gemma3nConfig;
 use crate::error::ClassifiedError;
+use crate::models::prompt::load_template;
 use crate::models::{ModelError, Prompt};
 use crate::pipeline::template::{ChatTemplate, TemplateError};
 use crate::protocol::{ChatMessage, ContentPart};
@@ -32,16 +33,7 @@ impl Gemma3nPrompter {
         cfg: &Gemma3nConfig,
         tokenizer: Arc<Tokenizer>,
     ) -> Result<Self, ModelError> {
-        let (source, tokens) = ChatTemplate::load_from_dir(dir)
-            .map_err(|e| ModelError::Config(e.to_string()))?
-            .ok_or_else(|| {
-                ModelError::Config(format!(
-                    "{} has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)",
-                    dir.display()
-                ))
-            })?;
-        let template =
-            ChatTemplate::new(&source, tokens).map_err(|e| ModelError::Config(e.to_string()))?;
+        let template = load_template(dir)?;
         let tok = |id: u32, what: &str| {
             tokenizer.id_to_token(id).ok_or_else(|| {
                 ModelError::Tokenizer(format!("the tokenizer has no {what} token (id {id})"))
