@@ -26,7 +26,10 @@ pub const METADATA_FILES: &[&str] = &[
     "chat_template.json",
     "preprocessor_config.json",
     "processor_config.json",
+    "video_preprocessor_config.json",
 ];
+/// The folder of named chat templates (`<name>.jinja`) transformers reads beside `chat_template.jinja`.
+pub const CHAT_TEMPLATES_DIR: &str = "additional_chat_templates/";
 pub const REQUIRED_METADATA: &[&str] = &["config.json", "tokenizer.json"];
 
 #[derive(Debug, thiserror::Error)]
@@ -250,6 +253,12 @@ impl FilePlan {
             .iter()
             .filter(|f| files.contains(**f))
             .map(|f| f.to_string())
+            .chain(
+                files
+                    .iter()
+                    .filter(|f| f.starts_with(CHAT_TEMPLATES_DIR) && f.ends_with(".jinja"))
+                    .cloned(),
+            )
             .collect();
         let mut graphs = Vec::new();
         let mut missing_optional = Vec::new();
@@ -540,6 +549,8 @@ mod tests {
             "config.json",
             "tokenizer.json",
             "tokenizer_config.json",
+            "additional_chat_templates/tool_use.jinja",
+            "additional_chat_templates/README.md",
             "onnx/embed_tokens_quantized.onnx",
             "onnx/embed_tokens_quantized.onnx_data",
             "onnx/embed_tokens_quantized.onnx_data_1",
@@ -567,9 +578,15 @@ mod tests {
         assert!(v.is_fallback());
         assert_eq!(v.rel_path, "onnx/vision_encoder_fp16.onnx");
         assert!(p.missing_optional.is_empty());
+        // Named chat templates are fetched with the rest of the metadata.
         assert_eq!(
             p.metadata,
-            vec!["config.json", "tokenizer.json", "tokenizer_config.json"]
+            vec![
+                "config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "additional_chat_templates/tool_use.jinja"
+            ]
         );
 
         let err = FilePlan::choose(

@@ -212,6 +212,14 @@ impl AnyresProcessing {
                 "config.json image_grid_pinpoints (which the features are packed by) differ",
             ));
         }
+        // The tiles are the image resized into the best resolution and centre-padded to it; without
+        // `do_pad` the reference resizes to fill it instead, which is not implemented.
+        if !s.flag("do_pad")? {
+            return Err(s.invalid(
+                "do_pad",
+                "only true is implemented (resize, then centre-pad to the best resolution)",
+            ));
+        }
         let p = Self {
             pinpoints,
             patch,
@@ -545,5 +553,11 @@ mod tests {
             .to_string()
             .contains("image_grid_pinpoints"));
         assert!(load(&tiny_cfg(384, 27, pins448)).is_err());
+        // Resizing without padding is another tiling: refused, not ignored.
+        let mut unpadded = nested.clone();
+        unpadded["do_pad"] = json!(false);
+        write(PROCESSOR_CONFIG, &json!({"image_processor": unpadded}));
+        let e = load(&cfg448).err().unwrap().to_string();
+        assert!(e.contains("\"do_pad\""), "{e}");
     }
 }

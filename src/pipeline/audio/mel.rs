@@ -209,6 +209,8 @@ impl MelConfig {
             Some(fe) if fe.is_object() => fe,
             _ => v,
         };
+        let base_ms = |samples: usize| samples as f64 * 1000.0 / f64::from(base.sampling_rate);
+        let (frame_ms, hop_ms) = (base_ms(base.frame_length), base_ms(base.hop_length));
         let mut c = base;
         let num = |key: &str| v.get(key).and_then(json_number);
         let count = |key: &str| {
@@ -225,15 +227,18 @@ impl MelConfig {
             c.feature_size = n;
         }
         let samples_of_ms = |ms: f64| (f64::from(c.sampling_rate) * ms / 1000.0).round();
+        // The class's milliseconds at the file's rate when neither is stated, as its `__init__` does.
         let frame = num("frame_length_ms")
             .map(samples_of_ms)
-            .or_else(|| num("frame_length"));
+            .or_else(|| num("frame_length"))
+            .or(Some(samples_of_ms(frame_ms)));
         if let Some(f) = frame.filter(|f| f.is_finite() && *f >= 1.0) {
             c.frame_length = f as usize;
         }
         let hop = num("hop_length_ms")
             .map(samples_of_ms)
-            .or_else(|| num("hop_length"));
+            .or_else(|| num("hop_length"))
+            .or(Some(samples_of_ms(hop_ms)));
         if let Some(h) = hop.filter(|h| h.is_finite() && *h >= 1.0) {
             c.hop_length = h as usize;
         }
@@ -323,21 +328,51 @@ impl MelConfig {
                 .as_bool()
                 .ok_or_else(|| invalid(key, "expected true or false"))
         };
-        positive("sampling_rate")?;
+        let sampling_rate = positive("sampling_rate")?;
         let feature_size = positive("feature_size")?;
-        for (ms, samples) in [
-            ("frame_length_ms", "frame_length"),
-            ("hop_length_ms", "hop_length"),
+        // transformers' extractors compute the sample counts from the milliseconds (their `__init__`
+        // argument, else the class default, which `to_dict` does not save) and ignore the saved counts;
+        // a saved count that disagrees would be served differently here, so it is refused.
+        for (ms, samples, base_samples) in [
+            ("frame_length_ms", "frame_length", base.frame_length),
+            ("hop_length_ms", "hop_length", base.hop_length),
         ] {
-            match v.get(ms) {
+            let millis = match v.get(ms) {
                 Some(x) if !x.is_null() => {
-                    real(ms)?;
-                    if x.as_f64().is_some_and(|x| x <= 0.0) {
+                    let m = real(ms)?;
+                    if m <= 0.0 {
                         return Err(invalid(ms, "expected a positive number"));
                     }
+                    m
                 }
-                _ => {
-                    positive(samples)?;
+                _ => base_samples as f64 * 1000.0 / f64::from(base.sampling_rate),
+            };
+            let derived = (sampling_rate as f64 * millis / 1000.0).round() as usize;
+            match v.get(samples) {
+                None | Some(Value::Null) => {}
+                Some(_) => {
+                    let saved = positive(samples)?;
+                    if saved != derived {
+                        return Err(invalid(
+                            samples,
+                            &format!(
+                                "transformers ignores the saved count and uses {derived} \
+                                 ({millis} ms at {sampling_rate} Hz); a file that disagrees was not \
+                                 written by it"
+                            ),
+                        ));
+                    }
+                }
+            }
+        }
+        // Settings the front end implements one value of: another stated value is refused, not ignored.
+        for (key, only) in [("dither", 0.0), ("padding_value", 0.0)] {
+            if let Some(x) = v.get(key).filter(|x| !x.is_null()) {
+                if json_number(x) != Some(only) {
+                    return Err(invalid(
+                        key,
+                        &format!("only {only} is supported (the reference adds no noise and pads with zeros)"),
+                    ));
                 }
             }
         }
@@ -1243,6 +1278,48 @@ mod tests {
             }
             eprintln!("{name}: filter column sums, max abs err {worst:e}");
             assert!(worst <= 1e-12, "{name}: {worst}");
+        }
+    }
+
+    /// The strict reader follows transformers where a saved file could mislead it: sample counts come
+    /// from the milliseconds (a saved count that disagrees is refused), and `dither` / `padding_value`
+    /// other than the implemented 0 are refused rather than ignored.
+    #[test]
+    fn extractor_settings_refuse_what_transformers_would_read_otherwise() {
+        let path = fixtures().join("tiny-gemma3n/preprocessor_config.json");
+        let saved: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        let read = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = saved.clone();
+            edit(&mut v);
+            MelConfig::from_extractor_settings(&v, MelConfig::gemma3n_extractor())
+        };
+        let c = read(&|_| {}).unwrap();
+        assert_eq!((c.frame_length, c.hop_length), (512, 160));
+        let e = read(&|v| v["frame_length"] = 400.into()).unwrap_err();
+        assert_eq!(e.key, "frame_length");
+        assert!(e.to_string().contains("uses 512"), "{e}");
+        let e = read(&|v| v["hop_length"] = 100.into()).unwrap_err();
+        assert_eq!(e.key, "hop_length");
+        // Another rate without saved counts: the class's 32 / 10 ms at that rate.
+        let c = read(&|v| {
+            v["sampling_rate"] = 8000.into();
+            let o = v.as_object_mut().unwrap();
+            o.remove("frame_length");
+            o.remove("hop_length");
+        })
+        .unwrap();
+        assert_eq!((c.frame_length, c.hop_length), (256, 80));
+        // Stated milliseconds decide, and the saved counts must agree with them.
+        let c = read(&|v| {
+            v["frame_length_ms"] = 25.0.into();
+            v["frame_length"] = 400.into();
+        })
+        .unwrap();
+        assert_eq!(c.frame_length, 400);
+        for (key, value) in [("dither", 0.1), ("padding_value", -1.0)] {
+            let e = read(&|v| v[key] = value.into()).unwrap_err();
+            assert_eq!(e.key, key);
         }
     }
 }
