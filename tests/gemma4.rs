@@ -365,7 +365,8 @@ fn inspect_lists_the_four_graphs_and_their_variants() {
 /// onnx-community/gemma-4-E2B-it-ONNX and -E4B-it-ONNX and downloaded by the server's resolver: every
 /// file a relative link into `blobs/`, the fp32 graphs' `.onnx_data` among them): display names and
 /// repo ids resolve offline, `Q4` is the default set, `/QUANT` picks another, and the snapshot serves
-/// every golden under FP32 (external data, default load-time rewrites) and Q4, also by those names.
+/// every golden under every set (FP32 with external data; default load-time rewrites), also by those
+/// names.
 #[tokio::test(flavor = "multi_thread")]
 async fn catalog_names_resolve_through_the_hub_cache() {
     use common::hub::HubCache;
@@ -373,7 +374,7 @@ async fn catalog_names_resolve_through_the_hub_cache() {
     let e2b = HubCache::download(
         &fixture(),
         "onnx-community/gemma-4-E2B-it-ONNX",
-        &["Q4", "QUANTIZED", "FP32"],
+        QUANTS,
         &[],
     );
     let e4b = HubCache::download(
@@ -446,7 +447,7 @@ async fn catalog_names_resolve_through_the_hub_cache() {
         );
     }
     server.shutdown().await;
-    for quant in ["FP32", "Q4"] {
+    for &quant in QUANTS {
         let m = e2b.resolve(quant, NAME);
         if quant == "FP32" {
             let d = m
