@@ -63,6 +63,14 @@ bench-model: $(BENCH_MODEL)/.complete
 $(BENCH_MODEL)/.complete:
 	tools/bench/make_bench_model.sh $(BENCH_MODEL)
 
+# Model load from a plain folder and from a Hugging Face cache snapshot: time to ready and peak RSS
+# (BENCHMARKS.md, run L). LOAD_ARGS go to tools/bench/load_bench.py, e.g. LOAD_ARGS="--old-bin /tmp/onnx-chat-old".
+LOAD_ARGS ?=
+.PHONY: bench-load
+bench-load: setup $(BENCH_MODEL)/.complete
+	cargo build --release
+	$(VENV)/bin/python tools/bench/load_bench.py --model $(BENCH_MODEL) $(LOAD_ARGS)
+
 bench: setup
 	@test -f $(BENCH_MODEL)/.complete || echo "note: $(BENCH_MODEL) missing (make bench-model): tiny-model rows only"
 	cargo build --release
