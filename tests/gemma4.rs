@@ -450,11 +450,7 @@ async fn catalog_names_resolve_through_the_hub_cache() {
     for &quant in QUANTS {
         let m = e2b.resolve(quant, NAME);
         if quant == "FP32" {
-            let d = m
-                .plan
-                .graph(onnx_chat::models::catalog::Component::DecoderModelMerged)
-                .unwrap();
-            assert_eq!(d.data_files, ["onnx/decoder_model_merged.onnx_data"]);
+            common::hub::assert_decoder_has_external_data(&m);
         }
         let goldens = goldens();
         let checked =

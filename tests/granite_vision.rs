@@ -14,7 +14,6 @@ use std::sync::Arc;
 
 use common::hub::HubCache;
 use common::{init_ort, load_with, read_json, resolve_dir, root, EngineOpts, Golden, Server};
-use onnx_chat::models::catalog::Component;
 use onnx_chat::models::encoder_cache::{CacheStats, EncoderCache};
 use onnx_chat::models::granite_vision::{
     GraniteVisionConfig, GraniteVisionMedia, GraniteVisionModel,
@@ -465,8 +464,7 @@ async fn hf_hub_snapshots_with_external_data_serve_the_goldens() {
         for q in QUANTS {
             let m = cache.resolve(q, f.name);
             if *q == "FP32" {
-                let d = m.plan.graph(Component::DecoderModelMerged).unwrap();
-                assert_eq!(d.data_files, ["onnx/decoder_model_merged.onnx_data"]);
+                common::hub::assert_decoder_has_external_data(&m);
             }
             check_on(f, load_with(&m, EngineOpts::ONE_SHOT), q).await;
         }

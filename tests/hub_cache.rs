@@ -181,17 +181,8 @@ async fn every_set_serves_the_goldens_from_an_hf_hub_snapshot() {
             "{quant}: {}",
             m.root.display()
         );
-        let data: Vec<String> = m
-            .plan
-            .graphs
-            .iter()
-            .flat_map(|g| g.data_files.clone())
-            .collect();
         if *quant == "FP32" {
-            assert!(
-                data.contains(&"onnx/decoder_model_merged.onnx_data".to_string()),
-                "{data:?}"
-            );
+            common::hub::assert_decoder_has_external_data(&m);
         }
         let model = common::load_with(&m, common::EngineOpts::ONE_SHOT);
         // The attention-mask rewrite ran (gemma-3n is exported without one): batching is on, or off

@@ -364,11 +364,7 @@ async fn an_hf_hub_snapshot_with_external_data_serves_the_goldens() {
     for quant in ["FP32", "UINT8"] {
         let m = cache.resolve(quant, NAME);
         if quant == "FP32" {
-            let d = m
-                .plan
-                .graph(onnx_chat::models::catalog::Component::DecoderModelMerged)
-                .unwrap();
-            assert_eq!(d.data_files, ["onnx/decoder_model_merged.onnx_data"]);
+            common::hub::assert_decoder_has_external_data(&m);
         }
         let mut opts = LoadOptions::default();
         opts.session.intra_threads = 1;

@@ -204,6 +204,24 @@ impl ProcessorFiles {
 /// Per-channel `(image_mean, image_std)`.
 pub type MeanStd = ([f32; 3], [f32; 3]);
 
+/// "`dir`: `what` setting "`key`" in `source` is `value`: `why`".
+fn invalid_setting(
+    dir: &Path,
+    what: &str,
+    source: &dyn fmt::Display,
+    values: &Map<String, Value>,
+    key: &str,
+    why: impl fmt::Display,
+) -> ModelError {
+    let shown = values
+        .get(key)
+        .map_or_else(|| "nothing".to_string(), Value::to_string);
+    ModelError::Config(format!(
+        "{}: {what} setting \"{key}\" in {source} is {shown}: {why}",
+        dir.display()
+    ))
+}
+
 /// One part's settings and where they came from.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -270,16 +288,14 @@ impl Settings {
 
     /// The error for a stated value of the wrong kind or range.
     pub fn invalid(&self, key: &str, why: impl fmt::Display) -> ModelError {
-        let shown = self
-            .values
-            .get(key)
-            .map_or_else(|| "nothing".to_string(), Value::to_string);
-        ModelError::Config(format!(
-            "{}: {} setting \"{key}\" in {} is {shown}: {why}",
-            self.dir.display(),
+        invalid_setting(
+            &self.dir,
             self.part.label(),
-            self.origin,
-        ))
+            &self.origin,
+            &self.values,
+            key,
+            why,
+        )
     }
 
     /// A stated, non-null value.
@@ -450,14 +466,14 @@ impl ProcessorSettings {
 
     /// The error for a stated value of the wrong kind or range.
     pub fn invalid(&self, key: &str, why: impl fmt::Display) -> ModelError {
-        let shown = self
-            .values
-            .get(key)
-            .map_or_else(|| "nothing".to_string(), Value::to_string);
-        ModelError::Config(format!(
-            "{}: processor setting \"{key}\" in {PROCESSOR_CONFIG} is {shown}: {why}",
-            self.dir.display()
-        ))
+        invalid_setting(
+            &self.dir,
+            "processor",
+            &PROCESSOR_CONFIG,
+            &self.values,
+            key,
+            why,
+        )
     }
 
     /// A stated positive integer.

@@ -214,6 +214,17 @@ impl HubCache {
     }
 }
 
+/// The fp32 decoder of `m` reads its weights from `onnx/decoder_model_merged.onnx_data` (behind the
+/// snapshot's link), so loading it exercises external data.
+pub fn assert_decoder_has_external_data(m: &ResolvedModel) {
+    let d = m
+        .plan
+        .graph(onnx_chat::models::catalog::Component::DecoderModelMerged)
+        .unwrap();
+    assert_eq!(d.data_files, ["onnx/decoder_model_merged.onnx_data"]);
+    assert!(m.root.join(&d.data_files[0]).is_symlink());
+}
+
 pub fn copy_dir(src: &Path, dst: &Path) {
     for f in resolve::list_dir(src).unwrap() {
         let to = dst.join(&f);
