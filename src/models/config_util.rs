@@ -24,16 +24,21 @@ pub fn read_json_opt(path: &Path) -> Result<Option<Value>, ModelError> {
     }
 }
 
-/// An id field that may be a number or a list of numbers.
-pub fn ids_of(v: Option<&Value>) -> Vec<u32> {
+/// An id field that may be a number or a list of numbers (`null` or absent: none). Anything else —
+/// a string, a negative or fractional number, an id past `u32` — is an error naming `what`: read as
+/// "no id" it would silently change where generation stops.
+pub fn ids_of(v: Option<&Value>, what: &str) -> Result<Vec<u32>, ModelError> {
+    let id = |x: &Value| x.as_u64().and_then(|x| u32::try_from(x).ok());
+    let bad = || {
+        ModelError::Config(format!(
+            "{what} must be a token id or a list of ids, found {}",
+            v.map_or_else(String::new, Value::to_string)
+        ))
+    };
     match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => vec![],
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a.iter().map(|x| id(x).ok_or_else(bad)).collect(),
+        Some(x) => id(x).map(|i| vec![i]).ok_or_else(bad),
     }
 }
 
@@ -157,16 +162,35 @@ impl<'a> SubConfig<'a> {
         }
     }
 
-    /// A token id that may be `null`.
-    pub fn optional_id(&self, key: &str) -> Option<u32> {
-        self.value(key)
-            .and_then(|v| v.as_u64())
-            .and_then(|x| u32::try_from(x).ok())
+    /// A token id that may be `null` (or unknown); any other non-id value is an error.
+    pub fn optional_id(&self, key: &str) -> Result<Option<u32>, ModelError> {
+        match self.value(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .and_then(|x| u32::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| self.missing(key, "token id")),
+        }
+    }
+
+    /// A token id stated in this section (a `null` included), else the composite config's single id
+    /// (`top[key]`), else the class default.
+    pub fn id_or_composite(&self, top: &Value, key: &str) -> Result<Option<u32>, ModelError> {
+        if self.v.get(key).is_none() {
+            if let [id] = ids_of(top.get(key), &format!("config.json {key}"))?[..] {
+                return Ok(Some(id));
+            }
+        }
+        self.optional_id(key)
     }
 
     /// An id or list of ids (empty when `null` or unknown).
-    pub fn ids(&self, key: &str) -> Vec<u32> {
-        ids_of(self.value(key).as_ref())
+    pub fn ids(&self, key: &str) -> Result<Vec<u32>, ModelError> {
+        ids_of(
+            self.value(key).as_ref(),
+            &format!("config.json {} {key}", self.name),
+        )
     }
 }
 
@@ -188,7 +212,7 @@ impl GenerationDefaults {
         let g = read_json_opt(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let f = |k: &str, d: f64| g.get(k).and_then(Value::as_f64).unwrap_or(d) as f32;
         let do_sample = g.get("do_sample").and_then(Value::as_bool).unwrap_or(false);
-        let mut eos = ids_of(g.get("eos_token_id"));
+        let mut eos = ids_of(g.get("eos_token_id"), "generation_config.json eos_token_id")?;
         if eos.is_empty() {
             eos = fallback_eos.to_vec();
         }
@@ -254,14 +278,51 @@ mod tests {
     #[test]
     fn fields() {
         let v: Value = serde_json::json!({"a": 3, "b": [1, 2], "c": "x", "big": 5_000_000_000u64});
-        assert_eq!(ids_of(v.get("a")), vec![3]);
-        assert_eq!(ids_of(v.get("b")), vec![1, 2]);
-        assert!(ids_of(v.get("c")).is_empty());
+        assert_eq!(ids_of(v.get("a"), "a").unwrap(), vec![3]);
+        assert_eq!(ids_of(v.get("b"), "b").unwrap(), vec![1, 2]);
+        assert!(ids_of(v.get("zz"), "zz").unwrap().is_empty());
+        for bad in ["c", "big"] {
+            let e = ids_of(v.get(bad), &format!("config.json {bad}")).unwrap_err();
+            assert!(e.to_string().contains(&format!("config.json {bad}")), "{e}");
+        }
+        let neg: Value = serde_json::json!([1, -2]);
+        assert!(ids_of(Some(&neg), "eos_token_id").is_err());
         assert_eq!(u32_field(&v, "a", "config.json").unwrap(), 3);
         assert!(u32_field(&v, "big", "config.json").is_err());
         assert!(u32_field(&v, "zz", "config.json")
             .unwrap_err()
             .to_string()
             .contains("\"zz\""));
+    }
+
+    /// bos: the section's own (null = none), else the composite's, else the class default; a value
+    /// that is not an id is an error.
+    #[test]
+    fn ids_from_section_composite_or_class() {
+        let bos = |cfg: Value| {
+            SubConfig::of(&cfg, "text_config", "gemma3n_text")
+                .unwrap()
+                .id_or_composite(&cfg, "bos_token_id")
+        };
+        assert_eq!(
+            bos(serde_json::json!({"text_config": {"bos_token_id": 7}, "bos_token_id": 5}))
+                .unwrap(),
+            Some(7)
+        );
+        assert_eq!(
+            bos(serde_json::json!({"text_config": {"bos_token_id": null}, "bos_token_id": 5}))
+                .unwrap(),
+            None
+        );
+        assert_eq!(
+            bos(serde_json::json!({"text_config": {}, "bos_token_id": 5})).unwrap(),
+            Some(5)
+        );
+        assert_eq!(
+            bos(serde_json::json!({"text_config": {}})).unwrap(),
+            Some(2)
+        );
+        assert!(bos(serde_json::json!({"text_config": {"bos_token_id": "<bos>"}})).is_err());
+        assert!(bos(serde_json::json!({"text_config": {}, "bos_token_id": -1})).is_err());
     }
 }

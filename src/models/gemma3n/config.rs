@@ -41,9 +41,9 @@ impl Gemma3nConfig {
         let cfg = read_json(&dir.join("config.json"))?;
         let processor = ProcessorFiles::load(dir)?.processor();
         let text = SubConfig::of(&cfg, "text_config", "gemma3n_text")?;
-        let mut eos = ids_of(cfg.get("eos_token_id"));
+        let mut eos = ids_of(cfg.get("eos_token_id"), "config.json eos_token_id")?;
         if eos.is_empty() {
-            eos = text.ids("eos_token_id");
+            eos = text.ids("eos_token_id")?;
         }
         Ok(Self {
             image_token_id: u32_field(&cfg, "image_token_id")?,
@@ -61,13 +61,7 @@ impl Gemma3nConfig {
             context_length: text.positive("max_position_embeddings")?,
             // Gemma3nTextConfig's default is 30.0 (a missing key soft-caps), `null` turns it off.
             final_logit_softcapping: text.optional_f32("final_logit_softcapping")?,
-            bos_token_id: text
-                .raw()
-                .get("bos_token_id")
-                .or_else(|| cfg.get("bos_token_id"))
-                .and_then(Value::as_u64)
-                .map(|x| x as u32)
-                .or_else(|| text.optional_id("bos_token_id")),
+            bos_token_id: text.id_or_composite(&cfg, "bos_token_id")?,
             eos_token_ids: eos,
         })
     }

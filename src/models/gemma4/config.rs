@@ -64,9 +64,9 @@ impl Gemma4Config {
         let files = ProcessorFiles::load(dir)?;
         let feature_extractor = files.part(Part::FeatureExtractor)?;
         feature_extractor.mel(MelConfig::gemma4_extractor())?;
-        let mut eos = ids_of(cfg.get("eos_token_id"));
+        let mut eos = ids_of(cfg.get("eos_token_id"), "config.json eos_token_id")?;
         if eos.is_empty() {
-            eos = text.ids("eos_token_id");
+            eos = text.ids("eos_token_id")?;
         }
         // transformers' config class spells it eoa_token_index; some copies say eoa_token_id.
         let eoa_key = match cfg.get("eoa_token_index") {
@@ -85,7 +85,7 @@ impl Gemma4Config {
             boa_token_id: u32_field(&cfg, "boa_token_id")?,
             eoa_token_id: u32_field(&cfg, eoa_key)?,
             // Gemma4TextConfig's default is 0; a stated null leaves nothing to embed soft tokens as.
-            pad_token_id: text.optional_id("pad_token_id").ok_or_else(|| {
+            pad_token_id: text.optional_id("pad_token_id")?.ok_or_else(|| {
                 ModelError::Config(
                     "config.json text_config pad_token_id is null; soft tokens are embedded as <pad>"
                         .into(),
@@ -95,13 +95,7 @@ impl Gemma4Config {
             hidden_size: text.positive("hidden_size")?,
             context_length: text.positive("max_position_embeddings")?,
             final_logit_softcapping: text.optional_f32("final_logit_softcapping")?,
-            bos_token_id: text
-                .raw()
-                .get("bos_token_id")
-                .or_else(|| cfg.get("bos_token_id"))
-                .and_then(Value::as_u64)
-                .map(|x| x as u32)
-                .or_else(|| text.optional_id("bos_token_id")),
+            bos_token_id: text.id_or_composite(&cfg, "bos_token_id")?,
             eos_token_ids: eos,
             // Gemma4Processor's own setting: only processor_config.json states it.
             audio_seq_length: files.processor().positive("audio_seq_length")?,

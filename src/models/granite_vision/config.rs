@@ -128,9 +128,9 @@ impl GraniteVisionConfig {
                 extra - default as i64
             )));
         }
-        let mut eos = ids_of(cfg.get("eos_token_id"));
+        let mut eos = ids_of(cfg.get("eos_token_id"), "config.json eos_token_id")?;
         if eos.is_empty() {
-            eos = text.ids("eos_token_id");
+            eos = text.ids("eos_token_id")?;
         }
         let image_token_id = match cfg.get("image_token_index") {
             Some(_) => u32_field(&cfg, "image_token_index", "config.json")?,

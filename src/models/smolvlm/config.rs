@@ -52,9 +52,9 @@ impl SmolVlmConfig {
                 ),
             ));
         }
-        let mut eos = ids_of(cfg.get("eos_token_id"));
+        let mut eos = ids_of(cfg.get("eos_token_id"), "config.json eos_token_id")?;
         if eos.is_empty() {
-            eos = text.ids("eos_token_id");
+            eos = text.ids("eos_token_id")?;
         }
         Ok(Self {
             image_token_id: u32_field(&cfg, "image_token_id", "config.json")?,
