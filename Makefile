@@ -76,6 +76,18 @@ bench: setup
 	cargo build --release
 	$(VENV)/bin/python tools/bench/bench.py --model $(BENCH_MODEL) $(BENCH_ARGS)
 
+# onnx-chat side by side with llama.cpp's llama-server on the bench model (BENCHMARKS.md, run P): builds llama.cpp
+# from the sources vendored in a pinned llama-cpp-python sdist (PyPI) into target/peer/, converts the bench model
+# to GGUF (f16 -> Q4_0, Q4_K_M; tools/bench/peer_setup.sh, ~15 min the first time), then times both servers over
+# HTTP (tools/bench/peer.py, ~30-40 min on 2 cores). PEER_ARGS go to peer.py, e.g.
+# PEER_ARGS="--contexts 32,2000 --repeats 1 --llama Q4_K_M:no-repack".
+PEER_ARGS ?=
+.PHONY: bench-peer
+bench-peer: setup $(BENCH_MODEL)/.complete
+	cargo build --release
+	tools/bench/peer_setup.sh $(BENCH_MODEL)
+	$(VENV)/bin/python tools/bench/peer.py --model $(BENCH_MODEL) $(PEER_ARGS)
+
 # The browser test of the chat page (tests/ui_browser.rs) needs Debian's chromium and playwright-core
 # (pinned in tests/ui/package-lock.json, installed into tests/ui/node_modules); `make test` installs them.
 .PHONY: ui-deps test-ui

@@ -26,6 +26,10 @@ Sections (all by default):
   batch       bench model: continuous batching on (default) vs --max-batch 1, 1/2/4/8 concurrent streams:
               aggregate decode tokens/s and p50/p99 inter-token latency (engine_bench.py). Options:
               --streams 1,2,4,8, --batch-tokens 48, --batch-reps 2.
+  peer        (not in the default list; needs tools/bench/peer_setup.sh, see `make bench-peer`) bench model: our
+              server vs llama.cpp's llama-server on the same weights as GGUF, over HTTP: decode at 32 / 2 000 / 8 000
+              tokens of context, time to first token, 1/4/8 concurrent streams (tools/bench/peer.py; its flags
+              --contexts, --streams, --llama, --peer-repeats).
   divergence  bench model: each quantization set (and MatMulNBits accuracy level) vs the fp32 graphs over
               --positions 2048 positions of the repository's prose: mean KL of the next-token distributions,
               top-1 agreement, decoder step time (tools/bench/quant_divergence.py, fixtures venv).
@@ -594,6 +598,10 @@ def main():
     if "--table" in sys.argv:  # re-print a saved run
         res = json.load(open(arg("--table")))
         print(table(res, res["cores"], res["threads"]))
+        if res.get("peer"):
+            import peer
+            print()
+            print(peer.table(res["peer"]))
         return
     cores = os.cpu_count()
     model = os.path.abspath(arg("--model", os.path.join(ROOT, "target", "bench-model", "bench-gemma3n")))
@@ -663,10 +671,21 @@ def main():
         if "divergence" in sections:
             results["divergence"] = engine_bench.divergence_section(engine_model, threads,
                                                                     int(arg("--positions", "2048")))
+    if "peer" in sections and os.path.exists(os.path.join(model, "onnx")):
+        import peer
+        peer.B = peer.E.B = sys.modules[__name__]
+        results["peer"] = peer.run(model, quants[0] if quants else "Q4_MIXED", threads, int(arg("--peer-repeats", "2")),
+                                   [int(x) for x in arg("--contexts", "32,300,2000,8000").split(",") if x],
+                                   [int(x) for x in arg("--streams", "1,4,8").split(",") if x],
+                                   int(arg("--peer-tokens", "64")), arg("--llama", "auto").split(","))
     results["seconds"] = round(time.time() - t0)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)
     print(table(results, cores, threads))
+    if results.get("peer"):
+        import peer
+        print()
+        print(peer.table(results["peer"]))
     log(f"(results: {out_path}; {results['seconds']} s)")
 
 

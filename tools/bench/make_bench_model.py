@@ -1,6 +1,11 @@
 """The "bench" size of the fixture model: a random Gemma-3n with E2B's per-token cost per layer.
 
 usage: python make_bench_model.py OUT_DIR [--layers 15] [--keep-scratch]
+       python make_bench_model.py --hf-only OUT_DIR [--layers 15]
+
+--hf-only saves the same seeded weights as a transformers checkpoint (save_pretrained, fp32 safetensors, with
+the bench tokenizer and config files) and exports nothing: the source for llama.cpp's GGUF conversion
+(tools/bench/peer_setup.sh).
 
 OUT_DIR becomes a hub-layout snapshot (like tests/fixtures/tiny-gemma3n) with 12 graphs:
 {embed_tokens, decoder_model_merged, vision_encoder, audio_encoder} x {"" (fp32), _quantized, _q4}, which
@@ -329,7 +334,20 @@ def stage_main(name, args):
             json.dump(check(args[0]), f)
 
 
+def save_hf(out, layers):
+    """The bench model's weights as a transformers checkpoint: the same recipe and seed as the ONNX export."""
+    t = time.time()
+    cfg = bench_config(layers)
+    model = build_model(cfg)
+    os.makedirs(out, exist_ok=True)
+    model.save_pretrained(out)
+    write_model_files(out, cfg, {})  # the bench snapshot's config.json and tokenizer files (after save_pretrained)
+    print(f"saved {out} in {time.time() - t:.0f}s", flush=True)
+
+
 def main():
+    if "--hf-only" in sys.argv:
+        return save_hf(os.path.abspath(arg("--hf-only")), int(arg("--layers", "15")))
     if "--stage" in sys.argv:
         i = sys.argv.index("--stage")
         return stage_main(sys.argv[i + 1], sys.argv[i + 2:])
