@@ -29,7 +29,7 @@ Sections (all by default):
   peer        (not in the default list; needs tools/bench/peer_setup.sh, see `make bench-peer`) bench model: our
               server vs llama.cpp's llama-server on the same weights as GGUF, over HTTP: decode at 32 / 2 000 / 8 000
               tokens of context, time to first token, 1/4/8 concurrent streams (tools/bench/peer.py; its flags
-              --contexts, --streams, --llama, --peer-repeats).
+              --contexts, --streams, --llama, --peer-repeats, --long-repeats, --peer-tokens).
   divergence  bench model: each quantization set (and MatMulNBits accuracy level) vs the fp32 graphs over
               --positions 2048 positions of the repository's prose: mean KL of the next-token distributions,
               top-1 agreement, decoder step time (tools/bench/quant_divergence.py, fixtures venv).
@@ -677,7 +677,8 @@ def main():
         results["peer"] = peer.run(model, quants[0] if quants else "Q4_MIXED", threads, int(arg("--peer-repeats", "2")),
                                    [int(x) for x in arg("--contexts", "32,300,2000,8000").split(",") if x],
                                    [int(x) for x in arg("--streams", "1,4,8").split(",") if x],
-                                   int(arg("--peer-tokens", "64")), arg("--llama", "auto").split(","))
+                                   int(arg("--peer-tokens", "64")), arg("--llama", "auto").split(","),
+                                   long_repeats=int(arg("--long-repeats", "1")))
     results["seconds"] = round(time.time() - t0)
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1)

@@ -1,7 +1,7 @@
 """`make bench-peer`: onnx-chat side by side with llama.cpp's llama-server on the bench model, over HTTP.
 
 usage: .venv/bin/python tools/bench/peer.py [--model DIR] [--quant Q4_MIXED] [--threads N] [--repeats 2]
-           [--contexts 32,300,2000,8000] [--streams 1,4,8] [--new-tokens 64]
+           [--long-repeats 1] [--contexts 32,300,2000,8000] [--streams 1,4,8] [--new-tokens 64]
            [--llama auto | Q4_K_M,Q4_0:no-repack,...] [--probe-only] [--out target/bench/peer.json]
        .venv/bin/python tools/bench/peer.py --table target/bench/peer.json      (re-print a saved run)
 
@@ -12,7 +12,8 @@ and are timed in turn over HTTP, streaming, on the same requests:
 - every request is fresh: a unique tag is the first text of the prompt (no prefix cache can reuse another
   request's prompt), and llama-server also gets "cache_prompt": false and runs with --cache-ram 0;
 - "ignore_eos": true on both, so every request generates --new-tokens tokens;
-- order alternates per repeat (A, B, C, then C, B, A, ...), medians over --repeats;
+- order alternates per repeat (A, B, C, then C, B, A, ...), medians over --repeats (--long-repeats for prompts of
+  4 000 tokens and more: one 8 000-token request takes 3.5-4 minutes per server on 2 cores);
 - one request per (context, repeat): a prompt of ~P tokens (the bench tokenizer; the GGUF has the same
   vocabulary as a SentencePiece model, and both servers' prompt token counts are reported) gives the time to first
   token (send -> first streamed token) and the decode rate (tokens after the first / time from the first to the
@@ -28,7 +29,8 @@ prompt/decode timings are kept in the JSON for comparison.
 llama.cpp configurations (--llama): QUANT[:no-repack], the GGUF target/peer/gguf/bench-gemma3n-QUANT.gguf;
 ":no-repack" adds --no-repack (weights kept in the GGUF layout instead of the CPU backend's repacked,
 interleaved layout). "auto" (default) first probes Q4_K_M and Q4_0, each with and without repacking (a 300- and
-a 2 000-token prompt and 4 concurrent streams; a crash or an HTTP error marks the configuration broken), then
+a 600-token prompt, i.e. two prompt batches of 512, and 4 concurrent streams; a crash or an HTTP error marks the
+configuration broken), then
 benches, per quantization, the first one that works, repacked first (llama.cpp's default).
 """
 import http.client
@@ -250,7 +252,7 @@ def probe(servers, words_for):
             status[s.key] = f"did not start: {s.log_tail(400)!r}"
             continue
         try:
-            for p in (300, 2000):
+            for p in (300, 600):
                 stream(s, prompt(p, words_for[p]), 4)
                 if not s.alive():
                     raise RuntimeError("exited")
@@ -270,12 +272,13 @@ def probe(servers, words_for):
 
 
 # ------------------------------------------------------------------------------------------------ run
-def run(model_dir, quant, threads, repeats, contexts, streams, new_tokens, configs, probe_only=False):
+def run(model_dir, quant, threads, repeats, contexts, streams, new_tokens, configs, probe_only=False,
+        long_repeats=1):
     for path in (B.BIN, LLAMA_SERVER):
         if not os.path.exists(path):
             sys.exit(f"{path} missing: `make bench-peer` builds it (cargo build --release; tools/bench/peer_setup.sh)")
-    words_for = calibrate(model_dir, sorted(set(contexts) | {300, 2000}))
-    out = {"threads": threads, "repeats": repeats, "new_tokens": new_tokens, "contexts": contexts,
+    words_for = calibrate(model_dir, sorted(set(contexts) | {32, 300, 600}))
+    out = {"threads": threads, "repeats": repeats, "long_repeats": long_repeats, "new_tokens": new_tokens, "contexts": contexts,
            "streams": streams, "llama_ctx": LLAMA_CTX, "llama_slots": LLAMA_SLOTS, "cpu": cpu_name(),
            "llama_version": llama_version(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     servers = []
@@ -309,7 +312,7 @@ def run(model_dir, quant, threads, repeats, contexts, streams, new_tokens, confi
         broken = {}
         for p in contexts:
             got = {s.key: [] for s in servers}
-            for i in range(repeats):
+            for i in range(repeats if p < 4000 else long_repeats):
                 for s in (servers if i % 2 == 0 else servers[::-1]):
                     if s.key in broken:
                         continue
@@ -369,7 +372,8 @@ def llama_version():
 
 def table(res):
     lines = [f"peer bench — {res.get('cpu')}, {res['threads']} threads each; llama.cpp: {res.get('llama_version')}; "
-             f"{res['new_tokens']} new tokens, medians of {res['repeats']}"]
+             f"{res['new_tokens']} new tokens, medians of {res['repeats']}"
+             + (f" ({res['long_repeats']} for prompts of 4 000+ tokens)" if res.get("long_repeats") else "")]
     for k, v in (res.get("probe") or {}).items():
         lines.append(f"  llama.cpp {k}: {v}")
     rows = res.get("rows")
@@ -411,7 +415,8 @@ def main():
     res = run(model, B.arg("--quant", "Q4_MIXED"), threads, int(B.arg("--repeats", "2")),
               [int(x) for x in B.arg("--contexts", "32,300,2000,8000").split(",") if x],
               [int(x) for x in B.arg("--streams", "1,4,8").split(",") if x], int(B.arg("--new-tokens", "64")),
-              B.arg("--llama", "auto").split(","), probe_only="--probe-only" in sys.argv)
+              B.arg("--llama", "auto").split(","), probe_only="--probe-only" in sys.argv,
+              long_repeats=int(B.arg("--long-repeats", "1")))
     path = B.arg("--out", os.path.join(B.BENCH_DIR, "peer.json"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
