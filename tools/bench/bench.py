@@ -200,30 +200,43 @@ def chat(conn, body):
     return dt, json.loads(raw)
 
 
+def sse_chat(port, body, timeout=900):
+    """POSTs a streaming chat request; yields the send time (monotonic ns) first, then (arrival ns, event
+    object) for each `data:` event until `[DONE]`. An HTTP error or an `error` event raises."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        t_send = time.monotonic_ns()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body),
+                     headers={"content-type": "application/json"})
+        yield t_send
+        r = conn.getresponse()
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+        while True:
+            line = r.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                break
+            now = time.monotonic_ns()
+            obj = json.loads(payload)
+            if "error" in obj:
+                raise RuntimeError(obj["error"])
+            yield now, obj
+    finally:
+        conn.close()
+
+
 def chat_stream(port, body):
     """Streaming request: send time, token arrival times (monotonic ns), ids, usage, end time."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=900)
-    data = json.dumps(body)
-    t_send = time.monotonic_ns()
-    conn.request("POST", "/v1/chat/completions", body=data, headers={"content-type": "application/json"})
-    r = conn.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    events = sse_chat(port, body)
+    t_send = next(events)
     ids, times, usage = [], [], None
-    while True:
-        line = r.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            break
-        now = time.monotonic_ns()
-        obj = json.loads(payload)
-        if "error" in obj:
-            raise RuntimeError(obj["error"])
+    for now, obj in events:
         if obj.get("usage"):
             usage = obj["usage"]
         for ch in obj.get("choices", []):
@@ -231,7 +244,6 @@ def chat_stream(port, body):
             ids.extend(t_ids)
             times.extend([now] * len(t_ids))
     t_done = time.monotonic_ns()
-    conn.close()
     return dict(t_send=t_send, t_done=t_done, ids=ids, times=times, usage=usage)
 
 

@@ -168,27 +168,10 @@ def stream(server, text, max_tokens):
         body["return_token_ids"] = True
     else:
         body.update(cache_prompt=False, timings_per_token=True)
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=1800)
-    t_send = time.monotonic_ns()
-    conn.request("POST", "/v1/chat/completions", body=json.dumps(body), headers={"content-type": "application/json"})
-    r = conn.getresponse()
-    if r.status != 200:
-        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    events = B.sse_chat(server.port, body, timeout=1800)
+    t_send = next(events)
     points, usage, timings, count = [], None, None, 0
-    while True:
-        line = r.readline()
-        if not line:
-            break
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        payload = line[5:].strip()
-        if payload == b"[DONE]":
-            break
-        now = time.monotonic_ns()
-        obj = json.loads(payload)
-        if "error" in obj:
-            raise RuntimeError(obj["error"])
+    for now, obj in events:
         usage = obj.get("usage") or usage
         if server.kind == "ours":
             for ch in obj.get("choices", []):
@@ -198,7 +181,6 @@ def stream(server, text, max_tokens):
             count = max(count, int(timings.get("predicted_n") or 0))
         if count and (not points or count > points[-1][1]):
             points.append((now, count))
-    conn.close()
     return {"t_send": t_send, "points": points, "usage": usage, "timings": timings}
 
 
