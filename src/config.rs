@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
-use crate::engine::session::SessionOptions;
+use crate::engine::session::{AttentionMode, SessionOptions};
 use crate::frontend::FrontendConfig;
 use crate::models::catalog::DEFAULT_MODEL;
 use crate::models::loaded::LoadOptions;
@@ -172,6 +172,15 @@ impl AccuracyLevel {
     }
 }
 
+fn parse_attention(s: &str) -> Result<AttentionMode, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "auto" => Ok(AttentionMode::Auto),
+        "fused" => Ok(AttentionMode::Fused),
+        "unfused" => Ok(AttentionMode::Unfused),
+        _ => Err(format!("{s:?}: expected auto, fused or unfused")),
+    }
+}
+
 fn parse_accuracy_level(s: &str) -> Result<AccuracyLevel, String> {
     if s.eq_ignore_ascii_case("auto") {
         return Ok(AccuracyLevel::Auto);
@@ -205,6 +214,13 @@ pub struct RuntimeArgs {
     /// spinning threads starve the server's own work between decode steps; see BENCHMARKS.md).
     #[arg(long, env = "ONNX_CHAT_ORT_SPINNING", value_parser = BoolishValueParser::new())]
     pub ort_spinning: bool,
+    /// How the decoder's attention runs. `auto` (default): fused at load into ONNX Runtime's
+    /// `GroupQueryAttention` with the KV cache written in place (decode cost no longer grows with
+    /// the copy of the whole cache), checked at load against the graph as exported on a probe
+    /// prompt and kept as exported where they differ or the attention is not recognised. `fused`:
+    /// the same without the check (shorter loads). `unfused`: as exported.
+    #[arg(long, env = "ONNX_CHAT_ATTENTION", default_value = "auto", value_parser = parse_attention)]
+    pub attention: AttentionMode,
 }
 
 impl RuntimeArgs {
@@ -217,6 +233,7 @@ impl RuntimeArgs {
         opts.matmul_accuracy_level = self.matmul_accuracy_level.resolve();
         opts.last_logits = !self.full_logits;
         opts.spin = self.ort_spinning;
+        opts.attention_mode = self.attention;
         opts
     }
 }

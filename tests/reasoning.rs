@@ -90,7 +90,10 @@ fn generate(
 ) -> Outcome {
     let tok = tokenizer();
     let model = Scripted {
-        layout: KvLayout { slots: vec![] },
+        layout: KvLayout {
+            slots: vec![],
+            fused: None,
+        },
         script: script.to_vec(),
         vocab: tok.get_vocab_size(true),
     };

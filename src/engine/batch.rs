@@ -21,9 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use ort::value::DynValue;
 
-use super::kv::{KvCache, KvLayout, KvSlot, KvState};
-use super::session::ElemType;
-use super::tensor::{self, FloatData};
+use super::kv::{self, KvCache, KvLayout, KvState};
+use super::tensor;
 use super::EngineError;
 use crate::error::{ClassifiedError, ErrorClass};
 
@@ -34,8 +33,33 @@ pub type RowId = u64;
 pub struct BatchKv {
     values: Vec<DynValue>,
     width: usize,
-    /// Row order of the tensors: id and positions held.
-    rows: Vec<(RowId, usize)>,
+    /// Row order of the tensors.
+    rows: Vec<Row>,
+}
+
+/// One row of a batch: its id, positions held and (fused decoders) where its sliding-window buffers
+/// start ([`KvCache::local_start`]).
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    id: RowId,
+    len: usize,
+    local_start: usize,
+    min_prefix: usize,
+}
+
+impl Row {
+    fn of(id: RowId, c: &KvCache) -> Self {
+        Self {
+            id,
+            len: c.len,
+            local_start: c.local_start,
+            min_prefix: c.min_prefix,
+        }
+    }
+
+    fn local_len(&self) -> usize {
+        self.len - self.local_start
+    }
 }
 
 impl KvState for BatchKv {
@@ -46,13 +70,63 @@ impl KvState for BatchKv {
         self.width
     }
     fn row_lens(&self) -> Vec<usize> {
-        self.rows.iter().map(|r| r.1).collect()
+        self.rows.iter().map(|r| r.len).collect()
+    }
+    fn local_lens(&self) -> Vec<usize> {
+        self.rows.iter().map(Row::local_len).collect()
     }
     fn advance(&mut self, values: Vec<DynValue>, n: usize) {
         self.values = values;
+        self.advance_in_place(n);
+    }
+    fn values_mut(&mut self) -> &mut [DynValue] {
+        &mut self.values
+    }
+    fn reserve(&mut self, layout: &KvLayout, n: usize) -> Result<(), EngineError> {
+        let longest_local = |rows: &[Row]| rows.iter().map(Row::local_len).max().unwrap_or(0);
+        if let Some(keep) = layout.keep() {
+            if kv::capacity(layout, &self.values, true) < longest_local(&self.rows) + n {
+                for (r, row) in self.rows.iter_mut().enumerate() {
+                    let held = row.local_len();
+                    if held <= keep {
+                        continue;
+                    }
+                    for (slot, v) in layout.slots.iter().zip(self.values.iter_mut()) {
+                        if slot.local {
+                            kv::shift_positions(v, r, held - keep, keep, slot.seq_axis)?;
+                        }
+                    }
+                    row.local_start += held - keep;
+                    row.min_prefix = layout.min_prefix_of(row.local_start);
+                }
+            }
+        }
+        if kv::capacity(layout, &self.values, false) >= self.width + n
+            && kv::capacity(layout, &self.values, true) >= longest_local(&self.rows) + n
+        {
+            return Ok(());
+        }
+        let sources: Vec<Source> = self
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(row, r)| Source {
+                values: &self.values,
+                row,
+                start: self.start(layout, row),
+                len: r.len,
+                local: r.local_len(),
+            })
+            .collect();
+        let grown = rebuild(layout, &sources, self.rows.clone(), n)?;
+        drop(sources);
+        *self = grown;
+        Ok(())
+    }
+    fn advance_in_place(&mut self, n: usize) {
         self.width += n;
         for r in &mut self.rows {
-            r.1 += n;
+            r.len += n;
         }
     }
 }
@@ -78,118 +152,80 @@ struct Source<'a> {
     row: usize,
     start: usize,
     len: usize,
+    /// Positions its sliding-window buffers hold (from 0).
+    local: usize,
 }
 
-/// Builds one slot's `[sources, …, width, …]` tensor, each source's positions at the right end.
-fn assemble(
-    slot: &KvSlot,
-    sources: &[Source],
-    index: usize,
-    width: usize,
-) -> Result<DynValue, EngineError> {
-    let axis = slot.seq_axis;
-    let mut shape: Option<Vec<i64>> = None;
-    for s in sources {
-        let (_, sh) = tensor::value_info(&s.values[index])?;
-        if axis >= sh.len()
-            || s.start + s.len > sh[axis].max(0) as usize
-            || s.row >= sh[0].max(0) as usize
-        {
-            return Err(EngineError::Tensor(format!(
-                "{}: a row's positions {}..{} lie outside a {sh:?} cache tensor",
-                slot.past,
-                s.start,
-                s.start + s.len
-            )));
-        }
-        match &shape {
-            None => shape = Some(sh),
-            Some(first) if first[1..axis] != sh[1..axis] || first[axis + 1..] != sh[axis + 1..] => {
-                return Err(EngineError::Tensor(format!(
-                    "{}: cache tensors {first:?} and {sh:?} cannot share a batch",
-                    slot.past
-                )))
-            }
-            Some(_) => {}
-        }
-    }
-    let Some(mut shape) = shape else {
-        return Err(EngineError::Tensor("a batch of no rows".into()));
-    };
-    let dims: Vec<usize> = shape.iter().map(|&d| d.max(0) as usize).collect();
-    let outer: usize = dims[1..axis].iter().product();
-    let inner: usize = dims[axis + 1..].iter().product();
-    fn fill<T: Copy + Default>(
-        parts: &[(&[T], &Source, usize)],
-        outer: usize,
-        inner: usize,
-        width: usize,
-    ) -> Vec<T> {
-        let row_out = outer * width * inner;
-        let mut out = vec![T::default(); parts.len() * row_out];
-        for (b, (src, s, src_width)) in parts.iter().enumerate() {
-            let row_in = outer * src_width * inner;
-            for o in 0..outer {
-                let from = s.row * row_in + o * src_width * inner + s.start * inner;
-                let to = b * row_out + o * width * inner + (width - s.len) * inner;
-                out[to..to + s.len * inner].copy_from_slice(&src[from..from + s.len * inner]);
-            }
-        }
-        out
-    }
-    let widths: Vec<usize> = sources
-        .iter()
-        .map(|s| tensor::value_info(&s.values[index]).map(|(_, sh)| sh[axis].max(0) as usize))
-        .collect::<Result<_, _>>()?;
-    let data = match slot.dtype {
-        ElemType::F32 => {
-            let mut parts = Vec::with_capacity(sources.len());
-            for (s, &w) in sources.iter().zip(&widths) {
-                let (_, d) = s.values[index]
-                    .try_extract_tensor::<f32>()
-                    .map_err(tensor::tensor_err)?;
-                parts.push((d, s, w));
-            }
-            FloatData::F32(fill(&parts, outer, inner, width))
-        }
-        ElemType::F16 => {
-            let mut parts = Vec::with_capacity(sources.len());
-            for (s, &w) in sources.iter().zip(&widths) {
-                let (_, d) = s.values[index]
-                    .try_extract_tensor::<half::f16>()
-                    .map_err(tensor::tensor_err)?;
-                parts.push((d, s, w));
-            }
-            FloatData::F16(fill(&parts, outer, inner, width))
-        }
-        other => {
-            return Err(EngineError::Tensor(format!(
-                "cannot batch a {other} cache tensor"
-            )))
-        }
-    };
-    shape[0] = sources.len() as i64;
-    shape[axis] = width as i64;
-    data.into_value(&shape)
-}
-
+/// Builds the batch's tensors from `sources` (one row each, in order). Unfused: `[rows, …, longest,
+/// …]`, each row's positions at the right end. Fused ([`KvLayout::fused`]): buffers with room for
+/// `extra` more positions past the longest row, each row's positions from 0.
 fn rebuild(
     layout: &KvLayout,
     sources: &[Source],
-    rows: Vec<(RowId, usize)>,
+    rows: Vec<Row>,
+    extra: usize,
 ) -> Result<BatchKv, EngineError> {
-    let width = sources.iter().map(|s| s.len).max().unwrap_or(0);
-    let values = layout
-        .slots
-        .iter()
-        .enumerate()
-        .map(|(i, slot)| assemble(slot, sources, i, width))
-        .collect::<Result<Vec<_>, _>>()?;
+    let Some(first) = sources.first() else {
+        return Err(EngineError::Tensor("a batch of no rows".into()));
+    };
+    let longest = sources.iter().map(|s| s.len).max().unwrap_or(0);
+    let fused = layout.fused.is_some();
+    let longest_local = sources.iter().map(|s| s.local).max().unwrap_or(0);
+    let cap = if fused {
+        kv::grown_capacity(longest + extra)
+    } else {
+        longest
+    };
+    let local_cap = kv::grown_capacity(longest_local + extra);
+    let mut values = Vec::with_capacity(layout.slots.len());
+    for (i, slot) in layout.slots.iter().enumerate() {
+        let (ty, mut shape) = tensor::value_info(&first.values[i])?;
+        if slot.seq_axis >= shape.len() {
+            return Err(EngineError::Tensor(format!(
+                "{}: a {shape:?} cache tensor has no axis {}",
+                slot.past, slot.seq_axis
+            )));
+        }
+        shape[0] = sources.len() as i64;
+        shape[slot.seq_axis] = if slot.local { local_cap } else { cap } as i64;
+        let mut out = tensor::alloc(ty, &shape)?;
+        for (b, s) in sources.iter().enumerate() {
+            let (start, len) = if slot.local {
+                (0, s.local)
+            } else {
+                (s.start, s.len)
+            };
+            let at = if fused { 0 } else { cap - s.len };
+            kv::copy_positions(
+                &s.values[i],
+                s.row,
+                start,
+                &mut out,
+                b,
+                at,
+                len,
+                slot.seq_axis,
+            )
+            .map_err(|e| EngineError::Tensor(format!("{}: {e}", slot.past)))?;
+        }
+        values.push(out);
+    }
     Ok(BatchKv {
         values,
-        width,
+        width: longest,
         rows,
     })
+}
+
+impl BatchKv {
+    /// Where row `row`'s positions start in the tensors.
+    fn start(&self, layout: &KvLayout, row: usize) -> usize {
+        if layout.fused.is_some() {
+            0
+        } else {
+            self.width - self.rows[row].len
+        }
+    }
 }
 
 /// What a decode batch shares with the rest of the process (metrics, `inspect`, tests).
@@ -206,6 +242,8 @@ pub struct BatchStats {
     pub row_steps: AtomicU64,
     /// Times the batch's tensors were rebuilt because rows joined or left.
     pub rebuilds: AtomicU64,
+    /// The decoder's attention is fused and its KV cache written in place ([`KvLayout::fused`]).
+    pub fused_attention: std::sync::atomic::AtomicBool,
 }
 
 impl BatchStats {
@@ -303,21 +341,24 @@ impl DecodeBatch {
             .as_ref()
             .filter(|_| !self.left.contains(&id))
             .ok_or_else(|| EngineError::Tensor(format!("row {id} is not in the batch")))?;
-        let Some(row) = kv.rows.iter().position(|r| r.0 == id) else {
+        let Some(row) = kv.rows.iter().position(|r| r.id == id) else {
             return Err(EngineError::Tensor(format!("row {id} is not in the batch")));
         };
-        let len = kv.rows[row].1;
+        let r = kv.rows[row];
         let src = [Source {
             values: &kv.values,
             row,
-            start: kv.width - len,
-            len,
+            start: kv.start(layout, row),
+            len: r.len,
+            local: r.local_len(),
         }];
-        let own = rebuild(layout, &src, vec![(id, len)])?;
+        let own = rebuild(layout, &src, vec![r], 0)?;
         self.left.push(id);
         Ok(KvCache {
             values: own.values,
-            len,
+            len: r.len,
+            local_start: r.local_start,
+            min_prefix: r.min_prefix,
         })
     }
 
@@ -326,7 +367,7 @@ impl DecodeBatch {
         let mut ids: Vec<RowId> = self
             .kv
             .iter()
-            .flat_map(|k| k.rows.iter().map(|r| r.0))
+            .flat_map(|k| k.rows.iter().map(|r| r.id))
             .filter(|id| !self.left.contains(id))
             .collect();
         ids.extend(self.joining.iter().map(|j| j.0));
@@ -360,17 +401,18 @@ impl DecodeBatch {
             let mut sources = Vec::new();
             let mut rows = Vec::new();
             if let Some(kv) = &self.kv {
-                for (row, &(id, len)) in kv.rows.iter().enumerate() {
-                    if self.left.contains(&id) {
+                for (row, r) in kv.rows.iter().enumerate() {
+                    if self.left.contains(&r.id) {
                         continue;
                     }
                     sources.push(Source {
                         values: &kv.values,
                         row,
-                        start: kv.width - len,
-                        len,
+                        start: kv.start(layout, row),
+                        len: r.len,
+                        local: r.local_len(),
                     });
-                    rows.push((id, len));
+                    rows.push(*r);
                 }
             }
             for (id, cache) in &joining {
@@ -379,14 +421,15 @@ impl DecodeBatch {
                     row: 0,
                     start: 0,
                     len: cache.len,
+                    local: cache.local_len(),
                 });
-                rows.push((*id, cache.len));
+                rows.push(Row::of(*id, cache));
             }
             let rebuilt = if sources.is_empty() {
                 None
             } else {
                 self.stats.rebuilds.fetch_add(1, Ordering::Relaxed);
-                Some(rebuild(layout, &sources, rows)?)
+                Some(rebuild(layout, &sources, rows, 1)?)
             };
             drop(sources);
             self.kv = rebuilt;
@@ -396,7 +439,7 @@ impl DecodeBatch {
             return Ok(None);
         };
         let mut ids = Vec::with_capacity(kv.rows.len());
-        for (id, _) in &kv.rows {
+        for Row { id, .. } in &kv.rows {
             match self.next.get(id) {
                 Some(&t) => ids.push(t),
                 None => return Err(EngineError::Tensor(format!("row {id} has no id to feed"))),
@@ -408,7 +451,7 @@ impl DecodeBatch {
     /// Hands the run's per-row logits (row order) to the rows.
     pub fn finish(&mut self, result: Result<Vec<Vec<f32>>, ClassifiedError>) {
         let Some(kv) = &self.kv else { return };
-        let ids: Vec<RowId> = kv.rows.iter().map(|r| r.0).collect();
+        let ids: Vec<RowId> = kv.rows.iter().map(|r| r.id).collect();
         self.stats.rows.store(ids.len(), Ordering::Relaxed);
         self.stats.runs.fetch_add(1, Ordering::Relaxed);
         self.stats
@@ -448,6 +491,8 @@ impl DecodeBatch {
 mod tests {
     use super::*;
     use crate::engine::kv::KvSlot;
+    use crate::engine::session::ElemType;
+    use crate::engine::tensor::FloatData;
 
     fn layout() -> KvLayout {
         KvLayout {
@@ -457,7 +502,9 @@ mod tests {
                 dtype: ElemType::F32,
                 empty_shape: vec![1, 2, 0, 3],
                 seq_axis: 2,
+                local: false,
             }],
+            fused: None,
         }
     }
 
@@ -471,12 +518,12 @@ mod tests {
                 }
             }
         }
-        KvCache {
-            values: vec![FloatData::F32(v)
+        KvCache::new(
+            vec![FloatData::F32(v)
                 .into_value(&[1, 2, len as i64, 3])
                 .unwrap()],
             len,
-        }
+        )
     }
 
     fn floats(v: &DynValue) -> (Vec<i64>, Vec<f32>) {

@@ -161,7 +161,11 @@ impl PrefixCache {
             .enumerate()
             .filter(|(_, e)| e.scope == scope)
             .map(|(i, e)| (i, common_prefix(&e.keys, keys).min(max_len)))
-            .filter(|&(_, n)| n > 0)
+            // A cache whose sliding-window buffers were trimmed gives only prefixes that end after
+            // the window it still holds.
+            .filter(|&(i, n)| {
+                n > 0 && (n == self.entries[i].kv.len || n >= self.entries[i].kv.min_prefix)
+            })
             .max_by_key(|&(i, n)| (n, self.entries[i].last_used));
         let Some((i, len)) = best else {
             return Ok(None);
@@ -184,12 +188,14 @@ impl PrefixCache {
             return; // positions without keys could never be matched safely
         }
         self.clock += 1;
-        // Already covered by an entry that extends it: keep that one, refresh it, add the tags.
-        if let Some(e) = self
-            .entries
-            .iter_mut()
-            .find(|e| e.scope == scope && e.keys.len() >= keys.len() && e.keys.starts_with(&keys))
-        {
+        // Already covered by an entry that extends it (and can give this prefix): keep that one,
+        // refresh it, add the tags.
+        if let Some(e) = self.entries.iter_mut().find(|e| {
+            e.scope == scope
+                && e.keys.len() >= keys.len()
+                && e.keys.starts_with(&keys)
+                && (e.kv.len == keys.len() || e.kv.min_prefix <= keys.len())
+        }) {
             e.last_used = self.clock;
             merge_tags(&mut e.tags, tags);
             self.publish();
@@ -204,7 +210,8 @@ impl PrefixCache {
         let mut i = 0;
         while i < self.entries.len() {
             let e = &self.entries[i];
-            if e.scope == scope && keys.starts_with(&e.keys) {
+            let covered = kv.len == e.keys.len() || kv.min_prefix <= e.keys.len();
+            if e.scope == scope && keys.starts_with(&e.keys) && covered {
                 let old = self.entries.swap_remove(i);
                 self.used -= old.bytes;
                 merge_tags(&mut tags, old.tags);
@@ -274,7 +281,9 @@ mod tests {
                 dtype: ElemType::F32,
                 empty_shape: vec![1, 2, 0, 3],
                 seq_axis: 2,
+                local: false,
             }],
+            fused: None,
         }
     }
 
@@ -288,12 +297,12 @@ mod tests {
                 }
             }
         }
-        KvCache {
-            values: vec![FloatData::F32(v)
+        KvCache::new(
+            vec![FloatData::F32(v)
                 .into_value(&[1, 2, len as i64, 3])
                 .unwrap()],
             len,
-        }
+        )
     }
 
     fn values(kv: &KvCache) -> Vec<f32> {

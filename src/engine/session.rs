@@ -12,7 +12,8 @@ use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 
 use super::rewrite::{
-    external_data_folder, external_data_locations, rewrite_model, GraphEdits, RewriteReport,
+    external_data_folder, external_data_locations, rewrite_model, AttentionSpec, GraphEdits,
+    RewriteReport,
 };
 use super::EngineError;
 
@@ -146,6 +147,24 @@ pub struct SessionOptions {
     /// steps the spinning threads take the cores the server's own threads (sampling, streaming,
     /// other requests) need; BENCHMARKS.md has the measurements.
     pub spin: bool,
+    /// Whether the decoder's attention is fused at load ([`super::rewrite`]'s attention fusion).
+    pub attention_mode: AttentionMode,
+    /// The decoder's attention as its family declares it (set per decoder load): what the fusion
+    /// needs to know that the graph does not say.
+    pub attention: Option<AttentionSpec>,
+}
+
+/// `--attention`: how the decoder's attention runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionMode {
+    /// Fused (`GroupQueryAttention`, KV cache written in place), checked at load against the graph
+    /// as exported on a probe prompt; the exported graph is kept when they differ.
+    #[default]
+    Auto,
+    /// Fused, without the load-time check (faster loads).
+    Fused,
+    /// The graph's attention as exported (the KV cache is copied every step).
+    Unfused,
 }
 
 impl Default for SessionOptions {
@@ -156,6 +175,8 @@ impl Default for SessionOptions {
             last_logits: true,
             add_attention_mask: true,
             spin: false,
+            attention_mode: AttentionMode::Auto,
+            attention: None,
         }
     }
 }
@@ -254,6 +275,10 @@ impl GraphSession {
             attention_mask: Some("attention_mask".to_string())
                 .filter(|_| is_decoder && opts.add_attention_mask),
             relocate: Default::default(),
+            attention: opts
+                .attention
+                .clone()
+                .filter(|_| is_decoder && opts.attention_mode != AttentionMode::Unfused),
         };
         let (session, rewrite) =
             build_session(env, path, opts, &edits, logits.is_some() || is_decoder)
@@ -261,6 +286,7 @@ impl GraphSession {
         if rewrite.changed()
             || rewrite.last_logits_skipped.is_some()
             || rewrite.attention_mask_skipped.is_some()
+            || rewrite.attention_skipped.is_some()
         {
             tracing::info!(component, rewrite = %rewrite.describe(), "graph rewritten at load");
         }

@@ -266,6 +266,66 @@ pub fn zeros(ty: ElemType, shape: &[i64]) -> Result<DynValue, EngineError> {
     }
 }
 
+/// A zeroed float tensor from ONNX Runtime's CPU allocator. Unlike a value built from a host vector,
+/// it can be bound as a run's pre-allocated output (the in-place KV buffers of [`super::kv`]).
+pub fn alloc(ty: ElemType, shape: &[i64]) -> Result<DynValue, EngineError> {
+    let et = match ty {
+        ElemType::F32 => TensorElementType::Float32,
+        ElemType::F16 => TensorElementType::Float16,
+        other => {
+            return Err(EngineError::Tensor(format!(
+                "cannot allocate a {other} cache tensor"
+            )))
+        }
+    };
+    let t = ort::value::DynTensor::new(&ort::memory::Allocator::default(), et, shape.to_vec())
+        .map_err(tensor_err)?;
+    Ok(t.into_dyn())
+}
+
+/// The bytes of a float (f32 or f16) tensor.
+pub fn raw(v: &DynValue) -> Result<&[u8], EngineError> {
+    Ok(match value_info(v)?.0 {
+        ElemType::F32 => {
+            let (_, d) = v.try_extract_tensor::<f32>().map_err(tensor_err)?;
+            // SAFETY: f32 has no padding; the byte view covers exactly the same memory.
+            unsafe { std::slice::from_raw_parts(d.as_ptr().cast::<u8>(), std::mem::size_of_val(d)) }
+        }
+        ElemType::F16 => {
+            let (_, d) = v.try_extract_tensor::<f16>().map_err(tensor_err)?;
+            // SAFETY: as above (f16 is a plain u16).
+            unsafe { std::slice::from_raw_parts(d.as_ptr().cast::<u8>(), std::mem::size_of_val(d)) }
+        }
+        other => return Err(EngineError::Tensor(format!("not a float tensor: {other}"))),
+    })
+}
+
+/// The bytes of a float (f32 or f16) tensor, writable.
+pub fn raw_mut(v: &mut DynValue) -> Result<&mut [u8], EngineError> {
+    Ok(match value_info(v)?.0 {
+        ElemType::F32 => {
+            let (_, d) = v.try_extract_tensor_mut::<f32>().map_err(tensor_err)?;
+            let n = std::mem::size_of_val(d);
+            // SAFETY: f32 has no padding and every byte pattern is a valid f32.
+            unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast::<u8>(), n) }
+        }
+        ElemType::F16 => {
+            let (_, d) = v.try_extract_tensor_mut::<f16>().map_err(tensor_err)?;
+            let n = std::mem::size_of_val(d);
+            // SAFETY: as above (f16 is a plain u16).
+            unsafe { std::slice::from_raw_parts_mut(d.as_mut_ptr().cast::<u8>(), n) }
+        }
+        other => return Err(EngineError::Tensor(format!("not a float tensor: {other}"))),
+    })
+}
+
+/// An int32 tensor.
+pub fn i32_value(shape: &[i64], data: Vec<i32>) -> Result<DynValue, EngineError> {
+    Ok(Tensor::from_array((shape.to_vec(), data))
+        .map_err(tensor_err)?
+        .into_dyn())
+}
+
 /// Floats given as f32 converted to a value of type `want` (f32 or f16).
 pub fn float_value(want: ElemType, shape: &[i64], data: Vec<f32>) -> Result<DynValue, EngineError> {
     FloatData::F32(data).into_type(want)?.into_value(shape)

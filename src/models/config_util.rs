@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
+use crate::engine::rewrite::AttentionSpec;
+
 use super::ModelError;
 
 pub fn read_json(path: &Path) -> Result<Value, ModelError> {
@@ -183,6 +185,38 @@ impl<'a> SubConfig<'a> {
             }
         }
         self.optional_id(key)
+    }
+
+    /// What the load-time attention fusion needs from a text config: the query heads and, per
+    /// layer, its sliding window (`layer_types` with `sliding_window`). `None` (with the reason) when
+    /// the config does not say it plainly; the decoder then runs as exported.
+    pub fn attention(&self) -> Result<AttentionSpec, String> {
+        let num_heads = self
+            .positive("num_attention_heads")
+            .map_err(|e| e.to_string())?;
+        let layers = self
+            .positive("num_hidden_layers")
+            .map_err(|e| e.to_string())?;
+        let window = self.value("sliding_window").and_then(|v| v.as_u64());
+        let windows = match self.value("layer_types") {
+            Some(Value::Array(types)) => {
+                let mut w = Vec::with_capacity(types.len());
+                for t in &types {
+                    match (t.as_str(), window) {
+                        (Some("full_attention"), _) => w.push(None),
+                        (Some("sliding_attention"), Some(n)) if n > 0 => w.push(Some(n as usize)),
+                        _ => return Err(format!("layer type {t} with sliding_window {window:?}")),
+                    }
+                }
+                w
+            }
+            None | Some(Value::Null) if window.is_none() => vec![None; layers],
+            _ => return Err("a sliding window without layer_types".into()),
+        };
+        if windows.len() != layers {
+            return Err(format!("{} layer_types for {layers} layers", windows.len()));
+        }
+        Ok(AttentionSpec { num_heads, windows })
     }
 
     /// An id or list of ids (empty when `null` or unknown).

@@ -18,7 +18,8 @@ use ort::value::DynValue;
 
 use crate::engine::batch::BatchKv;
 use crate::engine::kv::{self, KvCache, KvLayout, KvState, PAST_PREFIX};
-use crate::engine::session::{ElemType, GraphSession, IoSpec, SessionOptions};
+use crate::engine::rewrite::{AttentionSpec, SEQLENS, SEQLENS_LOCAL, TOTAL, TOTAL_LOCAL};
+use crate::engine::session::{AttentionMode, ElemType, GraphSession, IoSpec, SessionOptions};
 use crate::engine::tensor;
 use crate::engine::EngineError;
 use crate::models::catalog::Component;
@@ -141,17 +142,105 @@ impl TextDecoder {
         hidden: usize,
         vocab: usize,
         family: &str,
+        attention: Result<AttentionSpec, String>,
     ) -> Result<Self, ModelError> {
-        let load = |c: Component| {
+        let attention = match attention {
+            Ok(a) => Some(a),
+            Err(why) => {
+                if opts.attention_mode != AttentionMode::Unfused {
+                    tracing::info!("attention not fused: config.json: {why}");
+                }
+                None
+            }
+        };
+        let load = |c: Component, opts: &SessionOptions| {
             super::load_graph(model, c, opts)?
                 .ok_or_else(|| ModelError::Config(format!("no {c} graph")))
         };
-        let embed = load(Component::EmbedTokens)?;
-        let decoder = load(Component::DecoderModelMerged)?;
+        let embed = load(Component::EmbedTokens, opts)?;
+        let fuse = attention.is_some() && opts.attention_mode != AttentionMode::Unfused;
+        let mut fused_opts = opts.clone();
+        fused_opts.attention = attention;
+        let mut unfused_opts = opts.clone();
+        unfused_opts.attention = None;
+        if !fuse {
+            let decoder = load(Component::DecoderModelMerged, &unfused_opts)?;
+            return Self::assemble(embed, decoder, hidden, vocab, family);
+        }
+        // The load-time check: the probe through the graph as exported first (one decoder in memory
+        // at a time), then through the fused one.
+        let (embed, reference) = if opts.attention_mode == AttentionMode::Auto {
+            let decoder = load(Component::DecoderModelMerged, &unfused_opts)?;
+            let mut plain = Self::assemble(embed, decoder, hidden, vocab, family)?;
+            if !plain.split_exact() {
+                tracing::info!("attention not fused: the decoder quantizes activations dynamically (a _quantized export), whose per-run int8 scales the fused kernel's other summation order can move, so it stays as exported and exact (`--attention fused` fuses it anyway)");
+                return Ok(plain);
+            }
+            let logits = plain.probe()?;
+            (plain.embed, Some(logits))
+        } else {
+            (embed, None)
+        };
+        let decoder = load(Component::DecoderModelMerged, &fused_opts)?;
+        let mut text = Self::assemble(embed, decoder, hidden, vocab, family)?;
+        let (Some(reference), true) = (reference, text.kv.fused.is_some()) else {
+            return Ok(text);
+        };
+        let got = text.probe()?;
+        match compare_probe(&reference, &got) {
+            Ok(diff) => {
+                tracing::info!(
+                    max_logit_difference = diff,
+                    "fused attention checked against the graph as exported"
+                );
+                Ok(text)
+            }
+            Err(why) => {
+                tracing::warn!(
+                    "fused attention differs from the graph as exported ({why}); keeping the graph as exported"
+                );
+                let embed = text.embed;
+                drop(text.decoder);
+                let decoder = load(Component::DecoderModelMerged, &unfused_opts)?;
+                Self::assemble(embed, decoder, hidden, vocab, family)
+            }
+        }
+    }
+
+    /// Logits of a fixed probe: 24 ids in two prompt chunks, then two greedy steps.
+    fn probe(&mut self) -> Result<Vec<Vec<f32>>, ModelError> {
+        let vocab = self.vocab.max(2) as u64;
+        let ids: Vec<u32> = (1..=24u64)
+            .map(|i| ((i * 7919) % (vocab - 1) + 1) as u32)
+            .collect();
+        let mut cache = self.kv.empty()?;
+        let mut out = Vec::new();
+        for chunk in [&ids[..16], &ids[16..]] {
+            out.push(self.forward(chunk, &[], None, &mut cache)?);
+        }
+        for _ in 0..2 {
+            let next = argmax(out.last().map(Vec::as_slice).unwrap_or(&[]));
+            out.push(self.forward(&[next], &[], None, &mut cache)?);
+        }
+        Ok(out)
+    }
+
+    /// Checks the two graphs' graph names and I/O, and builds the driver.
+    fn assemble(
+        embed: GraphSession,
+        decoder: GraphSession,
+        hidden: usize,
+        vocab: usize,
+        family: &str,
+    ) -> Result<Self, ModelError> {
         embed.require(&["input_ids"], &["inputs_embeds"])?;
         only_known_inputs(&embed, &["input_ids"], family)?;
         decoder.require(&["inputs_embeds"], &["logits"])?;
-        only_known_inputs(&decoder, DECODER_INPUTS, family)?;
+        let mut known = DECODER_INPUTS.to_vec();
+        if decoder.rewrite.attention.is_some() {
+            known.extend([SEQLENS, TOTAL, SEQLENS_LOCAL, TOTAL_LOCAL]);
+        }
+        only_known_inputs(&decoder, &known, family)?;
         int_type(&decoder, "attention_mask")?;
         int_type(&decoder, "position_ids")?;
         let ids_type = int_type(&embed, "input_ids")?.unwrap_or(ElemType::I64);
@@ -314,6 +403,9 @@ impl TextDecoder {
         n: usize,
         cache: &mut impl KvState,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
+        if self.kv.fused.is_some() {
+            return self.run_fused(input, n, cache);
+        }
         let rows = cache.row_lens().len();
         let total = cache.width() + n;
         let embeds = tensor::cast_value(input.embeds, self.embeds_type)?;
@@ -364,11 +456,108 @@ impl TextDecoder {
         };
         kv::update(cache, &self.kv, &mut out, n)?;
         drop(out);
+        self.soft_cap(&mut logits);
+        Ok(logits)
+    }
+
+    fn soft_cap(&self, logits: &mut [Vec<f32>]) {
         if let Some(cap) = self.host_softcap {
             for x in logits.iter_mut().flatten() {
                 *x = (*x / cap).tanh() * cap;
             }
         }
+    }
+
+    /// [`Self::run`] on a fused decoder ([`kv::FusedKv`]): each cache buffer is bound as both its
+    /// `past_key_values.*` input and its `present.*` output (and the KV-shared layers' outputs), so
+    /// the new positions are written after each row's own and nothing is copied.
+    fn run_fused(
+        &mut self,
+        input: Embedded,
+        n: usize,
+        cache: &mut impl KvState,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        let fused = self.kv.fused.clone().unwrap_or_default();
+        cache.reserve(&self.kv, n)?;
+        let lens = cache.row_lens();
+        let rows = lens.len();
+        let run_err = |e: ort::Error| EngineError::run("decoder_model_merged", e);
+        let mut binding = self.decoder.session.create_binding().map_err(run_err)?;
+        let embeds = tensor::cast_value(input.embeds, self.embeds_type)?;
+        binding
+            .bind_input("inputs_embeds", &embeds)
+            .map_err(run_err)?;
+        match (self.ple_type, input.ple) {
+            (Some(ty), Some(ple)) => binding
+                .bind_input(PLE, &tensor::cast_value(ple, ty)?)
+                .map_err(run_err)?,
+            (None, _) => {}
+            (Some(_), None) => {
+                return Err(ModelError::Config(format!(
+                    "a decoder run without the {PLE} the graph takes"
+                )))
+            }
+        }
+        if let Some(ty) = int_type(&self.decoder, "position_ids")? {
+            let p = int_value(ty, &[rows as i64, n as i64], cache.positions(n))?;
+            binding.bind_input("position_ids", &p).map_err(run_err)?;
+        }
+        let local = cache.local_lens();
+        let mut groups = vec![(SEQLENS, TOTAL, lens)];
+        if fused.local_inputs {
+            groups.push((SEQLENS_LOCAL, TOTAL_LOCAL, local));
+        }
+        for (s, t, held) in groups {
+            let seqlens: Vec<i32> = held.iter().map(|&l| (l + n - 1) as i32).collect();
+            let total = held.iter().max().copied().unwrap_or(0) + n;
+            binding
+                .bind_input(s, &tensor::i32_value(&[rows as i64], seqlens)?)
+                .map_err(run_err)?;
+            binding
+                .bind_input(t, &tensor::i32_value(&[], vec![total as i32])?)
+                .map_err(run_err)?;
+        }
+        let values = cache.values_mut();
+        for (slot, v) in self.kv.slots.iter().zip(values.iter_mut()) {
+            binding.bind_input(&slot.past, &*v).map_err(run_err)?;
+            binding
+                .bind_output(&slot.present, &mut *v)
+                .map_err(run_err)?;
+        }
+        for (name, i) in &fused.aliases {
+            binding
+                .bind_output(name, &mut values[*i])
+                .map_err(run_err)?;
+        }
+        let cpu = ort::memory::MemoryInfo::new(
+            ort::memory::AllocationDevice::CPU,
+            0,
+            ort::memory::AllocatorType::Device,
+            ort::memory::MemoryType::Default,
+        )
+        .map_err(run_err)?;
+        binding
+            .bind_output_to_device("logits", &cpu)
+            .map_err(run_err)?;
+        let out = self
+            .decoder
+            .session
+            .run_binding(&binding)
+            .map_err(run_err)?;
+        let mut logits = {
+            let l = out
+                .get("logits")
+                .ok_or_else(|| EngineError::run("decoder_model_merged", "no logits output"))?;
+            if rows == 1 {
+                vec![tensor::last_row_f32(l, self.vocab)?]
+            } else {
+                tensor::last_rows_f32(l, rows, self.vocab)?
+            }
+        };
+        drop(out);
+        drop(binding);
+        cache.advance_in_place(n);
+        self.soft_cap(&mut logits);
         Ok(logits)
     }
 
@@ -403,4 +592,49 @@ impl TextDecoder {
         let input = self.embed(ids.len(), ids)?;
         self.run(input, 1, batch)
     }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0 as u32
+}
+
+/// Whether two probes agree: the same greedy id at every step, logits within 2% of their range
+/// (fused attention sums in another order; int8 activation quantization can round a value across a
+/// step). Returns the largest difference.
+fn compare_probe(want: &[Vec<f32>], got: &[Vec<f32>]) -> Result<f32, String> {
+    if want.len() != got.len() {
+        return Err(format!("{} steps against {}", got.len(), want.len()));
+    }
+    let mut worst = 0f32;
+    for (step, (w, g)) in want.iter().zip(got).enumerate() {
+        if w.len() != g.len() {
+            return Err(format!(
+                "step {step}: {} logits against {}",
+                g.len(),
+                w.len()
+            ));
+        }
+        let scale = w.iter().fold(1f32, |m, x| m.max(x.abs()));
+        let diff = w.iter().zip(g).fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        if !diff.is_finite() || diff > 0.02 * scale {
+            return Err(format!(
+                "step {step}: logits differ by up to {diff} (largest logit {scale})"
+            ));
+        }
+        if argmax(w) != argmax(g) {
+            return Err(format!(
+                "step {step}: greedy id {} against {}",
+                argmax(g),
+                argmax(w)
+            ));
+        }
+        worst = worst.max(diff);
+    }
+    Ok(worst)
 }

@@ -207,6 +207,9 @@ impl<M: ChatModel> ModelEngine<M> {
             batching.max_rows
         };
         *stats.refused.lock().unwrap() = unbatched.clone();
+        stats
+            .fused_attention
+            .store(model.kv_layout().fused.is_some(), Ordering::Relaxed);
         Self {
             model,
             prefix,
@@ -774,9 +777,17 @@ impl<M: ChatModel> Generation<M> {
         }
         let prompt = self.input.ids.len();
         for c in std::mem::take(&mut self.choices).into_iter().rev() {
-            let ChoiceKv::Own(cache) = c.kv else {
+            let ChoiceKv::Own(mut cache) = c.kv else {
                 continue;
             };
+            // In-place buffers keep room to grow: the cache keeps only what they hold.
+            let layout = e.model.kv_layout();
+            if cache.capacity(layout) > cache.len {
+                match cache.prefix(layout, cache.len) {
+                    Ok(compact) => cache = compact,
+                    Err(err) => tracing::warn!(error = %err, "could not compact a cache for reuse"),
+                }
+            }
             let fed = cache.len.saturating_sub(prompt);
             let mut keys = self.keys.clone();
             keys.extend(c.generated.iter().take(fed).map(|&t| t as u64));

@@ -154,6 +154,15 @@ impl LoadedModel {
         &self.tokenizer
     }
 
+    /// Whether the decoder runs with fused attention and a KV cache written in place
+    /// (`--attention`; the load-time check may have kept the graph as exported).
+    pub fn fused_attention(&self) -> bool {
+        self.prefix
+            .batch
+            .fused_attention
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Most sequences one decoder run advances, or why this model decodes them one at a time.
     pub fn batching(&self) -> Result<usize, String> {
         self.prefix.batch.status()

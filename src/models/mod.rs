@@ -156,7 +156,8 @@ impl Batching {
     /// From what the decoder's load-time pass found: an attention mask (declared or added) makes
     /// batching possible; dynamic activation quantization makes it inexact.
     pub fn from_report(r: &RewriteReport) -> Self {
-        if !r.has_attention_mask() {
+        // Fused attention takes each row's length (`seqlens_k`) instead of a mask.
+        if !r.has_attention_mask() && r.attention.is_none() {
             return Self::Unsupported(r.attention_mask_skipped.clone().unwrap_or_else(|| {
                 "the decoder takes no attention_mask and none was added".into()
             }));

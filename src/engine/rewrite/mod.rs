@@ -23,15 +23,18 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+mod attention;
 mod external_data;
 mod wire;
+
+pub use attention::{AttentionSpec, Fusion, SEQLENS, SEQLENS_LOCAL, TOTAL, TOTAL_LOCAL};
 
 pub use external_data::{external_data_folder, external_data_locations, ExternalDataFolder};
 use external_data::{relocate_sparse, relocate_tensor};
 use wire::*;
 
 /// What to change in a graph.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct GraphEdits {
     /// `accuracy_level` for every MatMulNBits node (`None` = leave as exported).
     pub accuracy_level: Option<i64>,
@@ -42,6 +45,9 @@ pub struct GraphEdits {
     /// External-data `location`s to rename (old → new), from [`external_data_folder`]: a hub
     /// snapshot's links resolved to the files they point at.
     pub relocate: BTreeMap<String, String>,
+    /// Fuse each layer's attention into `GroupQueryAttention` ([`attention`]); when it applies, the
+    /// attention-mask edit is not needed and not made.
+    pub attention: Option<AttentionSpec>,
 }
 
 impl GraphEdits {
@@ -50,6 +56,7 @@ impl GraphEdits {
             && self.last_logits.is_none()
             && self.attention_mask.is_none()
             && self.relocate.is_empty()
+            && self.attention.is_none()
     }
 }
 
@@ -74,6 +81,10 @@ pub struct RewriteReport {
     pub attention_mask_declared: bool,
     /// Tensors whose external-data location was renamed ([`GraphEdits::relocate`]).
     pub external_data_relocated: usize,
+    /// What the attention fusion did, when it applied.
+    pub attention: Option<Fusion>,
+    /// Why the attention fusion was not applied, when it was asked for.
+    pub attention_skipped: Option<String>,
 }
 
 impl RewriteReport {
@@ -82,6 +93,7 @@ impl RewriteReport {
             || self.last_logits_before.is_some()
             || self.attention_mask_added > 0
             || self.external_data_relocated > 0
+            || self.attention.is_some()
     }
 
     /// Whether the graph takes an attention mask (declared, or added by the rewrite).
@@ -114,6 +126,15 @@ impl RewriteReport {
         }
         if let Some(why) = &self.attention_mask_skipped {
             parts.push(format!("attention_mask not added: {why}"));
+        }
+        if let Some(f) = &self.attention {
+            parts.push(format!(
+                "attention fused into GroupQueryAttention in {} layers ({} sliding-window, {} reading another layer's cache)",
+                f.layers, f.windowed, f.shared
+            ));
+        }
+        if let Some(why) = &self.attention_skipped {
+            parts.push(format!("attention not fused: {why}"));
         }
         if self.external_data_relocated > 0 {
             parts.push(format!(
@@ -179,6 +200,12 @@ pub fn rewrite_model(
     if !report.changed() {
         return Ok((None, report));
     }
+    if report.attention.is_some() && !imports_domain(&rest, "com.microsoft")? {
+        let mut opset = Vec::new();
+        put_bytes(&mut opset, OPSET_DOMAIN, b"com.microsoft");
+        put_uint(&mut opset, OPSET_VERSION, 1);
+        put_bytes(&mut rest, MODEL_OPSET_IMPORT, &opset);
+    }
     let len = out.len() - GAP;
     let mut head = Vec::with_capacity(GAP);
     put_tag(&mut head, MODEL_GRAPH, WIRE_LEN);
@@ -196,12 +223,42 @@ pub fn rewrite_model(
     ))
 }
 
+/// Whether a model's fields (`rest`: everything but the graph) import operator set `domain`.
+fn imports_domain(rest: &[u8], domain: &str) -> Result<bool, RewriteError> {
+    for f in fields(rest) {
+        let f = f?;
+        if f.num != MODEL_OPSET_IMPORT || f.wire != WIRE_LEN {
+            continue;
+        }
+        for o in fields(f.body) {
+            let o = o?;
+            if o.num == OPSET_DOMAIN && o.wire == WIRE_LEN && o.body == domain.as_bytes() {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
 /// The parts of a node the rewrites look at.
 struct NodeInfo {
     op: String,
     domain: String,
     inputs: Vec<String>,
     outputs: Vec<String>,
+    /// Integer attributes (`i` as one value, `ints`), by name.
+    ints: Vec<(String, Vec<i64>)>,
+    /// Whether an attribute holds a subgraph (If/Loop/Scan).
+    has_subgraph: bool,
+}
+
+impl NodeInfo {
+    fn ints(&self, name: &str) -> Option<&[i64]> {
+        self.ints
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
+    }
 }
 
 fn node_info(body: &[u8]) -> Result<NodeInfo, RewriteError> {
@@ -210,6 +267,8 @@ fn node_info(body: &[u8]) -> Result<NodeInfo, RewriteError> {
         domain: String::new(),
         inputs: Vec::new(),
         outputs: Vec::new(),
+        ints: Vec::new(),
+        has_subgraph: false,
     };
     for f in fields(body) {
         let f = f?;
@@ -218,6 +277,27 @@ fn node_info(body: &[u8]) -> Result<NodeInfo, RewriteError> {
             (NODE_DOMAIN, WIRE_LEN) => n.domain = text(f.body)?.to_string(),
             (NODE_INPUT, WIRE_LEN) => n.inputs.push(text(f.body)?.to_string()),
             (NODE_OUTPUT, WIRE_LEN) => n.outputs.push(text(f.body)?.to_string()),
+            (NODE_ATTRIBUTE, WIRE_LEN) => {
+                let (mut name, mut values) = (String::new(), Vec::new());
+                for a in fields(f.body) {
+                    let a = a?;
+                    match (a.num, a.wire) {
+                        (ATTR_NAME, WIRE_LEN) => name = text(a.body)?.to_string(),
+                        (ATTR_I | ATTR_INTS, WIRE_VARINT) => values.push(varint_value(&a)? as i64),
+                        (ATTR_INTS, WIRE_LEN) => {
+                            let mut p = 0;
+                            while p < a.body.len() {
+                                values.push(read_varint(a.body, &mut p)? as i64);
+                            }
+                        }
+                        (ATTR_G | ATTR_GRAPHS, WIRE_LEN) => n.has_subgraph = true,
+                        _ => {}
+                    }
+                }
+                if !values.is_empty() {
+                    n.ints.push((name, values));
+                }
+            }
             _ => {}
         }
     }
@@ -347,23 +427,34 @@ fn rewrite_graph(
     let mut lm_head = None;
     let mut mask_wheres: Vec<usize> = Vec::new();
     let mut mask_name = None;
-    if top && (edits.last_logits.is_some() || edits.attention_mask.is_some()) {
+    let mut fused: Option<attention::Plan> = None;
+    if top
+        && (edits.last_logits.is_some()
+            || edits.attention_mask.is_some()
+            || edits.attention.is_some())
+    {
         let mut nodes = Vec::new();
         let mut inputs = Vec::new();
+        let mut outputs = Vec::new();
         for f in fields(body) {
             let f = f?;
             if f.num == GRAPH_NODE && f.wire == WIRE_LEN {
                 nodes.push(node_info(f.body)?);
             } else if f.num == GRAPH_INPUT && f.wire == WIRE_LEN {
-                for v in fields(f.body) {
-                    let v = v?;
-                    if v.num == VALUE_INFO_NAME && v.wire == WIRE_LEN {
-                        inputs.push(text(v.body)?.to_string());
-                    }
-                }
+                inputs.push(attention::graph_input(f.body)?);
+            } else if f.num == GRAPH_OUTPUT && f.wire == WIRE_LEN {
+                outputs.push(attention::graph_input(f.body)?.name);
             }
         }
-        if let Some(mask) = edits.attention_mask.as_deref() {
+        if let Some(spec) = &edits.attention {
+            let scalars = attention::scalar_floats(body)?;
+            match attention::plan(&nodes, &inputs, &outputs, &scalars, spec) {
+                Ok(p) => fused = Some(p),
+                Err(why) => report.attention_skipped = Some(why),
+            }
+        }
+        let inputs: Vec<String> = inputs.into_iter().map(|i| i.name).collect();
+        if let Some(mask) = edits.attention_mask.as_deref().filter(|_| fused.is_none()) {
             if inputs.iter().any(|i| i == mask) {
                 report.attention_mask_declared = true;
             } else {
@@ -388,6 +479,13 @@ fn rewrite_graph(
     for f in fields(body) {
         let f = f?;
         if !(f.num == GRAPH_NODE && f.wire == WIRE_LEN) {
+            if let (Some(p), GRAPH_INPUT, WIRE_LEN) = (&fused, f.num, f.wire) {
+                if p.drop_inputs
+                    .contains(&attention::graph_input(f.body)?.name)
+                {
+                    continue;
+                }
+            }
             let moved = match (f.num, f.wire) {
                 _ if edits.relocate.is_empty() => None,
                 (GRAPH_INITIALIZER, WIRE_LEN) => relocate_tensor(f.body, &edits.relocate)?,
@@ -405,6 +503,20 @@ fn rewrite_graph(
         }
         if let (0, Some(mask), Some(b11t)) = (index, mask_name, mask_b11t.as_deref()) {
             insert_mask_prelude(out, mask, b11t);
+        }
+        if let Some(p) = &fused {
+            if let Some(new) = p.replace.get(&index) {
+                for n in new {
+                    put_bytes(out, GRAPH_NODE, n);
+                }
+            }
+            if p.replace.contains_key(&index) || p.drop.contains(&index) {
+                if lm_head.as_ref().is_some_and(|(i, _)| *i == index) {
+                    return err("the attention fusion replaced the logits' MatMul");
+                }
+                index += 1;
+                continue;
+            }
         }
         let mut node = rewrite_node(f.body, edits, report)?;
         if let Some((i, info)) = &lm_head {
@@ -440,6 +552,15 @@ fn rewrite_graph(
     if let Some(mask) = mask_name {
         put_bytes(out, GRAPH_INPUT, &int64_input(mask));
     }
+    if let Some(p) = fused {
+        for i in &p.inputs {
+            put_bytes(out, GRAPH_INPUT, i);
+        }
+        for o in &p.outputs {
+            put_bytes(out, GRAPH_OUTPUT, o);
+        }
+        report.attention = Some(p.fusion);
+    }
     Ok(())
 }
 
@@ -460,6 +581,11 @@ fn make_node(op: &str, inputs: &[&str], output: &str, attrs: &[Vec<u8>]) -> Vec<
 
 /// `Constant` node holding a 1-D int64 tensor.
 fn int64_constant(out: &mut Vec<u8>, name: &str, values: &[i64]) {
+    put_bytes(out, GRAPH_NODE, &int64_constant_node(name, values));
+}
+
+/// The record of a `Constant` node holding a 1-D int64 tensor.
+fn int64_constant_node(name: &str, values: &[i64]) -> Vec<u8> {
     let mut tensor = Vec::new();
     put_uint(&mut tensor, TENSOR_DIMS, values.len() as u64);
     put_uint(&mut tensor, TENSOR_DATA_TYPE, TENSOR_INT64);
@@ -472,7 +598,7 @@ fn int64_constant(out: &mut Vec<u8>, name: &str, values: &[i64]) {
     put_bytes(&mut attr, ATTR_NAME, b"value");
     put_bytes(&mut attr, ATTR_T, &tensor);
     put_uint(&mut attr, ATTR_TYPE, ATTR_TYPE_TENSOR);
-    put_bytes(out, GRAPH_NODE, &make_node("Constant", &[], name, &[attr]));
+    make_node("Constant", &[], name, &[attr])
 }
 
 /// `b11t = Reshape(Cast(mask, bool), [0, 1, 1, -1])`: `[batch, total]` → `[batch, 1, 1, total]`,
@@ -1036,5 +1162,89 @@ mod tests {
         for bad in [&b"\x3a\xff\xff\xff\xff\x0f"[..], b"\x07", b"", b"\x08"] {
             assert!(rewrite_model(bad, &edits).is_err(), "{bad:?}");
         }
+    }
+
+    fn tiny_gemma3n_decoder() -> Vec<u8> {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-gemma3n/onnx/decoder_model_merged.onnx"
+        );
+        std::fs::read(p).expect("the tiny Gemma-3n fixture")
+    }
+
+    fn attention_edits(windows: Vec<Option<usize>>) -> GraphEdits {
+        GraphEdits {
+            attention: Some(AttentionSpec {
+                num_heads: 2,
+                windows,
+            }),
+            attention_mask: Some("attention_mask".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn gemma3n_attention_is_fused_layer_by_layer() {
+        let edits = attention_edits(vec![Some(16), None, Some(16), None]);
+        let (out, report) = rewrite_model(&tiny_gemma3n_decoder(), &edits).unwrap();
+        let f = report.attention.clone().expect("fused");
+        assert_eq!((f.layers, f.shared, f.windowed), (4, 2, 2));
+        assert_eq!(f.window, Some(16));
+        assert_eq!(
+            f.local_pasts,
+            ["past_key_values.0.key", "past_key_values.0.value"]
+        );
+        // The KV-shared layers (2, 3) write into the buffers of layers 0 and 1.
+        assert_eq!(f.aliases.len(), 4);
+        assert_eq!(f.aliases[0].1, "past_key_values.0.key");
+        assert_eq!(f.aliases[3].1, "past_key_values.1.value");
+        // No mask edit: the fused kernel takes lengths.
+        assert_eq!(report.attention_mask_added, 0);
+        let out = out.unwrap();
+        let nodes = graph_nodes(out.model());
+        let count = |op: &str| nodes.iter().filter(|n| n.op == op).count();
+        assert_eq!(count("GroupQueryAttention"), 4);
+        assert_eq!(
+            (count("Softmax"), count("Where")),
+            (0, 0),
+            "masks and softmax dropped"
+        );
+        let gqa: Vec<_> = nodes
+            .iter()
+            .filter(|n| n.op == "GroupQueryAttention")
+            .collect();
+        assert_eq!(gqa[0].domain, "com.microsoft");
+        assert_eq!(gqa[0].ints("local_window_size"), Some(&[16][..]));
+        assert_eq!(gqa[1].ints("local_window_size"), None);
+        assert_eq!(gqa[0].inputs[5], SEQLENS_LOCAL);
+        assert_eq!(gqa[1].inputs[5], SEQLENS);
+        assert_eq!(gqa[1].outputs[1], "present.1.key");
+        let inputs = graph_inputs(out.model());
+        for i in [SEQLENS, TOTAL, SEQLENS_LOCAL, TOTAL_LOCAL] {
+            assert!(inputs.iter().any(|n| n == i), "{i} declared");
+        }
+        assert!(imports_domain(out.model(), "com.microsoft").unwrap());
+    }
+
+    #[test]
+    fn attention_not_recognised_keeps_the_graph_and_says_why() {
+        // A config that disagrees with the graph on the layer count.
+        let (out, report) =
+            rewrite_model(&tiny_gemma3n_decoder(), &attention_edits(vec![None; 3])).unwrap();
+        assert!(report.attention.is_none());
+        let why = report.attention_skipped.clone().unwrap();
+        assert!(why.contains("4 Softmax nodes for 3 layers"), "{why}");
+        // The mask edit still applies, as before.
+        assert!(report.attention_mask_added > 0);
+        let nodes = graph_nodes(out.unwrap().model());
+        assert!(nodes.iter().all(|n| n.op != "GroupQueryAttention"));
+        // A KV-shared layer whose window differs from its source's is refused, not half-fused.
+        let (_, report) = rewrite_model(
+            &tiny_gemma3n_decoder(),
+            &attention_edits(vec![Some(16), None, None, None]),
+        )
+        .unwrap();
+        let why = report.attention_skipped.unwrap();
+        assert!(why.contains("whose window differs"), "{why}");
     }
 }

@@ -8,6 +8,10 @@ pub(super) const MODEL_GRAPH: u32 = 7;
 pub(super) const GRAPH_NODE: u32 = 1;
 pub(super) const GRAPH_INPUT: u32 = 11;
 pub(super) const GRAPH_INITIALIZER: u32 = 5;
+pub(super) const GRAPH_OUTPUT: u32 = 12;
+pub(super) const MODEL_OPSET_IMPORT: u32 = 8;
+pub(super) const OPSET_DOMAIN: u32 = 1;
+pub(super) const OPSET_VERSION: u32 = 2;
 pub(super) const GRAPH_SPARSE_INITIALIZER: u32 = 15;
 pub(super) const VALUE_INFO_NAME: u32 = 1;
 pub(super) const VALUE_INFO_TYPE: u32 = 2;
@@ -15,8 +19,10 @@ pub(super) const TYPE_TENSOR: u32 = 1;
 pub(super) const TYPE_TENSOR_ELEM: u32 = 1;
 pub(super) const TYPE_TENSOR_SHAPE: u32 = 2;
 pub(super) const SHAPE_DIM: u32 = 1;
+pub(super) const DIM_VALUE: u32 = 1;
 pub(super) const DIM_PARAM: u32 = 2;
 pub(super) const TENSOR_BOOL: u64 = 9;
+pub(super) const TENSOR_INT32: u64 = 6;
 pub(super) const NODE_INPUT: u32 = 1;
 pub(super) const NODE_OUTPUT: u32 = 2;
 pub(super) const NODE_NAME: u32 = 3;
@@ -24,7 +30,9 @@ pub(super) const NODE_OP_TYPE: u32 = 4;
 pub(super) const NODE_ATTRIBUTE: u32 = 5;
 pub(super) const NODE_DOMAIN: u32 = 7;
 pub(super) const ATTR_NAME: u32 = 1;
+pub(super) const ATTR_F: u32 = 2;
 pub(super) const ATTR_I: u32 = 3;
+pub(super) const ATTR_INTS: u32 = 8;
 pub(super) const ATTR_T: u32 = 5;
 pub(super) const ATTR_G: u32 = 6;
 pub(super) const ATTR_GRAPHS: u32 = 11;
@@ -32,11 +40,17 @@ pub(super) const ATTR_TENSORS: u32 = 10;
 pub(super) const ATTR_SPARSE_TENSOR: u32 = 22;
 pub(super) const ATTR_SPARSE_TENSORS: u32 = 23;
 pub(super) const ATTR_TYPE: u32 = 20;
+pub(super) const ATTR_TYPE_FLOAT: u64 = 1;
 pub(super) const ATTR_TYPE_INT: u64 = 2;
+pub(super) const ATTR_TYPE_INTS: u64 = 7;
 pub(super) const ATTR_TYPE_TENSOR: u64 = 4;
 pub(super) const TENSOR_DIMS: u32 = 1;
 pub(super) const TENSOR_DATA_TYPE: u32 = 2;
 pub(super) const TENSOR_INT64_DATA: u32 = 7;
+pub(super) const TENSOR_FLOAT_DATA: u32 = 4;
+pub(super) const TENSOR_NAME: u32 = 8;
+pub(super) const TENSOR_RAW_DATA: u32 = 9;
+pub(super) const TENSOR_FLOAT: u64 = 1;
 pub(super) const TENSOR_INT64: u64 = 7;
 pub(super) const TENSOR_EXTERNAL_DATA: u32 = 13;
 pub(super) const ENTRY_KEY: u32 = 1;
@@ -157,6 +171,13 @@ pub(super) fn put_bytes(out: &mut Vec<u8>, num: u32, bytes: &[u8]) {
 pub(super) fn put_uint(out: &mut Vec<u8>, num: u32, v: u64) {
     put_tag(out, num, WIRE_VARINT);
     put_varint(out, v);
+}
+
+/// The value of a varint field.
+pub(super) fn varint_value(f: &Field) -> Result<u64, RewriteError> {
+    let mut p = 0;
+    read_varint(f.raw, &mut p)?; // the tag
+    read_varint(f.raw, &mut p)
 }
 
 pub(super) fn text(b: &[u8]) -> Result<&str, RewriteError> {

@@ -14,6 +14,8 @@ use crate::models::ModelError;
 /// Parsed `config.json` (+ the processor's counts in `processor_config.json`) of a Gemma-3n model.
 #[derive(Debug, Clone)]
 pub struct Gemma3nConfig {
+    /// The decoder's attention for the load-time fusion, or why it is not fused.
+    pub attention: Result<crate::engine::rewrite::AttentionSpec, String>,
     pub image_token_id: u32,
     pub audio_token_id: u32,
     pub boi_token_id: u32,
@@ -46,6 +48,7 @@ impl Gemma3nConfig {
             eos = text.ids("eos_token_id")?;
         }
         Ok(Self {
+            attention: text.attention(),
             image_token_id: u32_field(&cfg, "image_token_id")?,
             audio_token_id: u32_field(&cfg, "audio_token_id")?,
             boi_token_id: u32_field(&cfg, "boi_token_id")?,

@@ -49,7 +49,14 @@ impl Gemma3nModel {
         cache: EncoderCache,
     ) -> Result<Self, ModelError> {
         let load = |c: Component| super::super::load_graph(model, c, opts);
-        let mut text = TextDecoder::load(model, opts, cfg.hidden_size, cfg.vocab_size, FAMILY)?;
+        let mut text = TextDecoder::load(
+            model,
+            opts,
+            cfg.hidden_size,
+            cfg.vocab_size,
+            FAMILY,
+            cfg.attention.clone(),
+        )?;
         if !text.has_ple() {
             return Err(ModelError::Config(
                 "Gemma-3n graphs without per_layer_inputs (embed_tokens output, decoder input)"

@@ -17,6 +17,8 @@ use crate::pipeline::audio::MelConfig;
 /// Parsed `config.json` (+ the processor's sequence settings) of a Gemma 4 model.
 #[derive(Debug, Clone)]
 pub struct Gemma4Config {
+    /// The decoder's attention for the load-time fusion, or why it is not fused.
+    pub attention: Result<crate::engine::rewrite::AttentionSpec, String>,
     pub image_token_id: u32,
     pub audio_token_id: u32,
     /// `<|video|>`, when the config names one (embedded as `<pad>` like the other soft tokens).
@@ -74,6 +76,7 @@ impl Gemma4Config {
             None => "eoa_token_id",
         };
         Ok(Self {
+            attention: text.attention(),
             image_token_id: u32_field(&cfg, "image_token_id")?,
             audio_token_id: u32_field(&cfg, "audio_token_id")?,
             video_token_id: cfg

@@ -57,7 +57,14 @@ impl Gemma4Model {
         cache: EncoderCache,
         images: &ImageProcessing,
     ) -> Result<Self, ModelError> {
-        let mut text = TextDecoder::load(model, opts, cfg.hidden_size, cfg.vocab_size, FAMILY)?;
+        let mut text = TextDecoder::load(
+            model,
+            opts,
+            cfg.hidden_size,
+            cfg.vocab_size,
+            FAMILY,
+            cfg.attention.clone(),
+        )?;
         if !text.has_ple() {
             return Err(ModelError::Config(
                 "Gemma 4 graphs without per_layer_inputs (embed_tokens output, decoder input)"

@@ -14,6 +14,8 @@ use crate::models::ModelError;
 /// Parsed configuration of a Granite Vision model.
 #[derive(Debug, Clone)]
 pub struct GraniteVisionConfig {
+    /// The decoder's attention for the load-time fusion, or why it is not fused.
+    pub attention: Result<crate::engine::rewrite::AttentionSpec, String>,
     pub image_token_id: u32,
     /// `vision_config.image_size`: the side of a tile.
     pub tile: usize,
@@ -137,6 +139,7 @@ impl GraniteVisionConfig {
             None => u32_field(&cfg, "image_token_id", "config.json")?,
         };
         Ok(Self {
+            attention: text.attention(),
             image_token_id,
             tile,
             side: (tile / patch).max(1),

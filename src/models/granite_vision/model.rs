@@ -56,7 +56,14 @@ impl GraniteVisionModel {
         cache: EncoderCache,
         processing: AnyresProcessing,
     ) -> Result<Self, ModelError> {
-        let text = TextDecoder::load(model, opts, cfg.hidden_size, cfg.vocab_size, FAMILY)?;
+        let text = TextDecoder::load(
+            model,
+            opts,
+            cfg.hidden_size,
+            cfg.vocab_size,
+            FAMILY,
+            cfg.attention.clone(),
+        )?;
         let vision = super::super::load_graph(model, Component::VisionEncoder, opts)?
             .map(|v| Self::check_vision(v, &cfg))
             .transpose()?;

@@ -461,6 +461,7 @@ mod tests {
 
     fn tiny_cfg(tile: usize, side: usize, pinpoints: Vec<(u32, u32)>) -> GraniteVisionConfig {
         GraniteVisionConfig {
+            attention: Err("test".into()),
             image_token_id: 1,
             tile,
             side,

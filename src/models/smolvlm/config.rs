@@ -13,6 +13,8 @@ use crate::models::ModelError;
 /// Parsed `config.json` (+ `processor_config.json`'s `image_seq_len`) of a SmolVLM model.
 #[derive(Debug, Clone)]
 pub struct SmolVlmConfig {
+    /// The decoder's attention for the load-time fusion, or why it is not fused.
+    pub attention: Result<crate::engine::rewrite::AttentionSpec, String>,
     pub image_token_id: u32,
     /// `<image>` tokens per frame: `processor_config.json` `image_seq_len`, which must equal what the
     /// vision tower gives per frame, ((image_size / patch_size)² / scale_factor²).
@@ -57,6 +59,7 @@ impl SmolVlmConfig {
             eos = text.ids("eos_token_id")?;
         }
         Ok(Self {
+            attention: text.attention(),
             image_token_id: u32_field(&cfg, "image_token_id", "config.json")?,
             image_seq_len,
             vision_image_size: image_size,

@@ -58,7 +58,14 @@ impl SmolVlmModel {
         opts: &SessionOptions,
         cache: EncoderCache,
     ) -> Result<Self, ModelError> {
-        let text = TextDecoder::load(model, opts, cfg.hidden_size, cfg.vocab_size, FAMILY)?;
+        let text = TextDecoder::load(
+            model,
+            opts,
+            cfg.hidden_size,
+            cfg.vocab_size,
+            FAMILY,
+            cfg.attention.clone(),
+        )?;
         let vision = super::super::load_graph(model, Component::VisionEncoder, opts)?
             .map(|v| Self::check_vision(v, &cfg, tile))
             .transpose()?;
