@@ -123,11 +123,18 @@ fn check_names(models: &[ResolvedModel]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `name (QUANT)`, comma-separated, for start-up messages.
+/// `name (QUANT, fused attention)`, comma-separated, for start-up messages.
 fn describe(models: &[Arc<LoadedModel>]) -> String {
     models
         .iter()
-        .map(|m| format!("{} ({})", m.info.name, m.info.quant))
+        .map(|m| {
+            let attention = if m.fused_attention() {
+                "fused attention"
+            } else {
+                "attention as exported"
+            };
+            format!("{} ({}, {attention})", m.info.name, m.info.quant)
+        })
         .collect::<Vec<_>>()
         .join(", ")
 }

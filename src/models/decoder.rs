@@ -167,42 +167,65 @@ impl TextDecoder {
             let decoder = load(Component::DecoderModelMerged, &unfused_opts)?;
             return Self::assemble(embed, decoder, hidden, vocab, family);
         }
-        // The load-time check: the probe through the graph as exported first (one decoder in memory
-        // at a time), then through the fused one.
-        let (embed, reference) = if opts.attention_mode == AttentionMode::Auto {
-            let decoder = load(Component::DecoderModelMerged, &unfused_opts)?;
-            let mut plain = Self::assemble(embed, decoder, hidden, vocab, family)?;
-            if !plain.split_exact() {
-                tracing::info!("attention not fused: the decoder quantizes activations dynamically (a _quantized export), whose per-run int8 scales the fused kernel's other summation order can move, so it stays as exported and exact (`--attention fused` fuses it anyway)");
-                return Ok(plain);
-            }
-            let logits = plain.probe()?;
-            (plain.embed, Some(logits))
-        } else {
-            (embed, None)
+        if opts.attention_mode == AttentionMode::Fused {
+            let decoder = load(Component::DecoderModelMerged, &fused_opts)?;
+            return Self::assemble(embed, decoder, hidden, vocab, family);
+        }
+        // The load-time check: the probe through the graph as exported, then through the fused one
+        // (one decoder in memory at a time). Both run the exported arithmetic (fp32 4-bit matrix
+        // products): with int8 activations (`--matmul-accuracy-level 4`) the fused kernel's other
+        // summation order flips roundings, which a deep random model amplifies into logits as far
+        // apart as a wrong rewrite's; the served graph then gets the level.
+        // Level 0 (fp32 compute, as exported) rather than none, so that the rewrite counts the
+        // 4-bit nodes the served level would change.
+        let mut check = unfused_opts.clone();
+        check.matmul_accuracy_level = opts.matmul_accuracy_level.map(|_| 0);
+        let decoder = load(Component::DecoderModelMerged, &check)?;
+        let mut plain = Self::assemble(embed, decoder, hidden, vocab, family)?;
+        // Whether the check's sessions are the ones to serve: no level asked for, level 0 asked
+        // for, or no 4-bit node for a level to change.
+        let served_as_checked = matches!(opts.matmul_accuracy_level, None | Some(0))
+            || plain.decoder.rewrite.matmulnbits == 0;
+        let reload = |text: Self, opts: &SessionOptions| -> Result<Self, ModelError> {
+            let embed = text.embed;
+            drop(text.decoder);
+            let decoder = load(Component::DecoderModelMerged, opts)?;
+            Self::assemble(embed, decoder, hidden, vocab, family)
         };
-        let decoder = load(Component::DecoderModelMerged, &fused_opts)?;
-        let mut text = Self::assemble(embed, decoder, hidden, vocab, family)?;
-        let (Some(reference), true) = (reference, text.kv.fused.is_some()) else {
-            return Ok(text);
-        };
-        let got = text.probe()?;
+        if !plain.split_exact() {
+            tracing::info!("attention not fused: the decoder quantizes activations dynamically (a _quantized export), whose per-run int8 scales the fused kernel's other summation order can move, so it stays as exported and exact (`--attention fused` fuses it anyway)");
+            return if served_as_checked {
+                Ok(plain)
+            } else {
+                reload(plain, &unfused_opts)
+            };
+        }
+        let reference = plain.probe()?;
+        check.attention = fused_opts.attention.clone();
+        let fused = reload(plain, &check)?;
+        if fused.kv.fused.is_none() {
+            // Not recognised (the rewrite said why): the graph as exported.
+            return reload(fused, &unfused_opts);
+        }
+        let mut fused = fused;
+        let got = fused.probe()?;
         match compare_probe(&reference, &got) {
             Ok(diff) => {
                 tracing::info!(
                     max_logit_difference = diff,
                     "fused attention checked against the graph as exported"
                 );
-                Ok(text)
+                if served_as_checked {
+                    Ok(fused)
+                } else {
+                    reload(fused, &fused_opts)
+                }
             }
             Err(why) => {
                 tracing::warn!(
                     "fused attention differs from the graph as exported ({why}); keeping the graph as exported"
                 );
-                let embed = text.embed;
-                drop(text.decoder);
-                let decoder = load(Component::DecoderModelMerged, &unfused_opts)?;
-                Self::assemble(embed, decoder, hidden, vocab, family)
+                reload(fused, &unfused_opts)
             }
         }
     }

@@ -148,6 +148,10 @@ pub enum Batching {
     Exact,
     /// The graph quantizes activations per run (dynamic int8): a row's numbers depend on the others.
     Inexact,
+    /// The 4-bit matrix products compute with int8 activations (`--matmul-accuracy-level 4`): each
+    /// row is quantized on its own, but one row and several take different kernels, whose int8
+    /// roundings differ — which a deep random model amplifies far past float summation order.
+    Int8,
     /// The graph cannot take left-padded rows (why).
     Unsupported(String),
 }
@@ -164,6 +168,8 @@ impl Batching {
         }
         if r.dynamic_quantize > 0 {
             Self::Inexact
+        } else if r.accuracy_level == Some(4) {
+            Self::Int8
         } else {
             Self::Exact
         }

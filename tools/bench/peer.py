@@ -2,7 +2,8 @@
 
 usage: .venv/bin/python tools/bench/peer.py [--model DIR] [--quant Q4_MIXED] [--threads N] [--repeats 2]
            [--long-repeats 1] [--contexts 32,300,2000,8000] [--streams 1,4,8] [--new-tokens 64]
-           [--llama auto | Q4_K_M,Q4_0:no-repack,...] [--probe-only] [--out target/bench/peer.json]
+           [--llama auto | Q4_K_M,Q4_0:no-repack,...] [--ours auto[,unfused]] [--probe-only]
+           [--out target/bench/peer.json]
        .venv/bin/python tools/bench/peer.py --table target/bench/peer.json      (re-print a saved run)
 
 Needs tools/bench/peer_setup.sh (llama.cpp built from a pinned source release, the bench model as GGUF) and
@@ -20,6 +21,9 @@ and are timed in turn over HTTP, streaming, on the same requests:
   last token), i.e. decode with ~P tokens of context;
 - --streams: n concurrent streams of short (~40-token) prompts, aggregate tokens/s over the window in which all n
   are decoding (engine_bench.stream_stats).
+
+--ours: onnx-chat's --attention values to run side by side (auto: fused attention, the default; unfused: the
+decoder's attention as exported, which copies the whole KV cache every step: the before of issue 26).
 
 Token arrival times: our server streams token ids (return_token_ids); llama-server streams text, so it gets
 "timings_per_token": true and each chunk's timings.predicted_n counts the tokens generated so far (a chunk can
@@ -139,9 +143,13 @@ class Server:
         self.proc.stop()
 
 
-def ours(model_dir, quant, threads):
-    return Server("ours", f"onnx-chat {quant}", [B.BIN, "serve", "--model", model_dir, "--quant", quant,
-                                                 "--threads", str(threads)], "ours")
+def ours(model_dir, quant, threads, attention="auto"):
+    """onnx-chat with --attention ATTENTION (auto: the default, fused; unfused: the graph as exported)."""
+    key, label = "ours", f"onnx-chat {quant}"
+    if attention != "auto":
+        key, label = f"ours:{attention}", f"{label} --attention {attention}"
+    return Server(key, label, [B.BIN, "serve", "--model", model_dir, "--quant", quant, "--threads", str(threads),
+                               "--attention", attention], "ours")
 
 
 def llama(config, threads):
@@ -255,7 +263,7 @@ def probe(servers, words_for):
 
 # ------------------------------------------------------------------------------------------------ run
 def run(model_dir, quant, threads, repeats, contexts, streams, new_tokens, configs, probe_only=False,
-        long_repeats=1):
+        long_repeats=1, attentions=("auto",)):
     for path in (B.BIN, LLAMA_SERVER):
         if not os.path.exists(path):
             sys.exit(f"{path} missing: `make bench-peer` builds it (cargo build --release; tools/bench/peer_setup.sh)")
@@ -283,7 +291,7 @@ def run(model_dir, quant, threads, repeats, contexts, streams, new_tokens, confi
             configs = chosen
         if probe_only:
             return out
-        servers = [ours(model_dir, quant, threads)] + [llama(c, threads) for c in configs]
+        servers = [ours(model_dir, quant, threads, a) for a in attentions] + [llama(c, threads) for c in configs]
         for s in servers:
             if not s.wait():
                 sys.exit(f"{s.label} did not start:\n{s.log_tail()}")
@@ -398,7 +406,8 @@ def main():
               [int(x) for x in B.arg("--contexts", "32,300,2000,8000").split(",") if x],
               [int(x) for x in B.arg("--streams", "1,4,8").split(",") if x], int(B.arg("--new-tokens", "64")),
               B.arg("--llama", "auto").split(","), probe_only="--probe-only" in sys.argv,
-              long_repeats=int(B.arg("--long-repeats", "1")))
+              long_repeats=int(B.arg("--long-repeats", "1")),
+              attentions=B.arg("--ours", "auto").split(","))
     path = B.arg("--out", os.path.join(B.BENCH_DIR, "peer.json"))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

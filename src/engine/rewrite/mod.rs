@@ -65,6 +65,8 @@ impl GraphEdits {
 pub struct RewriteReport {
     /// MatMulNBits nodes whose accuracy level was set (subgraphs included).
     pub matmulnbits: usize,
+    /// The level they were set to.
+    pub accuracy_level: Option<i64>,
     /// The op type of the node the last-position slice was put in front of.
     pub last_logits_before: Option<String>,
     /// Why the last-position rewrite was not applied, when it was asked for.
@@ -196,6 +198,9 @@ pub fn rewrite_model(
     }
     if graphs == 0 {
         return err("the model has no graph");
+    }
+    if report.matmulnbits > 0 {
+        report.accuracy_level = edits.accuracy_level;
     }
     if !report.changed() {
         return Ok((None, report));
