@@ -376,6 +376,99 @@ async fn tool_calls_are_constrained_parsed_and_streamed() {
     s.shutdown().await;
 }
 
+/// Tool calls end (issue 28, point 5): on the random model, where calling until `max_tokens` is the
+/// norm, a named function gives exactly one call, parallel calls are bounded, and an answer cut by
+/// the token limit keeps its complete calls (never raw JSON in `content`).
+#[tokio::test(flavor = "multi_thread")]
+async fn tool_calls_are_bounded_and_survive_the_token_limit() {
+    let s = Server::start(vec![model("FP32")]).await;
+    let tools = weather_tools();
+    let ask = |choice: Value, seed: u64, max_tokens: u64| {
+        json!({"model": "tiny-gemma3n", "temperature": 1, "seed": seed, "max_tokens": max_tokens,
+            "messages": [{"role": "user", "content": "Weather in Paris?"}],
+            "tools": tools, "tool_choice": choice})
+    };
+    // A named function with parallel calls allowed (the default): one call, then the answer ends.
+    for seed in 0..6 {
+        let b = ask(
+            json!({"type": "function", "function": {"name": "get_weather"}}),
+            seed,
+            600,
+        );
+        let (status, v) = s.chat(&b).await;
+        assert_eq!(status, 200, "{v}");
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 1, "{v}");
+        assert_eq!(calls[0]["function"]["name"], "get_weather");
+        check_call(&calls[0], &tools);
+    }
+    // Parallel calls: never more than the bound; find an answer with several.
+    let mut several = None;
+    for seed in 0..24 {
+        let (_, v) = s.chat(&ask(json!("required"), seed, 1200)).await;
+        let c = &v["choices"][0];
+        assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+        let calls = c["message"]["tool_calls"].as_array().unwrap();
+        assert!((1..=8).contains(&calls.len()), "{v}");
+        if calls.len() >= 2 && several.is_none() {
+            several = Some((seed, v.clone()));
+        }
+    }
+    let (seed, full) = several.expect("no answer with two calls in 24 seeds");
+    // The same answer cut short inside its last call (one token short of it, or two when the
+    // answer ended with an end id, which counts as a token): the calls before the cut one are
+    // kept, content stays null and finish_reason says it was cut.
+    let tokens = full["usage"]["completion_tokens"].as_u64().unwrap();
+    let mut cut = None;
+    for short in 1..=2 {
+        let (status, v) = s.chat(&ask(json!("required"), seed, tokens - short)).await;
+        assert_eq!(status, 200, "{v}");
+        if v["choices"][0]["finish_reason"] == "length" {
+            cut = Some((short, v));
+            break;
+        }
+        // Only the end id was cut: every call is there.
+        let calls = |v: &Value| {
+            v["choices"][0]["message"]["tool_calls"]
+                .as_array()
+                .map(Vec::len)
+        };
+        assert_eq!(calls(&v), calls(&full), "{v}");
+    }
+    let (short, v) = cut.expect("no cut answer one or two tokens short");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "length", "{v}");
+    assert!(c["message"]["content"].is_null(), "{v}");
+    let want = full["choices"][0]["message"]["tool_calls"]
+        .as_array()
+        .unwrap();
+    let got = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(got.len(), want.len() - 1, "{v}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g["function"], w["function"]);
+        assert_eq!(
+            g["id"].as_str().unwrap().len(),
+            w["id"].as_str().unwrap().len()
+        );
+    }
+    // Streamed, the same: the complete calls arrive, then finish_reason "length".
+    let mut b = ask(json!("required"), seed, tokens - short);
+    b["stream"] = json!(true);
+    let (status, events) = s.chat_stream(&b).await;
+    assert_eq!(status, 200);
+    let streamed = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["tool_calls"].as_array())
+        .map(Vec::len)
+        .sum::<usize>();
+    assert_eq!(streamed, want.len() - 1, "{events:?}");
+    let (text, finish, _, _) = collect_stream(&events);
+    assert_eq!((text.as_str(), finish.as_deref()), ("", Some("length")));
+    s.shutdown().await;
+}
+
 /// The same token with the same log-probability, to float rounding (a repeated request reuses
 /// the first one's cached prompt KV, whose sums ran in other chunks).
 fn close(x: &Value, y: &Value) {

@@ -14,25 +14,40 @@ const QUOTE: &str = "<|\"|>";
 /// The calls of an answer made only of call blocks (whitespace between them), as `(name,
 /// arguments JSON)`; `None` when the text is anything else or names a function not in `known`.
 pub fn parse(text: &str, known: impl Fn(&str) -> bool) -> Option<Vec<(String, String)>> {
+    let (calls, whole) = parse_leading(text, known);
+    (whole && !calls.is_empty()).then_some(calls)
+}
+
+/// The complete call blocks at the start of `text`, up to the first thing that is not one (an
+/// unknown function, a block cut short), and whether that was all of the text.
+pub fn parse_leading(text: &str, known: impl Fn(&str) -> bool) -> (Vec<(String, String)>, bool) {
     let mut rest = text.trim();
     let mut calls = Vec::new();
     while !rest.is_empty() {
-        rest = rest
-            .strip_prefix(OPEN)?
-            .trim_start()
-            .strip_prefix("call:")?;
-        let brace = rest.find('{')?;
-        let name = rest[..brace].trim();
-        if name.is_empty() || !known(name) {
-            return None;
+        match one_call(rest, &known) {
+            Some((call, after)) => {
+                calls.push(call);
+                rest = after;
+            }
+            None => return (calls, false),
         }
-        let mut p = Values { s: &rest[brace..] };
-        let mut args = String::new();
-        p.object(&mut args)?;
-        rest = p.s.trim_start().strip_prefix(CLOSE)?.trim_start();
-        calls.push((name.to_string(), args));
     }
-    (!calls.is_empty()).then_some(calls)
+    (calls, true)
+}
+
+/// The call block at the start of `s` and the text after it.
+fn one_call<'a>(s: &'a str, known: &impl Fn(&str) -> bool) -> Option<((String, String), &'a str)> {
+    let rest = s.strip_prefix(OPEN)?.trim_start().strip_prefix("call:")?;
+    let brace = rest.find('{')?;
+    let name = rest[..brace].trim();
+    if name.is_empty() || !known(name) {
+        return None;
+    }
+    let mut p = Values { s: &rest[brace..] };
+    let mut args = String::new();
+    p.object(&mut args)?;
+    let after = p.s.trim_start().strip_prefix(CLOSE)?.trim_start();
+    Some(((name.to_string(), args), after))
 }
 
 /// A cursor over Gemma-syntax values that writes them out as JSON.

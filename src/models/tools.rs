@@ -39,8 +39,31 @@ pub fn active_choice(job: &Job) -> Option<ToolChoice> {
     }
 }
 
+/// Most calls one answer may make when parallel calls are allowed: small models loop in calls
+/// (one per line until the token limit) where nothing bounds them.
+pub const MAX_PARALLEL_CALLS: usize = 8;
+
 fn parallel(job: &Job) -> bool {
     job.parallel_tool_calls.unwrap_or(true)
+}
+
+/// Most calls an answer to `job` may make: exactly one for a named function (as vLLM), at most one
+/// without parallel calls, else [`MAX_PARALLEL_CALLS`].
+pub fn max_calls(job: &Job) -> usize {
+    match active_choice(job) {
+        Some(ToolChoice::Function { .. }) => 1,
+        _ if !parallel(job) => 1,
+        _ => MAX_PARALLEL_CALLS,
+    }
+}
+
+/// The grammar rule for 1 ..= `n` calls, one per line: `call ("\n" call ("\n" call)?)?`.
+fn calls_rule(n: usize) -> String {
+    let mut rule = "call".to_string();
+    for _ in 1..n.max(1) {
+        rule = format!("call (\"\\n\" {rule})?");
+    }
+    rule
 }
 
 /// The tools a choice shows the model (a named function: that one only).
@@ -75,7 +98,7 @@ fn declarations(job: &Job, choice: &ToolChoice) -> Result<String, ClassifiedErro
     let mut s = String::from(
         "You have access to functions. If you decide to invoke any of the function(s), you MUST put it in the format of\n{\"name\": function name, \"parameters\": dictionary of argument name and its value}\n\nYou SHOULD NOT include any other text in the response if you call a function.",
     );
-    if parallel(job) {
+    if max_calls(job) > 1 {
         s.push_str(" To call several functions, put each call on its own line.");
     }
     match choice {
@@ -302,11 +325,7 @@ pub fn job_grammar(job: &Job, native: bool) -> Result<Option<Grammar>, Classifie
         many => json!({"anyOf": many.iter().map(|t| call_schema(t)).collect::<Vec<_>>()}),
     };
     let one = with_layout(one);
-    let calls = if parallel(job) {
-        "call (\"\\n\" call)*"
-    } else {
-        "call"
-    };
+    let calls = calls_rule(max_calls(job));
     let text = match (&choice, &format, &job.response_format) {
         (ToolChoice::Auto, None, _) => Some("TEXT".to_string()),
         (ToolChoice::Auto, Some(Grammar::JsonSchema(s)), _) => {
@@ -344,28 +363,37 @@ struct WrittenCall<'a> {
 /// (or `"arguments"`), separated by whitespace, or Gemma 4's `<|tool_call>call:NAME{…}<tool_call|>`
 /// blocks ([`tool_syntax`]). `None` when the text is anything else.
 pub fn parse_calls(text: &str, tools: &[ToolSpec]) -> Option<Vec<(String, String)>> {
+    let (calls, whole) = leading_calls(text, tools);
+    (whole && !calls.is_empty()).then_some(calls)
+}
+
+/// The complete calls at the start of an answer, up to the first thing that is not one (a call cut
+/// short by the token limit, an unknown function, text), and whether they were all of it.
+pub fn leading_calls(text: &str, tools: &[ToolSpec]) -> (Vec<(String, String)>, bool) {
+    let known = |name: &str| tools.iter().any(|t| t.name == name);
     if text.trim_start().starts_with(tool_syntax::OPEN) {
-        return tool_syntax::parse(text, |name| tools.iter().any(|t| t.name == name));
+        return tool_syntax::parse_leading(text, known);
     }
     let mut calls = Vec::new();
     // Templates with their own tool syntax often wrap each call (Hermes, Qwen).
     let text = text.replace(CALL_OPEN, " ").replace(CALL_CLOSE, " ");
     for c in serde_json::Deserializer::from_str(text.trim()).into_iter::<WrittenCall>() {
-        let c = c.ok()?;
-        if !tools.iter().any(|t| t.name == c.name) {
-            return None;
-        }
-        let raw = c.parameters.get();
-        let args = if raw.starts_with('{') {
-            raw.to_string()
-        } else {
-            // Arguments written as a JSON string holding the object.
-            let s: String = serde_json::from_str(raw).ok()?;
-            s.trim_start().starts_with('{').then_some(s)?
+        let Some((name, args)) = c.ok().filter(|c| known(&c.name)).and_then(|c| {
+            let raw = c.parameters.get();
+            let args = if raw.starts_with('{') {
+                raw.to_string()
+            } else {
+                // Arguments written as a JSON string holding the object.
+                let s: String = serde_json::from_str(raw).ok()?;
+                s.trim_start().starts_with('{').then_some(s)?
+            };
+            Some((c.name, args))
+        }) else {
+            return (calls, false);
         };
-        calls.push((c.name, args));
+        calls.push((name, args));
     }
-    (!calls.is_empty()).then_some(calls)
+    (calls, true)
 }
 
 /// A call id, stable for a job (so a redelivered job answers with the same ids).
@@ -399,7 +427,11 @@ enum StreamState {
 pub enum ToolEnd {
     /// Text still to send.
     Text(String),
+    /// The answer was calls (`finish_reason: "tool_calls"`).
     Calls(Vec<ToolCallFrame>),
+    /// The token limit cut the answer inside its calls: the ones that were complete (the cut one
+    /// is dropped; `finish_reason` stays `"length"`).
+    Cut(Vec<ToolCallFrame>),
 }
 
 impl ToolStream {
@@ -433,26 +465,39 @@ impl ToolStream {
         }
     }
 
-    /// At the end of the answer: the calls it made, or the text held back.
-    pub fn finish(&mut self, tools: &[ToolSpec], job_id: &str, choice: usize) -> ToolEnd {
+    /// At the end of the answer: the calls it made (at most `max_calls`; more are dropped), or the
+    /// text held back. `cut`: the token limit ended the answer, so a last call may be incomplete.
+    pub fn finish(
+        &mut self,
+        tools: &[ToolSpec],
+        job_id: &str,
+        choice: usize,
+        max_calls: usize,
+        cut: bool,
+    ) -> ToolEnd {
         let held = std::mem::take(&mut self.held);
         if self.state != StreamState::Call {
             return ToolEnd::Text(held);
         }
-        match parse_calls(&held, tools) {
-            Some(calls) => ToolEnd::Calls(
-                calls
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, (name, arguments))| ToolCallFrame {
-                        index: i as u32,
-                        id: call_id(job_id, choice, i),
-                        name,
-                        arguments,
-                    })
-                    .collect(),
-            ),
-            None => ToolEnd::Text(held),
+        let (mut calls, whole) = leading_calls(&held, tools);
+        if calls.is_empty() || !(whole || cut) {
+            return ToolEnd::Text(held);
+        }
+        calls.truncate(max_calls.max(1));
+        let frames = calls
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, arguments))| ToolCallFrame {
+                index: i as u32,
+                id: call_id(job_id, choice, i),
+                name,
+                arguments,
+            })
+            .collect();
+        if whole {
+            ToolEnd::Calls(frames)
+        } else {
+            ToolEnd::Cut(frames)
         }
     }
 }
@@ -583,7 +628,7 @@ mod tests {
         assert_eq!(s.push("  "), "");
         assert_eq!(s.push("{\"name\": \"weather\", "), "");
         assert_eq!(s.push("\"parameters\": {\"city\": \"A\"}}"), "");
-        let ToolEnd::Calls(c) = s.finish(&tools, "job", 0) else {
+        let ToolEnd::Calls(c) = s.finish(&tools, "job", 0, 8, false) else {
             panic!()
         };
         assert_eq!(c[0].name, "weather");
@@ -594,7 +639,10 @@ mod tests {
         assert_eq!(s.push(" "), "");
         assert_eq!(s.push("Hi"), " Hi");
         assert_eq!(s.push("!"), "!");
-        assert_eq!(s.finish(&tools, "job", 0), ToolEnd::Text(String::new()));
+        assert_eq!(
+            s.finish(&tools, "job", 0, 8, false),
+            ToolEnd::Text(String::new())
+        );
 
         let mut s = ToolStream::default();
         assert_eq!(s.push("<tool"), "");
@@ -602,7 +650,7 @@ mod tests {
             s.push("_call>{\"name\": \"weather\", \"arguments\": {}}</tool_call>"),
             ""
         );
-        let ToolEnd::Calls(c) = s.finish(&tools, "job", 0) else {
+        let ToolEnd::Calls(c) = s.finish(&tools, "job", 0, 8, false) else {
             panic!()
         };
         assert_eq!(c[0].arguments, "{}");
@@ -612,8 +660,84 @@ mod tests {
         let mut s = ToolStream::default();
         assert_eq!(s.push("{not a call"), "");
         assert_eq!(
-            s.finish(&tools, "job", 0),
+            s.finish(&tools, "job", 0, 8, false),
             ToolEnd::Text("{not a call".into())
         );
+    }
+
+    #[test]
+    fn calls_are_bounded_and_a_cut_answer_keeps_its_complete_calls() {
+        let tools = vec![tool("weather"), tool("time")];
+        let msgs = vec![ChatMessage::text(Role::User, "x")];
+        let named = job(
+            tools.clone(),
+            Some(ToolChoice::Function {
+                name: "time".into(),
+            }),
+            msgs.clone(),
+        );
+        assert_eq!(max_calls(&named), 1);
+        let Some(Grammar::Lark(g)) = job_grammar(&named, false).unwrap() else {
+            panic!()
+        };
+        assert!(g.contains("calls: call\n"), "{g}");
+        let mut serial = job(tools.clone(), Some(ToolChoice::Required), msgs.clone());
+        serial.parallel_tool_calls = Some(false);
+        assert_eq!(max_calls(&serial), 1);
+        let parallel = job(tools.clone(), None, msgs);
+        assert_eq!(max_calls(&parallel), MAX_PARALLEL_CALLS);
+        let Some(Grammar::Lark(g)) = job_grammar(&parallel, false).unwrap() else {
+            panic!()
+        };
+        assert_eq!(
+            g.matches("call (\"\\n\"").count(),
+            MAX_PARALLEL_CALLS - 1,
+            "{g}"
+        );
+        assert!(!g.contains("call)*"), "{g}");
+        // The rule compiles and bounds the count (the grammar engine is the judge).
+        assert_eq!(calls_rule(1), "call");
+        assert_eq!(calls_rule(2), "call (\"\\n\" call)?");
+
+        // Cut by the token limit inside the third call: the two complete ones are kept.
+        let a = "{\"name\": \"weather\", \"parameters\": {\"city\": \"A\"}}";
+        let cut = format!("{a}\n{a}\n{{\"name\": \"wea");
+        let mut s = ToolStream::default();
+        assert_eq!(s.push(&cut), "");
+        let ToolEnd::Cut(c) = s.finish(&tools, "job", 0, 8, true) else {
+            panic!()
+        };
+        assert_eq!(c.len(), 2);
+        assert_eq!(c[1].arguments, "{\"city\": \"A\"}");
+        // Not cut, the same text is not calls: it stays text.
+        let mut s = ToolStream::default();
+        s.push(&cut);
+        assert_eq!(
+            s.finish(&tools, "job", 0, 8, false),
+            ToolEnd::Text(cut.clone())
+        );
+        // Cut before any call was complete: text.
+        let mut s = ToolStream::default();
+        s.push("{\"name\": \"wea");
+        assert!(matches!(
+            s.finish(&tools, "job", 0, 8, true),
+            ToolEnd::Text(_)
+        ));
+        // More calls than allowed (a template's own syntax is not grammar-bounded): the first ones.
+        let mut s = ToolStream::default();
+        s.push(&format!("{a}\n{a}\n{a}"));
+        let ToolEnd::Calls(c) = s.finish(&tools, "job", 0, 1, false) else {
+            panic!()
+        };
+        assert_eq!(c.len(), 1);
+        // Gemma 4's syntax, cut in its second block.
+        let g4 =
+            "<|tool_call>call:weather{city:<|\"|>A<|\"|>}<tool_call|><|tool_call>call:weather{ci";
+        let mut s = ToolStream::default();
+        s.push(g4);
+        let ToolEnd::Cut(c) = s.finish(&tools, "job", 0, 8, true) else {
+            panic!()
+        };
+        assert_eq!((c.len(), c[0].arguments.as_str()), (1, "{\"city\":\"A\"}"));
     }
 }

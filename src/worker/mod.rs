@@ -477,16 +477,23 @@ async fn run_job(
             } => {
                 // Answers held back as possible tool calls: their calls, or their text.
                 for (i, s) in streams.iter_mut().enumerate() {
-                    let (text, tool_calls) = match s.finish(&job.tools, &job.job_id, i) {
-                        ToolEnd::Text(text) if text.is_empty() => continue,
-                        ToolEnd::Text(text) => (text, Vec::new()),
-                        ToolEnd::Calls(calls) => {
-                            if let Some(c) = choices.get_mut(i) {
-                                c.0 = crate::protocol::FinishReason::ToolCalls;
+                    let cut = choices
+                        .get(i)
+                        .is_some_and(|c| c.0 == crate::protocol::FinishReason::Length);
+                    let max_calls = tools::max_calls(job);
+                    let (text, tool_calls) =
+                        match s.finish(&job.tools, &job.job_id, i, max_calls, cut) {
+                            ToolEnd::Text(text) if text.is_empty() => continue,
+                            ToolEnd::Text(text) => (text, Vec::new()),
+                            ToolEnd::Calls(calls) => {
+                                if let Some(c) = choices.get_mut(i) {
+                                    c.0 = crate::protocol::FinishReason::ToolCalls;
+                                }
+                                (String::new(), calls)
                             }
-                            (String::new(), calls)
-                        }
-                    };
+                            // The calls that were complete; `finish_reason` stays "length".
+                            ToolEnd::Cut(calls) => (String::new(), calls),
+                        };
                     let body = FrameBody::Delta {
                         text,
                         reasoning: String::new(),
