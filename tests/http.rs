@@ -546,6 +546,7 @@ async fn thinking_worker(bus: std::sync::Arc<dyn onnx_chat::bus::Bus>) {
                 usage: Usage::new(5, 7).with_reasoning(4),
                 timings: Timings::default(),
                 choices: vec![],
+                stop_sequence: None,
                 heartbeat: None,
             }));
             for (seq, body) in bodies.into_iter().enumerate() {

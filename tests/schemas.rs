@@ -108,6 +108,8 @@ fn sample_job() -> Job {
         chat_template_kwargs: json!({"enable_thinking": true, "style": {"tone": "dry"}})
             .as_object()
             .cloned(),
+        clamp_max_tokens: true,
+        count_only: false,
     }
 }
 
@@ -150,6 +152,7 @@ fn code_output_validates() {
             usage: Usage::new(3, 4),
             timings: Timings::default(),
             choices: vec![],
+            stop_sequence: None,
             heartbeat: None,
         }),
         FrameBody::Done(DoneBody {
@@ -157,6 +160,7 @@ fn code_output_validates() {
             usage: Usage::new(3, 4),
             timings: Timings::default(),
             choices: vec![],
+            stop_sequence: None,
             heartbeat: None,
         }),
         FrameBody::Done(DoneBody {
@@ -175,6 +179,7 @@ fn code_output_validates() {
                     completion_tokens: 5,
                 },
             ],
+            stop_sequence: Some("\n\n".into()),
             heartbeat: None,
         }),
         FrameBody::Error {
@@ -247,6 +252,7 @@ fn code_output_validates() {
             usage: Usage::new(3, 4),
             timings: Timings::default(),
             choices: vec![],
+            stop_sequence: None,
             heartbeat: Some(Box::new(hb.clone())),
         }),
     };

@@ -89,6 +89,8 @@ pub enum GenEvent {
     Done {
         /// Per choice: why it ended and how many ids it generated.
         choices: Vec<(FinishReason, usize)>,
+        /// Per choice: the stop string that ended it, if one did.
+        stop_strings: Vec<Option<String>>,
         /// Generated ids inside reasoning blocks, markers included, over all choices.
         reasoning_tokens: usize,
         prompt_tokens: usize,
@@ -758,11 +760,17 @@ impl<M: ChatModel> Generation<M> {
             .map(|c| (c.finish.unwrap_or(FinishReason::Stop), c.generated.len()))
             .collect();
         let reasoning_tokens = self.choices.iter().map(|c| c.out.reasoning_tokens()).sum();
+        let stop_strings = self
+            .choices
+            .iter()
+            .map(|c| c.out.matched_stop().map(str::to_string))
+            .collect();
         // Into the cache before the answer leaves: the worker's next heartbeat (sent with the last
         // frame) then already lists the conversation, and its next turn can be routed here.
         self.store(e);
         self.send(GenEvent::Done {
             choices,
+            stop_strings,
             reasoning_tokens,
             prompt_tokens: self.input.ids.len(),
             cached_tokens: self.cached,

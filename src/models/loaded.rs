@@ -288,6 +288,7 @@ impl LoadedModel {
         }
         let room = ctx - prompt_len;
         let max_new = match job.max_tokens {
+            Some(m) if m as usize > room && job.clamp_max_tokens => room,
             Some(m) if m as usize > room => {
                 return Err(ClassifiedError::new(
                     ErrorClass::ContextLengthExceeded,

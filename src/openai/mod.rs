@@ -49,6 +49,8 @@ impl ValidChatRequest {
             logprobs: self.logprobs,
             logit_bias: self.logit_bias,
             chat_template_kwargs: self.chat_template_kwargs,
+            clamp_max_tokens: false,
+            count_only: false,
         }
     }
 }

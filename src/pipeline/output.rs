@@ -33,6 +33,8 @@ pub struct OutputText {
     split: Option<ReasoningSplitter>,
     channels: ChannelQueue,
     stop: StopMatcher,
+    /// The stop string that ended the sequence, once one has.
+    matched: Option<String>,
 }
 
 impl OutputText {
@@ -45,6 +47,7 @@ impl OutputText {
             split: reasoning.map(|m| ReasoningSplitter::new(m, prompt)),
             channels: ChannelQueue::default(),
             stop: StopMatcher::new(stops),
+            matched: None,
         }
     }
 
@@ -111,8 +114,16 @@ impl OutputText {
     fn stop_step(&mut self, text: &str) -> OutputStep {
         match self.stop.push(text) {
             StopOutcome::Continue { emit } => OutputStep::Continue(self.channels.take(&emit)),
-            StopOutcome::Stopped { emit, .. } => OutputStep::Stopped(self.channels.take(&emit)),
+            StopOutcome::Stopped { emit, matched } => {
+                self.matched = Some(matched);
+                OutputStep::Stopped(self.channels.take(&emit))
+            }
         }
+    }
+
+    /// The stop string that ended the sequence (`None`: it has not stopped at one).
+    pub fn matched_stop(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 }
 
@@ -244,7 +255,9 @@ mod tests {
         assert_eq!((r.as_str(), c.as_str(), stopped), ("one two ", "", true));
         // A stop in the answer.
         let mut out = OutputText::new(vec!["five".into()], markers("thought\n"), &[]);
+        assert_eq!(out.matched_stop(), None);
         let (r, c, stopped, _) = run(&mut out, &tok, &generated);
+        assert_eq!(out.matched_stop(), Some("five"));
         assert_eq!(
             (r.as_str(), c.as_str(), stopped),
             ("one two three", "four ", true)

@@ -102,6 +102,10 @@ pub struct DoneBody {
     /// How each choice ended, when the job asked for `n > 1`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub choices: Vec<ChoiceEnd>,
+    /// The stop string that ended choice 0 (`finish_reason` is then `stop`); absent when it ended
+    /// otherwise (an end-of-sequence id, the token limit, calls).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_sequence: Option<String>,
     /// The worker's heartbeat as the job ends (what its prefix cache now holds, its free slots), so
     /// the front end's routing is current before the client can send its next turn.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -77,6 +77,16 @@ pub struct Job {
     /// tokens): workers refuse those. Ignored for text completions (no template).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chat_template_kwargs: Option<Map<String, Value>>,
+    /// A `max_tokens` larger than the room the context leaves after the prompt is lowered to that
+    /// room (the answer then ends with `length`) instead of refused: agents send one large value
+    /// whatever the model (the Messages and Responses APIs set this).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clamp_max_tokens: bool,
+    /// Only count the prompt's tokens: the worker renders and tokenizes it, answers one `done`
+    /// frame (`usage.prompt_tokens`, no completion) and generates nothing (Anthropic's
+    /// `count_tokens`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub count_only: bool,
 }
 
 /// Most `top_logprobs` one token may ask for.

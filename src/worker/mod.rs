@@ -416,6 +416,25 @@ async fn run_job(
         }
     };
     let preprocess_ms = prepared.preprocess_ms;
+    if job.count_only {
+        // Rendered and tokenized (media placeholders included): that is the whole answer.
+        let done = FrameBody::Done(DoneBody {
+            finish_reason: crate::protocol::FinishReason::Stop,
+            usage: Usage::new(prepared.input.ids.len() as u32, 0),
+            timings: Timings {
+                queued_ms,
+                preprocess_ms,
+                ..Timings::default()
+            },
+            choices: Vec::new(),
+            stop_sequence: None,
+            heartbeat: None,
+        });
+        if let Err(e) = out.send(done).await {
+            tracing::info!(error = %e, "count not delivered");
+        }
+        return true;
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     if let Err(e) = model.start(prepared, tx, cancel.clone()) {
         out.error(e).await;
@@ -469,6 +488,7 @@ async fn run_job(
             },
             GenEvent::Done {
                 mut choices,
+                stop_strings,
                 reasoning_tokens,
                 prompt_tokens,
                 cached_tokens,
@@ -549,6 +569,7 @@ async fn run_job(
                         decode_ms,
                     },
                     choices: ends,
+                    stop_sequence: stop_strings.into_iter().next().flatten(),
                     heartbeat: None,
                 })
             }
