@@ -218,7 +218,9 @@ pub async fn run_serve(
             worker_cfg.progress_interval = progress_interval(settings.ack_wait);
             Arc::new(NatsBus::connect(settings, "onnx-chat-serve").await?)
         }
-        None => Arc::new(MemoryBus::new().with_max_queued(args.http.max_queued)),
+        None => Arc::new(
+            MemoryBus::with_store(args.nats.store_limits()).with_max_queued(args.http.max_queued),
+        ),
     };
     let listener = tokio::net::TcpListener::bind((args.http.host.as_str(), args.http.port))
         .await

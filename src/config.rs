@@ -502,6 +502,14 @@ pub struct NatsArgs {
     /// Base64 media longer than this many characters travel through the object store.
     #[arg(long, env = "ONNX_CHAT_INLINE_MEDIA_LIMIT", default_value_t = 64 * 1024)]
     pub inline_media_limit: usize,
+    /// Seconds a stored response (the Responses API's `store`) is kept for `previous_response_id`
+    /// and `GET /v1/responses/{id}`.
+    #[arg(long, env = "ONNX_CHAT_RESPONSES_TTL", default_value_t = 24 * 3600)]
+    pub responses_ttl: u64,
+    /// Megabytes of stored responses kept at most (in memory: the oldest go first; in the NATS
+    /// key-value bucket: new ones are not stored until old ones expire).
+    #[arg(long, env = "ONNX_CHAT_RESPONSES_STORE_MB", default_value_t = 256)]
+    pub responses_store_mb: u64,
 }
 
 impl std::fmt::Debug for NatsArgs {
@@ -536,7 +544,16 @@ impl NatsArgs {
             max_age: Duration::from_secs(self.job_max_age.max(1)),
             max_jobs: self.max_queued_jobs.max(1),
             inline_limit: self.inline_media_limit,
+            store: self.store_limits(),
             ..Default::default()
+        }
+    }
+
+    /// Bounds of the stored responses (both buses).
+    pub fn store_limits(&self) -> crate::bus::store::StoreLimits {
+        crate::bus::store::StoreLimits {
+            ttl: Duration::from_secs(self.responses_ttl.max(1)),
+            max_bytes: self.responses_store_mb.max(1) << 20,
         }
     }
 }

@@ -19,6 +19,8 @@ pub enum ErrorClass {
     Unauthorized,
     /// The requested model is not served (404).
     ModelNotFound,
+    /// Another named resource (a stored response) does not exist, or not for this key (404).
+    NotFound,
     /// The body or a media item is too large (413).
     PayloadTooLarge,
     /// Well-formed JSON that cannot be processed, e.g. undecodable media (422).
@@ -40,7 +42,7 @@ impl ErrorClass {
         match self {
             Self::InvalidRequest | Self::ContextLengthExceeded => 400,
             Self::Unauthorized => 401,
-            Self::ModelNotFound => 404,
+            Self::ModelNotFound | Self::NotFound => 404,
             Self::PayloadTooLarge => 413,
             Self::Unprocessable => 422,
             Self::Overloaded => 429,
@@ -58,7 +60,7 @@ impl ErrorClass {
             | Self::ContextLengthExceeded
             | Self::PayloadTooLarge
             | Self::Unprocessable => "invalid_request_error",
-            Self::ModelNotFound => "invalid_request_error",
+            Self::ModelNotFound | Self::NotFound => "invalid_request_error",
             Self::Unauthorized => "authentication_error",
             Self::Overloaded => "rate_limit_error",
             Self::Timeout | Self::Unavailable | Self::Cancelled | Self::Internal => "server_error",
@@ -77,7 +79,7 @@ impl ErrorClass {
             Self::Unavailable => Some("service_unavailable"),
             Self::Cancelled => Some("cancelled"),
             Self::Unprocessable => Some("unprocessable_entity"),
-            Self::InvalidRequest | Self::Internal => None,
+            Self::InvalidRequest | Self::NotFound | Self::Internal => None,
         }
     }
 }

@@ -15,6 +15,7 @@
 //!
 //! [`app`] wires them for each subcommand; [`config`] is the command line; [`error`] the error classes.
 
+pub mod anthropic;
 pub mod app;
 pub mod bus;
 pub mod config;
@@ -29,4 +30,5 @@ pub mod pipeline;
 pub mod protocol;
 pub mod shutdown;
 pub mod telemetry;
+pub mod wire;
 pub mod worker;

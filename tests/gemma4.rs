@@ -532,6 +532,53 @@ async fn the_thought_channel_is_reasoning_content() {
     server.shutdown().await;
 }
 
+/// The Messages API's `thinking` is Gemma 4's thinking switch: enabled renders the template's
+/// thinking prompt (more input tokens), disabled and absent do not; the answer's reasoning would come
+/// back as `thinking` blocks (the block rendering is unit-tested in `frontend::messages`; the random
+/// model does not open a thought channel without a grammar, which this API cannot send).
+#[tokio::test(flavor = "multi_thread")]
+async fn messages_thinking_is_the_thinking_switch() {
+    let server = Server::start(vec![model("FP32")]).await;
+    let client = reqwest::Client::new();
+    let count = |thinking: Value| {
+        let mut b = json!({"model": NAME, "messages": [{"role": "user", "content": "Why is the sky blue?"}]});
+        if !thinking.is_null() {
+            b["thinking"] = thinking;
+        }
+        let r = client
+            .post(format!("{}/v1/messages/count_tokens", server.base))
+            .json(&b)
+            .send();
+        async move {
+            let v: Value = r.await.unwrap().json().await.unwrap();
+            v["input_tokens"].as_u64().unwrap_or_else(|| panic!("{v}"))
+        }
+    };
+    let on = count(json!({"type": "enabled", "budget_tokens": 1024})).await;
+    let off = count(json!({"type": "disabled"})).await;
+    let default = count(Value::Null).await;
+    let adaptive = count(json!({"type": "adaptive"})).await;
+    assert!(on > off, "{on} {off}");
+    assert_eq!((default, adaptive), (off, off));
+    // The same through /v1/messages: the usage counts the thinking prompt.
+    let r = client
+        .post(format!("{}/v1/messages", server.base))
+        .json(&json!({"model": NAME, "max_tokens": 4, "temperature": 0,
+            "thinking": {"type": "enabled", "budget_tokens": 1024},
+            "messages": [{"role": "user", "content": "Why is the sky blue?"}]}))
+        .send()
+        .await
+        .unwrap();
+    let v: Value = r.json().await.unwrap();
+    let u = &v["usage"];
+    assert_eq!(
+        u["input_tokens"].as_u64().unwrap() + u["cache_read_input_tokens"].as_u64().unwrap(),
+        on,
+        "{v}"
+    );
+    server.shutdown().await;
+}
+
 /// Tools through the template's own syntax: the declarations and the history's calls are rendered in
 /// Gemma 4's `<|tool>` / `<|tool_call>` format, and an answer in that format comes back as OpenAI
 /// `tool_calls` (JSON and streamed). The tiny random model does not call tools by itself, so a grammar

@@ -1,8 +1,9 @@
 //! Scale-out over NATS with real processes: a `nats-server` from `.venv`, one `onnx-chat frontend` and
 //! two `onnx-chat worker`s on the fixture model. Concurrent mixed requests give the single-process
 //! answers, both workers take jobs, the work queue ends empty, a disconnect frees the slot, a job
-//! published straight to NATS (the README's example) gets its frames, and back-pressure answers 429
-//! or 503 with Retry-After.
+//! published straight to NATS (the README's example) gets its frames, back-pressure answers 429
+//! or 503 with Retry-After, and a stored response (the Responses API) is continued through another
+//! front end.
 
 mod common;
 
@@ -692,4 +693,106 @@ async fn killing_the_prefix_holder_mid_turn_still_gives_the_whole_answer() {
         metric(&m, "onnxchat_jobs_routed_total") >= 1.0,
         "turn 2 was routed"
     );
+}
+
+/// The Responses API's stored state over NATS: a response stored through one front end is read,
+/// continued and deleted through another (the JetStream key-value bucket), and an answer larger
+/// than the store takes is still answered.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_response_stored_by_one_frontend_is_continued_by_another() {
+    let cluster = start_cluster(1, &[], &[]);
+    cluster.ready(1).await;
+    let port = free_port();
+    let port_s = port.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let second = Proc::spawn(
+        "frontend2",
+        &bin(),
+        &[
+            "frontend",
+            "--nats-url",
+            cluster.nats.url.as_str(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            port_s.as_str(),
+        ],
+        dir.path(),
+    );
+    let base2 = format!("http://127.0.0.1:{port}");
+    wait_workers(&base2, 1, &[&second]).await;
+    let client = reqwest::Client::new();
+    let first: Value = client
+        .post(format!("{}/v1/responses", cluster.base))
+        .json(
+            &json!({"model": MODEL, "input": "Write a haiku about the sea.",
+            "instructions": "Be brief.", "max_output_tokens": 16, "temperature": 0}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = first["id"].as_str().unwrap_or_else(|| panic!("{first}"));
+    // Read through the other front end: the same response.
+    let got: Value = client
+        .get(format!("{base2}/v1/responses/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["output"], first["output"]);
+    // Continued through the other front end: the first turn is in the prompt.
+    let next: Value = client
+        .post(format!("{base2}/v1/responses"))
+        .json(
+            &json!({"model": MODEL, "previous_response_id": id, "input": "Another.",
+            "max_output_tokens": 16, "temperature": 0}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(next["previous_response_id"], id, "{next}");
+    let (a, b) = (
+        first["usage"]["input_tokens"].as_u64().unwrap(),
+        next["usage"]["input_tokens"].as_u64().unwrap(),
+    );
+    // (The instructions are not carried over; the first answer's 16 tokens are.)
+    assert!(b > a, "{a} {b}");
+    // Its input items, and deletion seen by the first front end.
+    let items: Value = client
+        .get(format!(
+            "{}/v1/responses/{}/input_items",
+            cluster.base,
+            next["id"].as_str().unwrap()
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        items["data"][0]["content"][0]["text"], "Another.",
+        "{items}"
+    );
+    let r = client
+        .delete(format!("{base2}/v1/responses/{id}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = client
+        .get(format!("{}/v1/responses/{id}", cluster.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    drop(second);
 }

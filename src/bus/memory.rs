@@ -27,6 +27,8 @@ struct Inner {
     /// Jobs queued and not yet taken by a worker, and the most allowed.
     depth: std::sync::atomic::AtomicUsize,
     max_depth: std::sync::atomic::AtomicUsize,
+    /// Stored responses (the Responses API).
+    store: super::store::MemoryStore,
 }
 
 /// See the module docs. Cheap to clone; clones share the same queues.
@@ -45,8 +47,14 @@ impl Default for MemoryBus {
 
 impl MemoryBus {
     pub fn new() -> Self {
+        Self::with_store(super::store::StoreLimits::default())
+    }
+
+    /// A bus whose stored state has these bounds.
+    pub fn with_store(limits: super::store::StoreLimits) -> Self {
         let inner = Inner {
             max_depth: usize::MAX.into(),
+            store: super::store::MemoryStore::new(limits),
             ..Default::default()
         };
         Self {
@@ -102,6 +110,18 @@ impl Drop for Unsubscribe {
 impl Bus for MemoryBus {
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    async fn store_put(&self, key: &str, value: bytes::Bytes) -> Result<bool, BusError> {
+        Ok(self.inner.store.put(key, value))
+    }
+
+    async fn store_get(&self, key: &str) -> Result<Option<bytes::Bytes>, BusError> {
+        Ok(self.inner.store.get(key))
+    }
+
+    async fn store_delete(&self, key: &str) -> Result<bool, BusError> {
+        Ok(self.inner.store.delete(key))
     }
 
     fn is_connected(&self) -> bool {

@@ -8,6 +8,7 @@
 
 pub mod memory;
 pub mod nats;
+pub mod store;
 
 use std::time::Duration;
 
@@ -114,6 +115,18 @@ pub trait Bus: Send + Sync + 'static {
         let _ = worker_id;
         Ok(futures::stream::pending().boxed())
     }
+
+    // --- stored state (the Responses API's stored responses; bounds in [`store::StoreLimits`]) ---
+
+    /// Stores `value` under `key` (replacing it). `Ok(false)`: not stored (larger than the store
+    /// takes, or the store is full).
+    async fn store_put(&self, key: &str, value: bytes::Bytes) -> Result<bool, BusError>;
+
+    /// The value under `key`, if stored and not expired.
+    async fn store_get(&self, key: &str) -> Result<Option<bytes::Bytes>, BusError>;
+
+    /// Deletes `key`; whether it was there.
+    async fn store_delete(&self, key: &str) -> Result<bool, BusError>;
 }
 
 /// A job offered to one worker: take it (and run it like a delivery) or decline it.

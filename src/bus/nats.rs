@@ -77,6 +77,9 @@ pub struct NatsSettings {
     pub media_ttl: Duration,
     /// Base64 media longer than this (characters) go to the object store.
     pub inline_limit: usize,
+    /// The key-value bucket of stored responses (the Responses API), and its bounds.
+    pub store_bucket: String,
+    pub store: super::store::StoreLimits,
 }
 
 impl Default for NatsSettings {
@@ -92,6 +95,8 @@ impl Default for NatsSettings {
             media_bucket: "onnxchat-media".into(),
             media_ttl: Duration::from_secs(3600),
             inline_limit: 64 * 1024,
+            store_bucket: "onnxchat-responses".into(),
+            store: super::store::StoreLimits::default(),
         }
     }
 }
@@ -110,6 +115,8 @@ pub struct NatsBus {
     /// When each worker last announced itself, and its TTL (for routed jobs' watchdogs).
     workers_seen: Arc<Mutex<HashMap<String, (std::time::Instant, Duration)>>>,
     following_workers: Arc<OnceCell<()>>,
+    /// Stored responses (the Responses API).
+    store: jetstream::kv::Store,
 }
 
 /// JetStream's `io.nats.jetstream.advisory.v1.max_deliver` advisory (the fields we use).
@@ -217,10 +224,31 @@ impl NatsBus {
                     ))
                 })?,
         };
+        let store = match js.get_key_value(&settings.store_bucket).await {
+            Ok(s) => s,
+            Err(_) => js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: settings.store_bucket.clone(),
+                    description: "onnx-chat stored responses (the Responses API)".into(),
+                    history: 1,
+                    max_age: settings.store.ttl,
+                    max_bytes: settings.store.max_bytes.min(i64::MAX as u64) as i64,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    BusError::Unavailable(format!(
+                        "cannot create key-value bucket {}: {e}",
+                        settings.store_bucket
+                    ))
+                })?,
+        };
         Ok(Self {
             client,
             js,
             settings: Arc::new(settings),
+            store,
             media,
             given_up: Arc::default(),
             watching_given_up: Arc::default(),
@@ -669,6 +697,38 @@ impl Acker for RoutedAck {
 
 #[async_trait]
 impl Bus for NatsBus {
+    async fn store_put(&self, key: &str, value: bytes::Bytes) -> Result<bool, BusError> {
+        if value.len() as u64 > self.client.server_info().max_payload as u64 {
+            return Ok(false);
+        }
+        match self.store.put(key, value).await {
+            Ok(_) => Ok(true),
+            Err(e) => {
+                // Most likely the bucket is full (its writes are refused until entries expire).
+                tracing::warn!(error = %e, key, "not stored in {}", self.settings.store_bucket);
+                Ok(false)
+            }
+        }
+    }
+
+    async fn store_get(&self, key: &str) -> Result<Option<bytes::Bytes>, BusError> {
+        self.store
+            .get(key)
+            .await
+            .map_err(|e| BusError::Unavailable(format!("reading {key}: {e}")))
+    }
+
+    async fn store_delete(&self, key: &str) -> Result<bool, BusError> {
+        let had = self.store_get(key).await?.is_some();
+        if had {
+            self.store
+                .purge(key)
+                .await
+                .map_err(|e| BusError::Unavailable(format!("deleting {key}: {e}")))?;
+        }
+        Ok(had)
+    }
+
     fn kind(&self) -> &'static str {
         "nats"
     }

@@ -220,6 +220,19 @@ pub(super) async fn submit(
     Ok((reader, first, in_flight))
 }
 
+/// Counts a finished answer in the metrics (tokens, decode time, request duration).
+pub(super) fn record_done(state: &AppState, done: &DoneBody, t0: Instant) {
+    state.metrics.finished(
+        done.usage.prompt_tokens,
+        done.usage.completion_tokens,
+        done.timings.decode_ms,
+    );
+    state
+        .metrics
+        .request_seconds
+        .observe(t0.elapsed().as_secs_f64());
+}
+
 /// How choice `i` ended, from the final frame.
 pub(super) fn finish_of(done: &DoneBody, i: u32) -> &'static str {
     done.choices
@@ -271,15 +284,7 @@ async fn collect(
         }
         ev = reader.next().await?;
     };
-    state.metrics.finished(
-        done.usage.prompt_tokens,
-        done.usage.completion_tokens,
-        done.timings.decode_ms,
-    );
-    state
-        .metrics
-        .request_seconds
-        .observe(t0.elapsed().as_secs_f64());
+    record_done(state, &done, t0);
     let choices = got
         .into_iter()
         .enumerate()

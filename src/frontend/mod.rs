@@ -9,8 +9,10 @@ mod chat;
 mod completions;
 mod frames;
 pub mod media;
+mod messages;
 pub mod metrics;
 pub mod registry;
+mod responses;
 mod ui;
 
 use std::net::SocketAddr;
@@ -160,6 +162,46 @@ where
     Ok(buf.freeze())
 }
 
+/// The body as sent, decompressed when `Content-Encoding` is `gzip`, `deflate` or `zstd` (agents
+/// compress large conversations); the decompressed size is bounded by `limit` too.
+pub(crate) fn decoded_body(
+    encoding: Option<&str>,
+    body: Bytes,
+    limit: usize,
+) -> Result<Bytes, ClassifiedError> {
+    use std::io::Read;
+    let encoding = encoding.map(|e| e.trim().to_ascii_lowercase());
+    let reader: Box<dyn Read + '_> = match encoding.as_deref() {
+        None | Some("") | Some("identity") => return Ok(body),
+        Some("gzip") | Some("x-gzip") => Box::new(flate2::read::GzDecoder::new(&body[..])),
+        Some("deflate") => Box::new(flate2::read::ZlibDecoder::new(&body[..])),
+        Some("zstd") => Box::new(ruzstd::decoding::StreamingDecoder::new(&body[..]).map_err(
+            |e| ClassifiedError::invalid("body", format!("the zstd body does not decode: {e}")),
+        )?),
+        Some(other) => {
+            return Err(ClassifiedError::new(
+                ErrorClass::Unprocessable,
+                format!("Content-Encoding {other:?} is not supported (gzip, deflate, zstd)"),
+            )
+            .with_param("content-encoding"))
+        }
+    };
+    let mut out = Vec::new();
+    reader
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| {
+            ClassifiedError::invalid("body", format!("the compressed body does not decode: {e}"))
+        })?;
+    if out.len() > limit {
+        return Err(ClassifiedError::new(
+            ErrorClass::PayloadTooLarge,
+            format!("the decompressed request body is larger than the limit of {limit} bytes"),
+        ));
+    }
+    Ok(out.into())
+}
+
 fn with_auth(state: Arc<AppState>) -> impl Filter<Extract = (), Error = Rejection> + Clone {
     warp::header::optional::<String>("authorization")
         .and_then(move |auth: Option<String>| {
@@ -238,6 +280,66 @@ pub fn routes(
         .and(warp::header::optional::<String>("authorization"))
         .and(body_limited(state.cfg.max_body_bytes))
         .then(completions::handle);
+    // Anthropic's Messages API: its own auth headers and error envelope (rejections of these two
+    // routes are answered in Anthropic's shape; others pass on).
+    let messages = warp::path!("v1" / "messages")
+        .and(warp::post())
+        .and(st.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("x-api-key"))
+        .and(body_limited(state.cfg.max_body_bytes))
+        .then(messages::handle);
+    let count_tokens = warp::path!("v1" / "messages" / "count_tokens")
+        .and(warp::post())
+        .and(st.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("x-api-key"))
+        .and(body_limited(state.cfg.max_body_bytes))
+        .then(messages::count_tokens);
+    let anthropic = messages
+        .or(count_tokens)
+        .unify()
+        .recover(|r: Rejection| async move {
+            match r.find::<ApiReject>() {
+                Some(ApiReject(e)) => Ok(messages::error_response(e)),
+                None => Err(r),
+            }
+        })
+        .unify();
+    let responses_create = warp::path!("v1" / "responses")
+        .and(warp::post())
+        .and(with_auth(state.clone()))
+        .and(st.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("content-encoding"))
+        .and(body_limited(state.cfg.max_body_bytes))
+        .then(responses::create);
+    let responses_get = warp::path!("v1" / "responses" / String)
+        .and(warp::get())
+        .and(with_auth(state.clone()))
+        .and(st.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .then(responses::get);
+    let responses_delete = warp::path!("v1" / "responses" / String)
+        .and(warp::delete())
+        .and(with_auth(state.clone()))
+        .and(st.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .then(responses::delete);
+    let responses_items = warp::path!("v1" / "responses" / String / "input_items")
+        .and(warp::get())
+        .and(with_auth(state.clone()))
+        .and(st.clone())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::query::<std::collections::HashMap<String, String>>())
+        .then(responses::input_items);
+    let responses = responses_create
+        .or(responses_get)
+        .unify()
+        .or(responses_delete)
+        .unify()
+        .or(responses_items)
+        .unify();
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(with_auth(state.clone()))
@@ -316,6 +418,10 @@ pub fn routes(
                     .into_response()
             });
     chat.or(text_completions)
+        .unify()
+        .or(anthropic)
+        .unify()
+        .or(responses)
         .unify()
         .or(models)
         .unify()

@@ -1,10 +1,11 @@
 //! The OpenAI-compatible HTTP surface as data: request validation ([`request`]) into a
 //! [`request::ValidChatRequest`], its conversion to a wire [`crate::protocol::Job`], and the response
-//! bodies ([`response`]).
+//! bodies ([`response`]); the Responses API ([`responses`]) parses into the same request.
 
 pub mod completions;
 pub mod request;
 pub mod response;
+pub mod responses;
 
 pub use request::{validate, RequestLimits, ValidChatRequest};
 

@@ -515,7 +515,7 @@ pub(crate) fn logprobs_field(o: &Map<String, Value>) -> Result<Option<u32>, Clas
 }
 
 /// Checks that a grammar compiles; the error names `param`.
-fn check_grammar(param: &str, g: Grammar) -> Result<(), ClassifiedError> {
+pub(crate) fn check_grammar(param: &str, g: Grammar) -> Result<(), ClassifiedError> {
     g.check().map_err(|e| {
         invalid(
             param,
@@ -623,25 +623,55 @@ fn valid_function_name(n: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
 }
 
+/// A function tool of any API, checked: its name (at `{p}.name`) and its schema (at
+/// `{p}.{schema_field}`: an object — or, when `required` is false, absent for "no parameters" — that
+/// compiles for constrained decoding).
+pub(crate) fn checked_tool(
+    p: &str,
+    name: &str,
+    description: Option<String>,
+    schema: Option<&Value>,
+    schema_field: &str,
+    required: bool,
+) -> Result<ToolSpec, ClassifiedError> {
+    if !valid_function_name(name) {
+        return Err(invalid(
+            &format!("{p}.name"),
+            format!("{p}.name {name:?} must be 1-64 letters, digits, '_', '-' or '.'"),
+        ));
+    }
+    let sp = format!("{p}.{schema_field}");
+    let parameters = match schema {
+        Some(v @ Value::Object(_)) => v.clone(),
+        None | Some(Value::Null) if !required => {
+            serde_json::json!({"type": "object", "properties": {}})
+        }
+        None | Some(Value::Null) => return Err(invalid(&sp, format!("{sp} is required"))),
+        Some(v) => {
+            return Err(invalid(
+                &sp,
+                format!("{sp} must be a JSON Schema object, got {}", type_name(v)),
+            ))
+        }
+    };
+    check_grammar(&sp, Grammar::JsonSchema(parameters.clone()))?;
+    Ok(ToolSpec {
+        name: name.to_string(),
+        description,
+        parameters,
+    })
+}
+
 /// One `{"name", "description", "parameters"}` function object.
 fn function_spec(p: &str, f: &Value) -> Result<ToolSpec, ClassifiedError> {
     let f = f
         .as_object()
         .ok_or_else(|| invalid(p, format!("{p} must be an object")))?;
-    let name = match f.get("name") {
-        Some(Value::String(n)) if valid_function_name(n) => n.clone(),
-        Some(Value::String(n)) => {
-            return Err(invalid(
-                &format!("{p}.name"),
-                format!("{p}.name {n:?} must be 1-64 letters, digits, '_', '-' or '.'"),
-            ))
-        }
-        _ => {
-            return Err(invalid(
-                &format!("{p}.name"),
-                format!("{p}.name is required"),
-            ))
-        }
+    let Some(Value::String(name)) = f.get("name") else {
+        return Err(invalid(
+            &format!("{p}.name"),
+            format!("{p}.name is required"),
+        ));
     };
     let description = match f.get("description") {
         None | Some(Value::Null) => None,
@@ -653,28 +683,14 @@ fn function_spec(p: &str, f: &Value) -> Result<ToolSpec, ClassifiedError> {
             ))
         }
     };
-    let parameters = match f.get("parameters") {
-        None | Some(Value::Null) => serde_json::json!({"type": "object", "properties": {}}),
-        Some(v @ Value::Object(_)) => v.clone(),
-        Some(v) => {
-            return Err(invalid(
-                &format!("{p}.parameters"),
-                format!(
-                    "{p}.parameters must be a JSON Schema object, got {}",
-                    type_name(v)
-                ),
-            ))
-        }
-    };
-    check_grammar(
-        &format!("{p}.parameters"),
-        Grammar::JsonSchema(parameters.clone()),
-    )?;
-    Ok(ToolSpec {
+    checked_tool(
+        p,
         name,
         description,
-        parameters,
-    })
+        f.get("parameters"),
+        "parameters",
+        false,
+    )
 }
 
 /// `tools` and `tool_choice` (and the deprecated `functions` and `function_call`, mapped to them).
@@ -1147,7 +1163,10 @@ fn attach_images(
     Ok(())
 }
 
-fn count_media(messages: &[ChatMessage], limits: &RequestLimits) -> Result<(), ClassifiedError> {
+pub(crate) fn count_media(
+    messages: &[ChatMessage],
+    limits: &RequestLimits,
+) -> Result<(), ClassifiedError> {
     let parts = messages.iter().flat_map(|m| m.content.iter());
     let images = parts
         .clone()
