@@ -579,6 +579,108 @@ async fn messages_thinking_is_the_thinking_switch() {
     server.shutdown().await;
 }
 
+/// The thought channel through the two agent APIs: Anthropic `thinking` blocks (JSON and
+/// `thinking_delta` events) and Responses `reasoning` items (`reasoning_text`, JSON and
+/// `response.reasoning_text.delta` events), before the answer. As in the chat test above, a grammar
+/// (these APIs' `grammar` format extension) makes the random model write a thought channel.
+#[tokio::test(flavor = "multi_thread")]
+async fn agent_apis_return_the_thought_channel_as_reasoning() {
+    let server = Server::start(vec![model("FP32")]).await;
+    let tok = tokenizers::Tokenizer::from_file(fixture().join("tokenizer.json")).unwrap();
+    let (open, close) = (
+        tok.token_to_id("<|channel>").unwrap(),
+        tok.token_to_id("<channel|>").unwrap(),
+    );
+    let grammar = format!(
+        "start: <[{open}]> \"thought\\n\" /[a-z]{{2,5}}( [a-z]{{2,5}}){{2,3}}/ <[{close}]> /[A-Z][a-z]{{1,5}}( [a-z]{{1,5}}){{1,2}}/"
+    );
+    let client = reqwest::Client::new();
+    let post = |path: &str, body: Value| {
+        client
+            .post(format!("{}{path}", server.base))
+            .json(&body)
+            .send()
+    };
+    let question = json!([{"role": "user", "content": "Why is the sky blue?"}]);
+    // Anthropic: a thinking block, then the text.
+    let body = json!({"model": NAME, "max_tokens": 60, "temperature": 0, "messages": question,
+        "thinking": {"type": "enabled", "budget_tokens": 1024},
+        "output_config": {"format": {"type": "grammar", "grammar": grammar}}});
+    let v: Value = post("/v1/messages", body.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let blocks = v["content"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(blocks.len(), 2, "{v}");
+    assert_eq!(blocks[0]["type"], "thinking");
+    let thinking = blocks[0]["thinking"].as_str().unwrap().to_string();
+    assert!(
+        thinking.len() >= 5 && !thinking.starts_with("thought"),
+        "{v}"
+    );
+    assert_eq!(blocks[1]["type"], "text");
+    let text = blocks[1]["text"].as_str().unwrap().to_string();
+    assert!(text.starts_with(|c: char| c.is_ascii_uppercase()), "{v}");
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let sse = post("/v1/messages", streamed)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let (mut th, mut tx) = (String::new(), String::new());
+    for line in sse.lines().filter_map(|l| l.strip_prefix("data:")) {
+        let e: Value = serde_json::from_str(line.trim()).unwrap();
+        th += e["delta"]["thinking"].as_str().unwrap_or("");
+        tx += e["delta"]["text"].as_str().unwrap_or("");
+    }
+    assert_eq!(
+        (th.as_str(), tx.as_str()),
+        (thinking.as_str(), text.as_str())
+    );
+    // Responses: a reasoning item, then the message; reasoning tokens counted.
+    let body = json!({"model": NAME, "max_output_tokens": 60, "temperature": 0, "input": question,
+        "reasoning": {"effort": "high"}, "text": {"format": {"type": "grammar", "grammar": grammar}}});
+    let v: Value = post("/v1/responses", body.clone())
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = v["output"].as_array().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(items[0]["type"], "reasoning", "{v}");
+    assert_eq!(items[0]["content"][0]["type"], "reasoning_text");
+    assert_eq!(items[0]["content"][0]["text"], thinking.as_str());
+    assert_eq!(items[1]["type"], "message");
+    assert_eq!(items[1]["content"][0]["text"], text.as_str());
+    assert!(
+        v["usage"]["output_tokens_details"]["reasoning_tokens"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    let sse = post("/v1/responses", streamed)
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut th = String::new();
+    for line in sse.lines().filter_map(|l| l.strip_prefix("data:")) {
+        let e: Value = serde_json::from_str(line.trim()).unwrap();
+        if e["type"] == "response.reasoning_text.delta" {
+            th += e["delta"].as_str().unwrap();
+        }
+    }
+    assert_eq!(th, thinking);
+    server.shutdown().await;
+}
+
 /// Tools through the template's own syntax: the declarations and the history's calls are rendered in
 /// Gemma 4's `<|tool>` / `<|tool_call>` format, and an answer in that format comes back as OpenAI
 /// `tool_calls` (JSON and streamed). The tiny random model does not call tools by itself, so a grammar

@@ -75,10 +75,17 @@ pub struct JsonSchemaFormat {
     pub schema: Value,
 }
 
+/// Extension (as the chat API's `response_format`): a Lark grammar the answer follows.
+#[derive(Debug, Deserialize)]
+pub struct GrammarFormat {
+    pub grammar: String,
+}
+
 tagged_enum! {
-    /// `output_config.format`: the answer follows a JSON schema.
+    /// `output_config.format`: the answer follows a JSON schema (or, as an extension, a grammar).
     OutputFormat {
         "json_schema" => JsonSchema(JsonSchemaFormat),
+        "grammar" => Grammar(GrammarFormat),
     }
 }
 
@@ -554,6 +561,13 @@ impl MessagesRequest {
                 Some(crate::protocol::ResponseFormat::JsonSchema {
                     schema: f.schema.clone(),
                     name: None,
+                })
+            }
+            Some(OutputFormat::Grammar(g)) => {
+                let param = "output_config.format.grammar";
+                check_grammar(param, Grammar::Lark(g.grammar.clone()))?;
+                Some(crate::protocol::ResponseFormat::Grammar {
+                    grammar: g.grammar.clone(),
                 })
             }
         };

@@ -263,12 +263,19 @@ pub struct SchemaFormat {
     pub description: Option<String>,
 }
 
+/// Extension (as the chat API's `response_format`): a Lark grammar the answer follows.
+#[derive(Debug, Deserialize)]
+pub struct GrammarFormat {
+    pub grammar: String,
+}
+
 tagged_enum! {
     /// `text.format`.
     Format {
         "text" => Text(Unsupported),
         "json_object" => JsonObject(Unsupported),
         "json_schema" => JsonSchema(SchemaFormat),
+        "grammar" => Grammar(GrammarFormat),
     }
 }
 
@@ -661,6 +668,12 @@ impl ResponsesRequest {
                 Some(ResponseFormat::JsonSchema {
                     schema: f.schema.clone(),
                     name: f.name.clone(),
+                })
+            }
+            Some(Format::Grammar(g)) => {
+                check_grammar("text.format.grammar", Grammar::Lark(g.grammar.clone()))?;
+                Some(ResponseFormat::Grammar {
+                    grammar: g.grammar.clone(),
                 })
             }
         };
