@@ -4,22 +4,19 @@
 
 mod common;
 
-use common::{goldens, model, python_json, Server};
+use common::{goldens, model, sdk_json, Server};
 use futures::StreamExt;
 use serde_json::{json, Value};
-
-/// The SDK script against the server at `base` (off the async runtime: it calls the server).
-async fn sdk(base: &str) -> Value {
-    let args: Vec<std::ffi::OsString> = vec![base.into(), "tiny-gemma3n".into()];
-    tokio::task::spawn_blocking(move || python_json("tests/python/anthropic_sdk_check.py", &args))
-        .await
-        .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn official_anthropic_sdk_works_unchanged() {
     let s = Server::start(vec![model("FP32")]).await;
-    let v = sdk(&s.base).await;
+    let v = sdk_json(
+        "tests/python/anthropic_sdk_check.py",
+        &s.base,
+        "tiny-gemma3n",
+    )
+    .await;
     let golden = goldens()
         .into_iter()
         .find(|g| g.name == "text_basic")

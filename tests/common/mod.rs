@@ -153,6 +153,15 @@ pub fn python_json(script: &str, args: &[std::ffi::OsString]) -> Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{script} prints JSON: {e}"))
 }
 
+/// [`python_json`] of `script BASE MODEL` (an SDK script driving the server at `base`), off the
+/// async runtime (the script calls the server this runtime serves).
+pub async fn sdk_json(script: &'static str, base: &str, model: &str) -> Value {
+    let args: Vec<std::ffi::OsString> = vec![base.into(), model.into()];
+    tokio::task::spawn_blocking(move || python_json(script, &args))
+        .await
+        .unwrap()
+}
+
 /// The Prometheus text of `{base}/metrics`.
 pub async fn metrics_text(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
