@@ -81,13 +81,7 @@ async fn start(
     let mut limits = state.cfg.limits.clone();
     limits.allow_remote_media = state.cfg.remote_media.is_some();
     let mut req = openai::validate(&value, &limits)?;
-    if let Some(fetcher) = &state.cfg.remote_media {
-        for r in req.remote_media() {
-            let param = format!("messages[{}].content[{}].image_url.url", r.message, r.part);
-            let bytes = fetcher.fetch(&param, &r.url).await?;
-            req.set_media(&r, &bytes);
-        }
-    }
+    fetch_remote_media(state, &mut req, "image_url.url").await?;
     let model = served_model(state, &req.model)?;
     let job_id = uuid::Uuid::new_v4().to_string();
     let created_ms = now_ms();
@@ -130,6 +124,25 @@ async fn start(
     } else {
         collect(state, reader, first, meta, (n, return_ids, logprobs), t0).await
     }
+}
+
+/// Replaces the request's remote images (`http(s)://`, accepted only with `--allow-remote-media`)
+/// with their bytes; an error names `messages[i].content[j].{field}` (indices of the internal
+/// request's messages).
+pub(super) async fn fetch_remote_media(
+    state: &AppState,
+    req: &mut ValidChatRequest,
+    field: &str,
+) -> Result<(), ClassifiedError> {
+    let Some(fetcher) = &state.cfg.remote_media else {
+        return Ok(());
+    };
+    for r in req.remote_media() {
+        let param = format!("messages[{}].content[{}].{field}", r.message, r.part);
+        let bytes = fetcher.fetch(&param, &r.url).await?;
+        req.set_media(&r, &bytes);
+    }
+    Ok(())
 }
 
 /// The served model a request names, or the OpenAI-shaped error naming `model`.

@@ -13,7 +13,7 @@ use warp::http::StatusCode;
 use warp::reply::Response;
 use warp::Reply;
 
-use super::chat::{record_done, served_model, submit, InFlight};
+use super::chat::{fetch_remote_media, record_done, served_model, submit, InFlight};
 use super::frames::{Event, FrameReader};
 use super::{json_response, key_matches, AppState};
 use crate::anthropic::request::{self as wire};
@@ -73,13 +73,7 @@ async fn prepare(
     let mut limits = state.cfg.limits.clone();
     limits.allow_remote_media = state.cfg.remote_media.is_some();
     let mut req = wire::parse(body)?.into_request(&limits, count_only)?;
-    if let Some(fetcher) = &state.cfg.remote_media {
-        for r in req.remote_media() {
-            let param = format!("messages[{}].content[{}].source.url", r.message, r.part);
-            let bytes = fetcher.fetch(&param, &r.url).await?;
-            req.set_media(&r, &bytes);
-        }
-    }
+    fetch_remote_media(state, &mut req, "source.url").await?;
     Ok((req, key))
 }
 

@@ -16,7 +16,9 @@ use warp::http::StatusCode;
 use warp::reply::Response as HttpResponse;
 use warp::Reply;
 
-use super::chat::{record_done, request_key, respond, served_model, submit, InFlight};
+use super::chat::{
+    fetch_remote_media, record_done, request_key, respond, served_model, submit, InFlight,
+};
 use super::frames::{Event, FrameReader};
 use super::{json_response, AppState};
 use crate::error::{ClassifiedError, ErrorClass};
@@ -252,13 +254,7 @@ async fn start(
     let mut limits = state.cfg.limits.clone();
     limits.allow_remote_media = state.cfg.remote_media.is_some();
     let mut req = wire.into_request(history, &limits)?;
-    if let Some(fetcher) = &state.cfg.remote_media {
-        for r in req.remote_media() {
-            let param = format!("input[{}].content[{}].image_url", r.message, r.part);
-            let bytes = fetcher.fetch(&param, &r.url).await?;
-            req.set_media(&r, &bytes);
-        }
-    }
+    fetch_remote_media(state, &mut req, "image_url").await?;
     let model = served_model(state, &req.model)?;
     let job_id = uuid::Uuid::new_v4().to_string();
     let created_ms = now_ms();

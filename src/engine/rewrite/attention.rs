@@ -139,21 +139,7 @@ fn renamed(from: &GraphInput, to: &str) -> Result<Vec<u8>, RewriteError> {
 
 /// An int32 input of the given symbolic dims (none = a scalar).
 fn int32_input(name: &str, dims: &[&str]) -> Vec<u8> {
-    let mut shape = Vec::new();
-    for dim in dims {
-        let mut d = Vec::new();
-        put_bytes(&mut d, DIM_PARAM, dim.as_bytes());
-        put_bytes(&mut shape, SHAPE_DIM, &d);
-    }
-    let mut tensor = Vec::new();
-    put_uint(&mut tensor, TYPE_TENSOR_ELEM, TENSOR_INT32);
-    put_bytes(&mut tensor, TYPE_TENSOR_SHAPE, &shape);
-    let mut ty = Vec::new();
-    put_bytes(&mut ty, TYPE_TENSOR, &tensor);
-    let mut v = Vec::new();
-    put_bytes(&mut v, VALUE_INFO_NAME, name.as_bytes());
-    put_bytes(&mut v, VALUE_INFO_TYPE, &ty);
-    v
+    super::tensor_input(name, TENSOR_INT32, dims)
 }
 
 fn int_attr(name: &str, v: i64) -> Vec<u8> {

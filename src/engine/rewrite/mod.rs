@@ -631,14 +631,20 @@ fn insert_mask_prelude(out: &mut Vec<u8>, mask: &str, b11t: &str) {
 
 /// A graph input declaration: int64 `[batch_size, total_sequence_length]`.
 fn int64_input(name: &str) -> Vec<u8> {
+    tensor_input(name, TENSOR_INT64, &["batch_size", "total_sequence_length"])
+}
+
+/// A graph input declaration (`ValueInfoProto`): element type `elem`, the given symbolic dims
+/// (none = a scalar).
+fn tensor_input(name: &str, elem: u64, dims: &[&str]) -> Vec<u8> {
     let mut shape = Vec::new();
-    for dim in ["batch_size", "total_sequence_length"] {
+    for dim in dims {
         let mut d = Vec::new();
         put_bytes(&mut d, DIM_PARAM, dim.as_bytes());
         put_bytes(&mut shape, SHAPE_DIM, &d);
     }
     let mut tensor = Vec::new();
-    put_uint(&mut tensor, TYPE_TENSOR_ELEM, TENSOR_INT64);
+    put_uint(&mut tensor, TYPE_TENSOR_ELEM, elem);
     put_bytes(&mut tensor, TYPE_TENSOR_SHAPE, &shape);
     let mut ty = Vec::new();
     put_bytes(&mut ty, TYPE_TENSOR, &tensor);
