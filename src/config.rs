@@ -221,6 +221,22 @@ pub struct RuntimeArgs {
     /// the same without the check (shorter loads). `unfused`: as exported.
     #[arg(long, env = "ONNX_CHAT_ATTENTION", default_value = "auto", value_parser = parse_attention)]
     pub attention: AttentionMode,
+    /// Graph files of this many MiB or more have their inline weights read by ONNX Runtime straight
+    /// from the file (a memory-mapped walk of the protobuf points it at each weight's bytes), so a
+    /// load holds each weight once instead of three copies; `off` reads them as exported.
+    #[arg(long = "weights-in-place-min-mb", env = "ONNX_CHAT_WEIGHTS_IN_PLACE_MIN_MB", default_value = "64", value_parser = parse_mib_or_off)]
+    pub weights_in_place_min_bytes: u64,
+}
+
+/// `N` (MiB, as bytes) or `off` (never).
+fn parse_mib_or_off(s: &str) -> Result<u64, String> {
+    match s {
+        "off" => Ok(u64::MAX),
+        _ => s
+            .parse::<u64>()
+            .map(|mb| mb.saturating_mul(1 << 20))
+            .map_err(|_| format!("{s:?}: expected a size in MiB or off")),
+    }
 }
 
 impl RuntimeArgs {
@@ -234,6 +250,7 @@ impl RuntimeArgs {
         opts.last_logits = !self.full_logits;
         opts.spin = self.ort_spinning;
         opts.attention_mode = self.attention;
+        opts.weights_in_place_min_bytes = self.weights_in_place_min_bytes;
         opts
     }
 }

@@ -197,6 +197,58 @@ async fn every_set_serves_the_goldens_from_an_hf_hub_snapshot() {
     }
 }
 
+/// Inline weights read by ONNX Runtime from the graph file itself (`--weights-in-place-min-mb`; the
+/// default applies from 64 MiB, so the fixture's small graphs are forced here with 0): through the
+/// snapshot's links into `blobs/` and from the plain folder, every set serves the goldens, and the
+/// rewrite did point the graphs with inline weights at their file.
+#[tokio::test(flavor = "multi_thread")]
+async fn weights_read_in_place_serve_the_goldens_from_a_snapshot_and_a_folder() {
+    use onnx_chat::engine::session::{GraphSession, SessionOptions};
+    common::init_ort();
+    let cache = fake_cache();
+    let opts = SessionOptions {
+        intra_threads: 1,
+        weights_in_place_min_bytes: 0,
+        ..Default::default()
+    };
+    for quant in QUANTS {
+        // Through the snapshot's links for every set; from the plain folder for the default set.
+        let mut layouts = vec![cache.resolve(quant, "tiny-gemma3n")];
+        if *quant == "Q4_MIXED" {
+            layouts.push(common::resolve_fixture(quant));
+        }
+        for m in layouts {
+            let linked = m.root.starts_with(cache.cache());
+            // Graphs with external data are left alone; every inline one has weights of a page or
+            // more, read from the file.
+            for c in [Component::EmbedTokens, Component::DecoderModelMerged] {
+                let g = m.plan.graph(c).unwrap();
+                let path = m.graph_path(c).unwrap();
+                let s = GraphSession::load(&c.to_string(), &path, &opts).unwrap();
+                if g.data_files.is_empty() {
+                    assert!(
+                        s.rewrite.externalized > 0,
+                        "{quant} {c} (linked: {linked}): {:?}",
+                        s.rewrite
+                    );
+                } else {
+                    assert_eq!(s.rewrite.externalized, 0, "{quant} {c}: {:?}", s.rewrite);
+                }
+            }
+            let load = onnx_chat::models::family::LoadOptions {
+                session: opts.clone(),
+                kv_cache_bytes: 0,
+                prefill_chunk: 1 << 20,
+                ..Default::default()
+            };
+            let model = std::sync::Arc::new(
+                onnx_chat::models::loaded::LoadedModel::load(&m, &load).expect("loads"),
+            );
+            goldens_on(model, quant).await;
+        }
+    }
+}
+
 /// `serve --model <repo id>` as a user runs it after a download: `HF_HUB_OFFLINE=1`, the cache under
 /// `HF_HOME`, the binary's default flags (every load-time rewrite on), the FP32 set whose decoder and
 /// embeddings have external data behind the cache's links.

@@ -134,6 +134,8 @@ impl LoadedModel {
                 tracing::warn!(error = %e, "no constrained decoding for this model (response_format and tools are refused)")
             }
         }
+        // The load's transient buffers (graph bytes, the check's sessions) back to the system.
+        crate::engine::runtime::release_freed_memory();
         tracing::info!(model = %info.name, quant = %info.quant, seconds = t0.elapsed().as_secs_f64(), "model loaded");
         Ok(Self {
             vocab,

@@ -127,6 +127,55 @@ pub(super) fn relocate_tensor(
     Ok(changed.then_some(out))
 }
 
+/// A `TensorProto` whose inline `raw_data` (at least `min_bytes`) is turned into external data read
+/// from the graph's own file: `location` names that file, the offset is where the bytes sit in it
+/// (`base` is the address of the file's first byte in memory, `tensor` a slice of the same file).
+/// ONNX Runtime then reads each tensor from the file once, instead of parsing a copy of every weight
+/// into the protobuf and copying it again into the tensor.
+pub(super) fn externalize_tensor(
+    tensor: &[u8],
+    base: usize,
+    location: &str,
+    min_bytes: usize,
+) -> Result<Option<Vec<u8>>, RewriteError> {
+    let mut raw = None;
+    for f in fields(tensor) {
+        let f = f?;
+        match (f.num, f.wire) {
+            (TENSOR_RAW_DATA, WIRE_LEN) => raw = Some(f.body),
+            // Already external (or marked so): left as it is.
+            (TENSOR_DATA_LOCATION | TENSOR_EXTERNAL_DATA, _) => return Ok(None),
+            _ => {}
+        }
+    }
+    let Some(raw) = raw.filter(|r| r.len() >= min_bytes) else {
+        return Ok(None);
+    };
+    let offset = (raw.as_ptr() as usize)
+        .checked_sub(base)
+        .ok_or_else(|| RewriteError("a tensor's data lies outside the graph's file".into()))?;
+    let mut out = Vec::with_capacity(tensor.len().min(4096) + 128);
+    for f in fields(tensor) {
+        let f = f?;
+        if !(f.num == TENSOR_RAW_DATA && f.wire == WIRE_LEN) {
+            out.extend_from_slice(f.raw);
+        }
+    }
+    for (key, value) in [
+        ("location", location.to_string()),
+        ("offset", offset.to_string()),
+        ("length", raw.len().to_string()),
+    ] {
+        let mut entry = Vec::with_capacity(16 + value.len());
+        put_bytes(&mut entry, ENTRY_KEY, key.as_bytes());
+        put_bytes(&mut entry, ENTRY_VALUE, value.as_bytes());
+        put_bytes(&mut out, TENSOR_EXTERNAL_DATA, &entry);
+    }
+    put_tag(&mut out, TENSOR_DATA_LOCATION, WIRE_VARINT);
+    put_varint(&mut out, TENSOR_LOCATION_EXTERNAL);
+    Ok(Some(out))
+}
+
 /// A `SparseTensorProto` whose values or indices tensor has a `location` in `map`, renamed.
 pub(super) fn relocate_sparse(
     sparse: &[u8],

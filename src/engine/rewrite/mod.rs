@@ -30,7 +30,7 @@ mod wire;
 pub use attention::{AttentionSpec, Fusion, SEQLENS, SEQLENS_LOCAL, TOTAL, TOTAL_LOCAL};
 
 pub use external_data::{external_data_folder, external_data_locations, ExternalDataFolder};
-use external_data::{relocate_sparse, relocate_tensor};
+use external_data::{externalize_tensor, relocate_sparse, relocate_tensor};
 use wire::*;
 
 /// What to change in a graph.
@@ -48,11 +48,22 @@ pub struct GraphEdits {
     /// Fuse each layer's attention into `GroupQueryAttention` ([`attention`]); when it applies, the
     /// attention-mask edit is not needed and not made.
     pub attention: Option<AttentionSpec>,
+    /// The graph's own file, as a `location` relative to the external-data folder: inline
+    /// initializers of [`EXTERNALIZE_MIN_BYTES`] or more become external data read from that file at
+    /// their offsets, so that ONNX Runtime copies each weight once instead of three times (the
+    /// protobuf's copy, the tensor, and the bytes handed over). Needs the model bytes to be the whole
+    /// file (a memory map of it).
+    pub externalize: Option<String>,
 }
+
+/// Inline initializers from this size (a page) up are read from the file as external data
+/// ([`GraphEdits::externalize`]); smaller ones stay in the protobuf.
+pub const EXTERNALIZE_MIN_BYTES: usize = 4096;
 
 impl GraphEdits {
     pub fn is_empty(&self) -> bool {
-        self.accuracy_level.is_none()
+        self.externalize.is_none()
+            && self.accuracy_level.is_none()
             && self.last_logits.is_none()
             && self.attention_mask.is_none()
             && self.relocate.is_empty()
@@ -83,6 +94,10 @@ pub struct RewriteReport {
     pub attention_mask_declared: bool,
     /// Tensors whose external-data location was renamed ([`GraphEdits::relocate`]).
     pub external_data_relocated: usize,
+    /// Inline initializers turned into external data of the graph's own file
+    /// ([`GraphEdits::externalize`]), and their bytes.
+    pub externalized: usize,
+    pub externalized_bytes: u64,
     /// What the attention fusion did, when it applied.
     pub attention: Option<Fusion>,
     /// Why the attention fusion was not applied, when it was asked for.
@@ -95,6 +110,7 @@ impl RewriteReport {
             || self.last_logits_before.is_some()
             || self.attention_mask_added > 0
             || self.external_data_relocated > 0
+            || self.externalized > 0
             || self.attention.is_some()
     }
 
@@ -137,6 +153,13 @@ impl RewriteReport {
         }
         if let Some(why) = &self.attention_skipped {
             parts.push(format!("attention not fused: {why}"));
+        }
+        if self.externalized > 0 {
+            parts.push(format!(
+                "{} weight(s) ({} MiB) read from the file in place",
+                self.externalized,
+                self.externalized_bytes >> 20
+            ));
         }
         if self.external_data_relocated > 0 {
             parts.push(format!(
@@ -191,7 +214,14 @@ pub fn rewrite_model(
             if graphs > 1 {
                 return err("more than one graph in the model");
             }
-            rewrite_graph(f.body, edits, true, &mut report, &mut out)?;
+            rewrite_graph(
+                f.body,
+                edits,
+                true,
+                model.as_ptr() as usize,
+                &mut report,
+                &mut out,
+            )?;
         } else {
             rest.extend_from_slice(f.raw);
         }
@@ -426,6 +456,7 @@ fn rewrite_graph(
     body: &[u8],
     edits: &GraphEdits,
     top: bool,
+    base: usize,
     report: &mut RewriteReport,
     out: &mut Vec<u8>,
 ) -> Result<(), RewriteError> {
@@ -491,6 +522,17 @@ fn rewrite_graph(
                     continue;
                 }
             }
+            if let (Some(location), GRAPH_INITIALIZER, WIRE_LEN) =
+                (&edits.externalize, f.num, f.wire)
+            {
+                if let Some(t) = externalize_tensor(f.body, base, location, EXTERNALIZE_MIN_BYTES)?
+                {
+                    put_bytes(out, f.num, &t);
+                    report.externalized += 1;
+                    report.externalized_bytes += (f.body.len() - t.len()) as u64;
+                    continue;
+                }
+            }
             let moved = match (f.num, f.wire) {
                 _ if edits.relocate.is_empty() => None,
                 (GRAPH_INITIALIZER, WIRE_LEN) => relocate_tensor(f.body, &edits.relocate)?,
@@ -523,7 +565,7 @@ fn rewrite_graph(
                 continue;
             }
         }
-        let mut node = rewrite_node(f.body, edits, report)?;
+        let mut node = rewrite_node(f.body, edits, base, report)?;
         if let Some((i, info)) = &lm_head {
             if *i == index {
                 let sliced = insert_last_slice(out, &info.inputs[0]);
@@ -690,6 +732,7 @@ fn replace_first_input(node: &[u8], name: &str) -> Result<Vec<u8>, RewriteError>
 fn rewrite_node(
     body: &[u8],
     edits: &GraphEdits,
+    base: usize,
     report: &mut RewriteReport,
 ) -> Result<Option<Vec<u8>>, RewriteError> {
     let (mut op, mut domain, mut subgraphs, mut tensors) = ("", "", false, false);
@@ -755,7 +798,7 @@ fn rewrite_node(
             let moved = match (a.num, a.wire) {
                 (ATTR_G | ATTR_GRAPHS, WIRE_LEN) => {
                     let mut g = Vec::with_capacity(a.body.len());
-                    rewrite_graph(a.body, edits, false, report, &mut g)?;
+                    rewrite_graph(a.body, edits, false, base, report, &mut g)?;
                     Some(g)
                 }
                 (ATTR_T | ATTR_TENSORS, WIRE_LEN) if tensor_attr(a.num) => {
@@ -936,6 +979,87 @@ mod tests {
         // the model's other fields are still there
         let nums: Vec<u32> = fields(r.model()).map(|f| f.unwrap().num).collect();
         assert_eq!(nums, [7, 1, 2]);
+    }
+
+    fn tensor(name: &str, raw: &[u8]) -> Vec<u8> {
+        let mut t = Vec::new();
+        put_uint(&mut t, TENSOR_DIMS, raw.len() as u64);
+        put_uint(&mut t, TENSOR_DATA_TYPE, 2); // uint8
+        put_bytes(&mut t, TENSOR_NAME, name.as_bytes());
+        put_bytes(&mut t, TENSOR_RAW_DATA, raw);
+        t
+    }
+
+    /// (key, value) of a tensor's external-data entries, and whether it still has raw_data.
+    fn external_entries(t: &[u8]) -> (Vec<(String, String)>, bool, Option<u64>) {
+        let (mut entries, mut raw, mut loc) = (Vec::new(), false, None);
+        for f in fields(t).map(Result::unwrap) {
+            match f.num {
+                TENSOR_RAW_DATA => raw = true,
+                TENSOR_DATA_LOCATION => loc = Some(varint_value(&f).unwrap()),
+                TENSOR_EXTERNAL_DATA => {
+                    let kv: Vec<_> = fields(f.body).map(Result::unwrap).collect();
+                    entries.push((
+                        text(kv[0].body).unwrap().to_string(),
+                        text(kv[1].body).unwrap().to_string(),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        (entries, raw, loc)
+    }
+
+    #[test]
+    fn inline_weights_become_external_data_of_the_same_file() {
+        let big: Vec<u8> = (0..EXTERNALIZE_MIN_BYTES + 3).map(|i| i as u8).collect();
+        let mut g = Vec::new();
+        put_bytes(
+            &mut g,
+            GRAPH_NODE,
+            &node("MatMul", "", &["x", "w"], &["y"], &[]),
+        );
+        put_bytes(&mut g, GRAPH_INITIALIZER, &tensor("w", &big));
+        put_bytes(&mut g, GRAPH_INITIALIZER, &tensor("small", &[1, 2, 3]));
+        let mut m = Vec::new();
+        put_uint(&mut m, 1, 8);
+        put_bytes(&mut m, MODEL_GRAPH, &g);
+        let edits = GraphEdits {
+            externalize: Some("onnx/model.onnx".into()),
+            ..Default::default()
+        };
+        let (r, report) = rewrite_model(&m, &edits).unwrap();
+        let r = r.expect("rewritten");
+        assert_eq!(report.externalized, 1);
+        assert!(report.externalized_bytes >= big.len() as u64 - 100);
+        assert!(r.model().len() < 1024, "the weight stayed in the graph");
+        let inits = graph_fields(r.model(), GRAPH_INITIALIZER);
+        assert_eq!(inits.len(), 2);
+        let (entries, raw, loc) = external_entries(inits[0]);
+        assert!(!raw);
+        assert_eq!(loc, Some(TENSOR_LOCATION_EXTERNAL));
+        assert_eq!(entries[0], ("location".into(), "onnx/model.onnx".into()));
+        assert_eq!(entries[2], ("length".into(), big.len().to_string()));
+        // The offset points at the weight's bytes in the original file.
+        let offset: usize = entries[1].1.parse().unwrap();
+        assert_eq!(&m[offset..offset + big.len()], &big[..]);
+        // Name, dims and type kept; the small tensor untouched.
+        assert_eq!(
+            text(
+                fields(inits[0])
+                    .map(Result::unwrap)
+                    .find(|f| f.num == TENSOR_NAME)
+                    .unwrap()
+                    .body
+            )
+            .unwrap(),
+            "w"
+        );
+        assert_eq!(inits[1], &tensor("small", &[1, 2, 3])[..]);
+        // A tensor already external is left alone, and nothing to move gives no rewrite.
+        let (again, report) = rewrite_model(r.model(), &edits).unwrap();
+        assert!(again.is_none());
+        assert_eq!(report.externalized, 0);
     }
 
     #[test]
