@@ -718,6 +718,26 @@ mod model_args_tests {
         }
     }
 
+    #[test]
+    fn weights_in_place_takes_mib_or_off_and_names_the_flag_when_wrong() {
+        use crate::engine::session::WEIGHTS_IN_PLACE_MIN_BYTES;
+        assert_eq!(
+            runtime(&[]).weights_in_place_min_bytes,
+            WEIGHTS_IN_PLACE_MIN_BYTES
+        );
+        assert_eq!(WEIGHTS_IN_PLACE_MIN_BYTES, 64 << 20, "the README says 64");
+        let min = |v: &str| runtime(&["--weights-in-place-min-mb", v]).weights_in_place_min_bytes;
+        assert_eq!(min("0"), 0);
+        assert_eq!(min("128"), 128 << 20);
+        assert_eq!(min("off"), u64::MAX);
+        let err = Cli::try_parse_from(["onnx-chat", "serve", "--weights-in-place-min-mb", "lots"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("--weights-in-place-min-mb"), "{err}");
+        assert!(err.contains("expected a size in MiB or off"), "{err}");
+    }
+
     /// The README states the default accuracy level; the code resolves `auto` by the same rule.
     #[test]
     fn the_default_accuracy_level_is_what_the_readme_says() {
