@@ -80,6 +80,32 @@ pub struct NatsSettings {
     /// The key-value bucket of stored responses (the Responses API), and its bounds.
     pub store_bucket: String,
     pub store: super::store::StoreLimits,
+    /// JetStream replicas of the stream and buckets this process creates (3 on a 3-node cluster).
+    pub replicas: usize,
+}
+
+impl NatsSettings {
+    /// The servers of `url`: one URL, or several separated by commas (the nodes of a cluster; the
+    /// client connects to one and fails over to the others).
+    pub fn servers(&self) -> Result<Vec<async_nats::ServerAddr>, BusError> {
+        let servers: Vec<&str> = self
+            .url
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            return Err(BusError::Unavailable("no NATS server URL given".into()));
+        }
+        servers
+            .into_iter()
+            .map(|s| {
+                s.parse().map_err(|e| {
+                    BusError::Unavailable(format!("NATS server URL {s:?} is invalid: {e}"))
+                })
+            })
+            .collect()
+    }
 }
 
 impl Default for NatsSettings {
@@ -97,6 +123,7 @@ impl Default for NatsSettings {
             inline_limit: 64 * 1024,
             store_bucket: "onnxchat-responses".into(),
             store: super::store::StoreLimits::default(),
+            replicas: 1,
         }
     }
 }
@@ -150,6 +177,7 @@ impl NatsBus {
     /// Connects (retrying in the background after a first failure would hide a wrong URL, so the first
     /// connection must succeed within 10 s) and makes sure the stream and bucket exist.
     pub async fn connect(settings: NatsSettings, client_name: &str) -> Result<Self, BusError> {
+        let servers = settings.servers()?;
         let mut opts = async_nats::ConnectOptions::new();
         let a = &settings.auth;
         if let Some(path) = &a.creds_file {
@@ -185,7 +213,7 @@ impl NatsBus {
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             })
-            .connect(settings.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| {
                 BusError::Unavailable(format!("cannot connect to NATS at {}: {e}", settings.url))
@@ -201,6 +229,7 @@ impl NatsBus {
             discard: stream::DiscardPolicy::New,
             duplicate_window: Duration::from_secs(120),
             description: Some("onnx-chat jobs (work queue)".into()),
+            num_replicas: settings.replicas,
             ..Default::default()
         };
         js.create_or_update_stream(stream_cfg).await.map_err(|e| {
@@ -214,6 +243,7 @@ impl NatsBus {
                     max_age: settings.media_ttl,
                     storage: stream::StorageType::File,
                     description: Some("onnx-chat request media".into()),
+                    num_replicas: settings.replicas,
                     ..Default::default()
                 })
                 .await
@@ -234,6 +264,7 @@ impl NatsBus {
                     max_age: settings.store.ttl,
                     max_bytes: settings.store.max_bytes.min(i64::MAX as u64) as i64,
                     storage: stream::StorageType::File,
+                    num_replicas: settings.replicas,
                     ..Default::default()
                 })
                 .await
@@ -393,7 +424,55 @@ impl NatsBus {
     }
 }
 
+/// How long publishing a job is retried through a transient failure: an ack lost or late while a
+/// clustered stream elects a new leader (a node died), no responder yet, a connection being
+/// re-established. The message id makes the retries one message (JetStream's duplicate window is
+/// 120 s).
+const PUBLISH_RETRY_FOR: Duration = Duration::from_secs(20);
+
 impl NatsBus {
+    /// Publishes to the job stream with `Nats-Msg-Id: msg_id`, retrying transient failures for
+    /// [`PUBLISH_RETRY_FOR`]; a full stream is [`BusError::Overloaded`] at once.
+    async fn publish_durably(
+        &self,
+        subject: String,
+        msg_id: &str,
+        payload: bytes::Bytes,
+    ) -> Result<jetstream::publish::PublishAck, BusError> {
+        use jetstream::context::PublishErrorKind as Kind;
+        let deadline = std::time::Instant::now() + PUBLISH_RETRY_FOR;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", msg_id);
+            let sent = self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.clone())
+                .await;
+            let e = match sent {
+                Ok(ack) => match ack.await {
+                    Ok(ack) => return Ok(ack),
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            let msg = e.to_string();
+            if msg.contains("maximum messages") || msg.contains("resource limits") {
+                return Err(BusError::Overloaded(msg));
+            }
+            let transient = matches!(
+                e.kind(),
+                Kind::TimedOut | Kind::StreamNotFound | Kind::BrokenPipe
+            ) || msg.contains("unavailable");
+            if !transient || std::time::Instant::now() + backoff > deadline {
+                return Err(unavailable(msg));
+            }
+            tracing::warn!(msg_id, error = %msg, "publishing a job failed; retrying");
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
     /// Publishes a job to the shared work queue and returns its frames (from `sub`), with the
     /// given-up advisory mapped to an error frame.
     async fn publish_job(
@@ -402,21 +481,9 @@ impl NatsBus {
         job: &Job,
         payload: Vec<u8>,
     ) -> Result<FrameStream, BusError> {
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", job.job_id.as_str());
         let ack = self
-            .js
-            .publish_with_headers(subjects::jobs(&job.model), headers, payload.into())
-            .await
-            .map_err(unavailable)?;
-        let ack = ack.await.map_err(|e| {
-            let msg = e.to_string();
-            if msg.contains("maximum messages") || msg.contains("resource limits") {
-                BusError::Overloaded(msg)
-            } else {
-                unavailable(msg)
-            }
-        })?;
+            .publish_durably(subjects::jobs(&job.model), &job.job_id, payload.into())
+            .await?;
         self.watch_given_up().await;
         let (given_up_tx, given_up_rx) = oneshot::channel();
         if let Ok(mut m) = self.given_up.lock() {
@@ -557,14 +624,12 @@ impl NatsBus {
     pub async fn rescue(&self, job_id: &str, payload: Vec<u8>) -> Result<(), BusError> {
         let job: Job =
             serde_json::from_slice(&payload).map_err(|e| BusError::Protocol(e.to_string()))?;
-        let mut headers = async_nats::HeaderMap::new();
-        headers.insert("Nats-Msg-Id", format!("{job_id}/rescued").as_str());
-        self.js
-            .publish_with_headers(subjects::jobs(&job.model), headers, payload.into())
-            .await
-            .map_err(unavailable)?
-            .await
-            .map_err(unavailable)?;
+        self.publish_durably(
+            subjects::jobs(&job.model),
+            &format!("{job_id}/rescued"),
+            payload.into(),
+        )
+        .await?;
         Ok(())
     }
 
@@ -1009,4 +1074,29 @@ fn hex_sha256(data: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::NatsSettings;
+
+    #[test]
+    fn a_comma_separated_url_is_a_list_of_servers() {
+        let s = |url: &str| NatsSettings {
+            url: url.into(),
+            ..Default::default()
+        };
+        let servers = s("nats://nats:4222, nats://nats-2:4222,nats://nats-3:4222")
+            .servers()
+            .unwrap();
+        let hosts: Vec<String> = servers
+            .iter()
+            .map(|a| format!("{}:{}", a.host(), a.port()))
+            .collect();
+        assert_eq!(hosts, ["nats:4222", "nats-2:4222", "nats-3:4222"]);
+        assert_eq!(s("nats://127.0.0.1:4222").servers().unwrap().len(), 1);
+        let e = s("nats://a:4222,nats://b:notaport").servers().unwrap_err();
+        assert!(e.to_string().contains("nats://b:notaport"), "{e}");
+        assert!(s(" , ").servers().is_err());
+    }
 }
