@@ -46,6 +46,9 @@ pub enum Command {
     Worker(WorkerArgs),
     /// Print the resolved files of a model and every ONNX graph's inputs and outputs.
     Inspect(InspectArgs),
+    /// Exit 0 when an HTTP endpoint answers 2xx (the container health check: a front end's /health, a
+    /// worker's /metrics); no curl needed in the image.
+    Probe(ProbeArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -527,6 +530,11 @@ pub struct NatsArgs {
     /// key-value bucket: new ones are not stored until old ones expire).
     #[arg(long, env = "ONNX_CHAT_RESPONSES_STORE_MB", default_value_t = 256)]
     pub responses_store_mb: u64,
+    /// Copies JetStream keeps of the job stream, the media object store and the stored-responses
+    /// bucket when it creates them: 3 on a 3-node NATS cluster survives the loss of a node; 1 (default)
+    /// for a single server. Existing streams and buckets keep theirs.
+    #[arg(long, env = "ONNX_CHAT_NATS_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=5))]
+    pub nats_replicas: u64,
 }
 
 impl std::fmt::Debug for NatsArgs {
@@ -562,6 +570,7 @@ impl NatsArgs {
             max_jobs: self.max_queued_jobs.max(1),
             inline_limit: self.inline_media_limit,
             store: self.store_limits(),
+            replicas: self.nats_replicas as usize,
             ..Default::default()
         }
     }
@@ -624,6 +633,16 @@ pub struct InspectArgs {
     pub json: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The URL to GET.
+    #[arg(default_value = "http://127.0.0.1:8000/health")]
+    pub url: String,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    pub timeout: u64,
 }
 
 #[cfg(test)]

@@ -63,5 +63,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Probe(args) => {
+            let client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(args.timeout))
+                .build()?;
+            let status = client.get(&args.url).send().await?.status();
+            anyhow::ensure!(status.is_success(), "{} answered {status}", args.url);
+            Ok(())
+        }
     }
 }
