@@ -29,9 +29,20 @@ build:
 run: setup
 	cargo run --release -- serve --model "$(MODEL)" --host $(HOST) --port $(PORT)
 
-# The binary and the tests find ONNX Runtime and nats-server in ./.venv by themselves.
-test: setup
+# The binary and the tests find ONNX Runtime and nats-server in ./.venv by themselves. The stack tests
+# (tests/compose.rs) need a Docker engine: scripts/docker-engine.sh installs/starts Debian's dockerd as
+# root, or warns loudly that they will be skipped.
+test: setup docker-engine
 	cargo test $(CARGO_TEST_FLAGS)
+
+.PHONY: docker-engine images-offline stack-up stack-down
+docker-engine:
+	@./scripts/docker-engine.sh
+
+# Base images (debian:bookworm-slim, python:3.11-slim-bookworm, rust:1.95-bookworm) made from Debian's
+# packages with debootstrap + docker import, for machines without a container registry (needs root).
+images-offline:
+	./scripts/images-offline.sh
 
 lint:
 	cargo fmt --all -- --check
