@@ -174,6 +174,8 @@ pub async fn run_worker(
     args: crate::config::WorkerArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // A wrong NATS URL fails before the model load, not after it.
+    args.nats.settings().servers()?;
     let models = load_from_args(&args.model, &args.runtime, &args.worker).await?;
     let mut cfg = args.worker.worker_config();
     let settings = args.nats.settings();
@@ -210,6 +212,9 @@ pub async fn run_serve(
     args: crate::config::ServeArgs,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if args.nats.nats_url.is_some() {
+        args.nats.settings().servers()?;
+    }
     let models = load_from_args(&args.model, &args.runtime, &args.worker).await?;
     let mut worker_cfg = args.worker.worker_config();
     let bus: Arc<dyn Bus> = match &args.nats.nats_url {
