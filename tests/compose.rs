@@ -155,6 +155,17 @@ fn engine(test: &str) -> bool {
     ok
 }
 
+/// What every stack test does first: `None` (skipped, said loudly) without an engine; else the
+/// images, built once, and the lock that runs the stack tests one at a time.
+async fn prepare(test: &str) -> Option<tokio::sync::MutexGuard<'static, ()>> {
+    if !engine(test) {
+        return None;
+    }
+    let guard = serial().await;
+    images();
+    Some(guard)
+}
+
 /// `docker compose` (v2) where the plugin is there, else Debian's `docker-compose` 1.29.
 fn compose_program() -> &'static [&'static str] {
     static P: OnceLock<&'static [&'static str]> = OnceLock::new();
@@ -493,11 +504,10 @@ async fn read_stream(resp: reqwest::Response, mut on_chunk: impl FnMut(usize)) -
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_stack_builds_comes_up_healthy_and_serves_the_goldens() {
-    if !engine("the_stack_builds_comes_up_healthy_and_serves_the_goldens") {
+    let Some(_serial) = prepare("the_stack_builds_comes_up_healthy_and_serves_the_goldens").await
+    else {
         return;
-    }
-    let _serial = serial().await;
-    images();
+    };
     // The server image runs as a user of its own and carries a health check.
     let cfg = check(Command::new("docker").args([
         "image",
@@ -553,11 +563,11 @@ fn long_request(salt: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_worker_container_killed_mid_stream_costs_the_client_nothing() {
-    if !engine("a_worker_container_killed_mid_stream_costs_the_client_nothing") {
+    let Some(_serial) =
+        prepare("a_worker_container_killed_mid_stream_costs_the_client_nothing").await
+    else {
         return;
-    }
-    let _serial = serial().await;
-    images();
+    };
     let stack = Stack::up("kill", false, 2, &[]);
     stack.healthy(2).await;
     let base = stack.base();
@@ -587,17 +597,7 @@ async fn a_worker_container_killed_mid_stream_costs_the_client_nothing() {
         let reader = tokio::spawn(read_stream(resp, move |n| {
             let _ = tx.send(n);
         }));
-        let mut busy = None;
-        let t0 = Instant::now();
-        while busy.is_none() && t0.elapsed() < Duration::from_secs(30) {
-            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), hb.next()).await {
-                let v: Value = serde_json::from_slice(&m.payload).unwrap();
-                if v["active"] == 1 {
-                    busy = Some(v["worker_id"].as_str().unwrap().to_string());
-                }
-            }
-        }
-        let busy = busy.expect("a worker announced the job");
+        let busy = common::busy_worker(&mut hb, Duration::from_secs(30)).await;
         let container = stack.worker_container(&busy);
         while let Some(n) = rx.recv().await {
             if n >= kill_after {
@@ -628,11 +628,9 @@ async fn a_worker_container_killed_mid_stream_costs_the_client_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn scaled_to_three_workers_concurrent_requests_spread() {
-    if !engine("scaled_to_three_workers_concurrent_requests_spread") {
+    let Some(_serial) = prepare("scaled_to_three_workers_concurrent_requests_spread").await else {
         return;
-    }
-    let _serial = serial().await;
-    images();
+    };
     // Two jobs per worker at once, so nine concurrent requests need all three.
     let stack = Stack::up("scale", false, 3, &[("ONNX_CHAT_MAX_CONCURRENT", "2")]);
     stack.healthy(3).await;
@@ -693,11 +691,12 @@ fn burst(base: &str, n: usize, gap: Duration) -> Vec<tokio::task::JoinHandle<(u1
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nats_restarted_with_requests_in_flight_each_ends_with_an_answer_or_a_clear_5xx() {
-    if !engine("nats_restarted_with_requests_in_flight_each_ends_with_an_answer_or_a_clear_5xx") {
+    let Some(_serial) =
+        prepare("nats_restarted_with_requests_in_flight_each_ends_with_an_answer_or_a_clear_5xx")
+            .await
+    else {
         return;
-    }
-    let _serial = serial().await;
-    images();
+    };
     // Frames a worker publishes while the front end is still reconnecting are lost (core NATS): those
     // requests end with the front end's idle timeout, shortened here from 120 s.
     let stack = Stack::up("natsrestart", false, 2, &[("ONNX_CHAT_IDLE_TIMEOUT", "20")]);
@@ -734,11 +733,11 @@ async fn nats_restarted_with_requests_in_flight_each_ends_with_an_answer_or_a_cl
 
 #[tokio::test(flavor = "multi_thread")]
 async fn one_node_of_the_nats_cluster_killed_mid_burst_every_request_ends_once() {
-    if !engine("one_node_of_the_nats_cluster_killed_mid_burst_every_request_ends_once") {
+    let Some(_serial) =
+        prepare("one_node_of_the_nats_cluster_killed_mid_burst_every_request_ends_once").await
+    else {
         return;
-    }
-    let _serial = serial().await;
-    images();
+    };
     // As for a NATS restart: frames published while the front end's own connection moves to another
     // node are lost (core NATS), so a request can end in the front end's idle timeout (shortened here).
     let stack = Stack::up("cluster", true, 2, &[("ONNX_CHAT_IDLE_TIMEOUT", "20")]);

@@ -162,17 +162,7 @@ async fn killed_workers_cost_the_client_nothing() {
         let reader = tokio::spawn(read_stream(resp, move |n| {
             let _ = tx.send(n);
         }));
-        let mut busy = None;
-        let t0 = Instant::now();
-        while busy.is_none() && t0.elapsed() < Duration::from_secs(20) {
-            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(200), hb.next()).await {
-                let v: Value = serde_json::from_slice(&m.payload).unwrap();
-                if v["active"] == 1 {
-                    busy = Some(v["worker_id"].as_str().unwrap().to_string());
-                }
-            }
-        }
-        let busy = busy.expect("a worker announced the job");
+        let busy = common::busy_worker(&mut hb, Duration::from_secs(20)).await;
         while let Some(n) = rx.recv().await {
             if n >= kill_after {
                 break;

@@ -755,3 +755,21 @@ pub async fn http_parity(
     server.shutdown().await;
     goldens.len()
 }
+
+/// The id of the worker that announces a running job (`active == 1`) on the heartbeat subscription
+/// `hb` within `wait`: the one serving the job a test just sent.
+pub async fn busy_worker(hb: &mut async_nats::Subscriber, wait: std::time::Duration) -> String {
+    use futures::StreamExt;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < wait {
+        if let Ok(Some(m)) =
+            tokio::time::timeout(std::time::Duration::from_millis(200), hb.next()).await
+        {
+            let v: Value = serde_json::from_slice(&m.payload).unwrap();
+            if v["active"] == 1 {
+                return v["worker_id"].as_str().unwrap().to_string();
+            }
+        }
+    }
+    panic!("no worker announced the job within {wait:?}");
+}
