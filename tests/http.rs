@@ -503,6 +503,7 @@ async fn thinking_worker(bus: std::sync::Arc<dyn onnx_chat::bus::Bus>) {
             audio: false,
             created: 0,
             prefixes: vec![],
+            max_token_bytes: None,
         }],
         max_concurrent: 4,
         active: 0,

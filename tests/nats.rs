@@ -476,6 +476,7 @@ async fn a_job_no_worker_finishes_fails_once_its_deliveries_are_used_up() {
             audio: false,
             created: 0,
             prefixes: vec![],
+            max_token_bytes: None,
         }],
         max_concurrent: 1,
         active: 0,

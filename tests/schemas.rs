@@ -233,6 +233,7 @@ fn code_output_validates() {
             audio: true,
             created: 1,
             prefixes: vec!["0123456789abcdef".into()],
+            max_token_bytes: Some(18),
         }],
         max_concurrent: 4,
         active: 0,

@@ -77,6 +77,7 @@ async fn start(
     body: Bytes,
     t0: Instant,
 ) -> Result<Response, ClassifiedError> {
+    super::peek::refuse_oversized(state, super::peek::Api::Chat, &body)?;
     let value = parse_body(&body)?;
     let mut limits = state.cfg.limits.clone();
     limits.allow_remote_media = state.cfg.remote_media.is_some();

@@ -41,6 +41,7 @@ async fn start(
     body: Bytes,
     t0: Instant,
 ) -> Result<Response, ClassifiedError> {
+    super::peek::refuse_oversized(state, super::peek::Api::Completions, &body)?;
     let value = parse_body(&body)?;
     let req = completions::validate(&value, &state.cfg.limits)?;
     let model = served_model(state, &req.model)?;

@@ -70,6 +70,7 @@ async fn prepare(
     count_only: bool,
 ) -> Result<(ValidChatRequest, Option<String>), ClassifiedError> {
     let key = authorize(state, bearer, x_api_key)?;
+    super::peek::refuse_oversized(state, super::peek::Api::Messages, body)?;
     let mut limits = state.cfg.limits.clone();
     limits.allow_remote_media = state.cfg.remote_media.is_some();
     let mut req = wire::parse(body)?.into_request(&limits, count_only)?;

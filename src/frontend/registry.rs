@@ -154,6 +154,7 @@ mod tests {
                 audio: false,
                 created: 0,
                 prefixes: vec![],
+                max_token_bytes: None,
             }],
             max_concurrent: 2,
             active: 1,

@@ -235,6 +235,7 @@ async fn start(
     body: &[u8],
     t0: Instant,
 ) -> Result<HttpResponse, ClassifiedError> {
+    super::peek::refuse_oversized(state, super::peek::Api::Responses, body)?;
     let wire: ResponsesRequest = crate::wire::parse(body)?;
     wire.check()?;
     let raw: Map<String, Value> = serde_json::from_slice(body).unwrap_or_default();

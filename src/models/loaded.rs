@@ -23,6 +23,7 @@ use super::tools;
 use super::{ModelError, PreparedInput, Prompt};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::pipeline::grammar::{Constraint, Vocab};
+use crate::pipeline::prompt_size;
 use crate::pipeline::reasoning::ReasoningMarkers;
 use crate::pipeline::sampling::SamplingParams;
 use crate::pipeline::template::RESERVED_VARIABLES;
@@ -42,6 +43,8 @@ pub struct ModelInfo {
     pub audio: bool,
     /// Seconds since the epoch when the model was loaded.
     pub created: u64,
+    /// The most bytes of text one token stands for (`None`: the tokenizer has no such bound).
+    pub max_token_bytes: Option<u32>,
 }
 
 impl ModelInfo {
@@ -55,6 +58,7 @@ impl ModelInfo {
             audio: self.audio,
             created: self.created,
             prefixes: Vec::new(),
+            max_token_bytes: self.max_token_bytes,
         }
     }
 }
@@ -116,6 +120,7 @@ impl LoadedModel {
             vision: loaded.vision,
             audio: loaded.audio,
             created: crate::protocol::now_ms() / 1000,
+            max_token_bytes: prompt_size::max_text_bytes_per_token(&loaded.tokenizer),
         };
         let t1 = Instant::now();
         let n_vocab = loaded.tokenizer.get_vocab_size(true);
@@ -178,6 +183,7 @@ impl LoadedModel {
     /// Template, tokenizer, media decoding and parameter resolution (blocking CPU work).
     pub fn prepare(&self, job: &Job) -> Result<PreparedJob, ClassifiedError> {
         let t0 = Instant::now();
+        self.check_prompt_size(job)?;
         for part in job.messages.iter().flat_map(|m| m.content.iter()) {
             let (ok, what) = match part {
                 ContentPart::Image { .. } => {
@@ -212,6 +218,64 @@ impl LoadedModel {
             params,
             preprocess_ms: t0.elapsed().as_secs_f64() * 1e3,
         })
+    }
+
+    /// Most prompt tokens a job may have.
+    fn max_prompt(&self) -> usize {
+        let ctx = self.info.context_length;
+        self.max_prompt_tokens
+            .unwrap_or(ctx.saturating_sub(1))
+            .min(ctx.saturating_sub(1))
+    }
+
+    /// Refuses a prompt that cannot fit before rendering and tokenizing it: from its text's byte
+    /// count where the tokenizer bounds the bytes per token, else (and for text more than 8 bytes a
+    /// token) by counting its tokens a slice at a time, stopping past the limit. Only text that the
+    /// templates always write out is counted (message text, trimmed; a completion's prompt), so a
+    /// prompt that fits is never refused here; the exact check follows tokenization.
+    fn check_prompt_size(&self, job: &Job) -> Result<(), ClassifiedError> {
+        let max_prompt = self.max_prompt();
+        let (texts, param): (Vec<&str>, &str) = match &job.prompt {
+            Some(p) => (vec![p.as_str()], "prompt"),
+            None => (
+                job.messages
+                    .iter()
+                    .flat_map(|m| m.content.iter())
+                    .filter_map(|p| match p {
+                        ContentPart::Text { text } => Some(text.trim()),
+                        _ => None,
+                    })
+                    .collect(),
+                "messages",
+            ),
+        };
+        let bytes: usize = texts.iter().map(|t| t.len()).sum();
+        let too_long = |at_least: usize| {
+            ClassifiedError::new(
+                ErrorClass::ContextLengthExceeded,
+                format!(
+                    "the prompt has at least {at_least} tokens ({bytes} bytes of text); this model accepts at most {max_prompt} prompt tokens (context length {})",
+                    self.info.context_length
+                ),
+            )
+            .with_param(param)
+        };
+        if let Some(per_token) = self.info.max_token_bytes {
+            let at_least = prompt_size::min_tokens(bytes, per_token);
+            if at_least > max_prompt {
+                return Err(too_long(at_least));
+            }
+        }
+        if bytes > max_prompt.saturating_mul(8) {
+            let mut at_least = 0;
+            for t in texts {
+                at_least += prompt_size::tokens_at_least(&self.tokenizer, t, max_prompt - at_least);
+                if at_least > max_prompt {
+                    return Err(too_long(at_least));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A text completion's prompt: the raw text through the tokenizer (special tokens included),
@@ -275,10 +339,7 @@ impl LoadedModel {
     fn resolve_params(&self, job: &Job, prompt: &[u32]) -> Result<GenParams, ClassifiedError> {
         let prompt_len = prompt.len();
         let ctx = self.info.context_length;
-        let max_prompt = self
-            .max_prompt_tokens
-            .unwrap_or(ctx.saturating_sub(1))
-            .min(ctx.saturating_sub(1));
+        let max_prompt = self.max_prompt();
         if prompt_len > max_prompt {
             return Err(ClassifiedError::new(
                 ErrorClass::ContextLengthExceeded,

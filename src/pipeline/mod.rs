@@ -11,6 +11,7 @@
 //! - [`detok`]: streaming detokenization whose deltas concatenate to the full decode.
 //! - [`stop`]: stop strings matched on text across token boundaries.
 //! - [`reasoning`]: a thinking model's reasoning split from its answer at marker tokens.
+//! - [`prompt_size`]: cheap bounds that refuse a prompt too long for the context before the work.
 //! - [`output`]: one sequence's text path through the three above, id by id.
 //! - [`image`]: image decoding and Pillow-exact resizing; [`audio`]: audio decoding and log-mel features.
 
@@ -20,6 +21,7 @@ pub mod grammar;
 pub mod image;
 pub mod logprobs;
 pub mod output;
+pub mod prompt_size;
 pub mod reasoning;
 pub mod sampling;
 pub mod stop;

@@ -325,4 +325,9 @@ pub struct WorkerModel {
     /// model, most recently used first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub prefixes: Vec<String>,
+    /// The most bytes of text one token of the model's vocabulary stands for: a prompt of `B` bytes
+    /// of text has at least `B / max_token_bytes` tokens, so front ends refuse one that cannot fit
+    /// without sending it. Absent = the tokenizer gives no such bound.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_token_bytes: Option<u32>,
 }
