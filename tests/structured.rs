@@ -164,8 +164,12 @@ async fn json_object_stop_strings_and_bad_schemas() {
         assert!(text.starts_with('{'), "{text}");
         // An answer the grammar let end is a complete object; one cut by max_tokens is not.
         if c["finish_reason"] == "stop" {
-            let parsed: Value = serde_json::from_str(text).unwrap();
-            assert!(parsed.is_object());
+            match serde_json::from_str::<Value>(text) {
+                Ok(parsed) => assert!(parsed.is_object()),
+                // Valid JSON (RFC 8259 sets no limit) with a number past f64, like `1e999`.
+                Err(e) if e.to_string().contains("number out of range") => {}
+                Err(e) => panic!("{e}: {text}"),
+            }
             ended += 1;
         }
     }

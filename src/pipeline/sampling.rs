@@ -1,8 +1,10 @@
 //! Next-token selection from the last position's logits: repetition penalty (transformers),
 //! presence/frequency penalties (OpenAI), then either greedy argmax or seeded sampling with
-//! temperature, top-k, top-p and min-p applied in transformers' order. The RNG is in-house
-//! (xoshiro256** seeded by SplitMix64) so a seed reproduces the same tokens on every platform
-//! and release; nothing here depends on hash or thread order.
+//! temperature, top-k, top-p and min-p applied in transformers' order. The randomness is in-house
+//! and counter-based (`rng`): token `k` of a sequence draws `uniform(seed, k)`, so a seed reproduces
+//! the same tokens on every platform and release, and a sequence continued elsewhere after `k`
+//! tokens ([`Sampler::record`]) samples on exactly as it would have; nothing here depends on hash
+//! or thread order.
 //!
 //! This runs once per generated token over a 262,400-entry vocabulary, so the vocabulary is
 //! never sorted as a whole (see `candidates`): top-k keeps a heap of the best k, and otherwise
@@ -15,7 +17,6 @@ mod candidates;
 mod rng;
 
 use candidates::{Cand, Draw};
-use rng::Xoshiro256;
 
 /// How the next token is chosen. Out-of-range values degrade to "off" instead of failing:
 /// `temperature <= 0` (or NaN) is greedy, `top_p >= 1` and `min_p <= 0` disable those filters,
@@ -55,7 +56,8 @@ impl Default for SamplingParams {
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: Xoshiro256,
+    /// Tokens chosen (or recorded) so far: the next draw's counter.
+    step: u64,
     /// Distinct prompt and generated ids: the repetition penalty's domain.
     seen: HashSet<u32>,
     /// Generated ids only: the presence/frequency penalties' domain.
@@ -67,7 +69,7 @@ pub struct Sampler {
 impl Sampler {
     pub fn new(params: SamplingParams, prompt_ids: &[u32]) -> Self {
         Sampler {
-            rng: Xoshiro256::seeded(params.seed),
+            step: 0,
             params,
             seen: prompt_ids.iter().copied().collect(),
             counts: HashMap::new(),
@@ -90,9 +92,16 @@ impl Sampler {
         } else {
             greedy(logits)
         };
+        self.record(id);
+        id
+    }
+
+    /// Counts `id` as chosen without sampling it: a continued sequence replays the tokens it
+    /// already has, so its penalties and its next draw are those of an uninterrupted run.
+    pub fn record(&mut self, id: u32) {
         self.seen.insert(id);
         *self.counts.entry(id).or_insert(0) += 1;
-        id
+        self.step += 1;
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -143,8 +152,8 @@ impl Sampler {
             (kept, mass) = (i, above);
         }
 
-        // Always exactly one draw per sampled token, so a seed's stream never shifts.
-        let target = self.rng.next_f64() * mass;
+        // The draw of this step, whatever was drawn (or not) before.
+        let target = rng::uniform_at(self.params.seed, self.step) * mass;
         let mut cum = 0.0;
         let mut last = None;
         for i in 0..kept {
@@ -333,7 +342,7 @@ mod tests {
     }
 
     /// The same pipeline written the obvious way: sort the whole vocabulary, then filter.
-    fn reference(logits: &[f32], p: &SamplingParams, rng: &mut Xoshiro256) -> u32 {
+    fn reference(logits: &[f32], p: &SamplingParams, step: u64) -> u32 {
         let inv_t = 1.0 / f64::from(p.temperature);
         let s: Vec<f64> = logits.iter().map(|&l| f64::from(l) * inv_t).collect();
         let max = s.iter().copied().fold(f64::MIN, f64::max);
@@ -349,7 +358,7 @@ mod tests {
             }
             above += w(i);
         }
-        let target = rng.next_f64() * above;
+        let target = rng::uniform_at(p.seed, step) * above;
         let mut cum = 0.0;
         for &i in &order[..kept] {
             cum += w(i);
@@ -370,9 +379,29 @@ mod tests {
                 min_p,
                 ..params(1.0, 77)
             };
-            let mut rng = Xoshiro256::seeded(77);
-            let want: Vec<u32> = (0..150).map(|_| reference(&logits, &p, &mut rng)).collect();
+            let want: Vec<u32> = (0..150).map(|k| reference(&logits, &p, k)).collect();
             assert_eq!(draws(&p, &logits, 150), want, "top_p {top_p} min_p {min_p}");
+        }
+    }
+
+    #[test]
+    fn a_sequence_continued_from_its_tokens_samples_on_unchanged() {
+        let logits: Vec<f32> = (0..300).map(|i| ((i * 37) % 101) as f32 / 20.0).collect();
+        let p = SamplingParams {
+            presence_penalty: 0.4,
+            frequency_penalty: 0.3,
+            repetition_penalty: 1.2,
+            top_p: 0.95,
+            ..params(0.9, 5)
+        };
+        let whole = draws(&p, &logits, 60);
+        for k in [0, 1, 17, 59] {
+            let mut s = Sampler::new(p.clone(), &[]);
+            for &id in &whole[..k] {
+                s.record(id);
+            }
+            let rest: Vec<u32> = (k..60).map(|_| s.sample(&mut logits.clone())).collect();
+            assert_eq!(rest, whole[k..], "continued after {k}");
         }
     }
 
