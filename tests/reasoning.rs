@@ -124,6 +124,7 @@ fn generate(
         vocab: None,
         reasoning,
         kept_specials: Vec::new(),
+        resume: Vec::new(),
     };
     let input = PreparedInput {
         ids: PROMPT.to_vec(),

@@ -34,6 +34,7 @@ fn sample_job() -> Job {
         job_id: "6f1c".into(),
         model: "tiny-gemma3n".into(),
         reply_to: subjects::frames("6f1c"),
+        progress_to: Some(subjects::progress("6f1c")),
         created_ms: 1,
         messages: vec![
             ChatMessage::text(Role::System, "be brief"),
@@ -111,6 +112,39 @@ fn sample_job() -> Job {
         clamp_max_tokens: true,
         count_only: false,
     }
+}
+
+#[test]
+fn progress_requests_and_replies_validate_both_ways() {
+    let req = ProgressRequest {
+        job_id: "6f1c".into(),
+        worker_id: Some("w1".into()),
+    };
+    assert_valid("progress", &serde_json::to_value(&req).unwrap());
+    let reply = Progress {
+        attempt: 2,
+        next_seq: 5,
+        choices: vec![ChoiceProgress {
+            index: 0,
+            token_ids: vec![3, 4],
+            closed: true,
+        }],
+        done: false,
+    };
+    let v = serde_json::to_value(&reply).unwrap();
+    assert_valid("progress", &v);
+    assert_eq!(serde_json::from_value::<Progress>(v).unwrap(), reply);
+    // A minimal foreign reply: the first attempt, nothing delivered.
+    let minimal: Progress = serde_json::from_value(json!({"attempt": 1, "extra": 0})).unwrap();
+    assert_eq!(
+        minimal,
+        Progress {
+            attempt: 1,
+            ..Progress::default()
+        }
+    );
+    assert_invalid("progress", &json!({"next_seq": 1}));
+    assert_invalid("progress", &json!({"attempt": 0}));
 }
 
 #[test]

@@ -11,8 +11,9 @@ use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::{broadcast, mpsc};
 
+use super::progress::Tracker;
 use super::{Acker, Bus, BusError, Delivery, FrameStream, JobSource};
-use crate::protocol::{CancelRequest, Frame, Job, WorkerHeartbeat};
+use crate::protocol::{subjects, CancelRequest, Frame, Job, Progress, WorkerHeartbeat};
 
 type SharedReceiver = Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<(Job, u32)>>>;
 type Queue = (mpsc::UnboundedSender<(Job, u32)>, SharedReceiver);
@@ -21,6 +22,8 @@ type Queue = (mpsc::UnboundedSender<(Job, u32)>, SharedReceiver);
 struct Inner {
     queues: Mutex<HashMap<String, Queue>>,
     subscribers: Mutex<HashMap<String, mpsc::UnboundedSender<Frame>>>,
+    /// Progress of each job being read, by its `progress_to` subject.
+    trackers: Mutex<HashMap<String, Arc<Tracker>>>,
     heartbeats: Mutex<HashMap<String, WorkerHeartbeat>>,
     /// Wakes waiting job sources when a job is queued.
     queued: tokio::sync::Notify,
@@ -92,16 +95,20 @@ impl MemoryBus {
     }
 }
 
-/// Removes the subscription when the front end drops the stream.
+/// Removes the subscription (and the job's progress) when the front end drops the stream.
 struct Unsubscribe {
     inner: Arc<Inner>,
     subject: String,
+    progress: String,
 }
 
 impl Drop for Unsubscribe {
     fn drop(&mut self) {
         if let Ok(mut s) = self.inner.subscribers.lock() {
             s.remove(&self.subject);
+        }
+        if let Ok(mut t) = self.inner.trackers.lock() {
+            t.remove(&self.progress);
         }
     }
 }
@@ -149,18 +156,30 @@ impl Bus for MemoryBus {
             .lock()
             .expect("subscribers lock")
             .insert(job.reply_to.clone(), tx);
+        let mut job = job.clone();
+        let progress = subjects::progress(&job.job_id);
+        job.progress_to = Some(progress.clone());
+        let tracker = Arc::new(Tracker::default());
+        self.inner
+            .trackers
+            .lock()
+            .expect("trackers lock")
+            .insert(progress.clone(), tracker.clone());
         let guard = Unsubscribe {
             inner: self.inner.clone(),
             subject: job.reply_to.clone(),
+            progress,
         };
         let (qtx, _) = self.queue(&job.model);
-        qtx.send((job.clone(), 1))
+        qtx.send((job, 1))
             .map_err(|_| BusError::Unavailable("job queue closed".into()))?;
         self.inner.queued.notify_waiters();
         let stream = futures::stream::unfold((rx, guard), |(mut rx, guard)| async move {
             rx.recv().await.map(|f| (f, (rx, guard)))
         });
-        Ok(stream.boxed())
+        Ok(stream
+            .filter(move |f| futures::future::ready(tracker.admit(f)))
+            .boxed())
     }
 
     async fn cancel(&self, req: &CancelRequest) -> Result<(), BusError> {
@@ -209,6 +228,23 @@ impl Bus for MemoryBus {
                 .send(frame.clone())
                 .map_err(|_| BusError::NoSubscriber(reply_to.to_string())),
             None => Err(BusError::NoSubscriber(reply_to.to_string())),
+        }
+    }
+
+    async fn progress(&self, job: &Job, _worker_id: &str) -> Result<Option<Progress>, BusError> {
+        let Some(subject) = &job.progress_to else {
+            return Ok(None);
+        };
+        let tracker = self
+            .inner
+            .trackers
+            .lock()
+            .expect("trackers lock")
+            .get(subject)
+            .cloned();
+        match tracker {
+            Some(t) => Ok(Some(t.grant())),
+            None => Err(BusError::NoSubscriber(subject.clone())),
         }
     }
 

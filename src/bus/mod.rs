@@ -8,6 +8,7 @@
 
 pub mod memory;
 pub mod nats;
+pub mod progress;
 pub mod store;
 
 use std::time::Duration;
@@ -16,7 +17,7 @@ use async_trait::async_trait;
 use futures::stream::{BoxStream, StreamExt};
 
 use crate::error::{ClassifiedError, ErrorClass};
-use crate::protocol::{CancelRequest, Frame, Job, WorkerHeartbeat};
+use crate::protocol::{CancelRequest, Frame, Job, Progress, WorkerHeartbeat};
 
 /// Frames of one job as they arrive; ends when the subscription ends.
 pub type FrameStream = BoxStream<'static, Frame>;
@@ -84,6 +85,11 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Publishes one frame to a job's reply subject.
     async fn publish_frame(&self, reply_to: &str, frame: &Frame) -> Result<(), BusError>;
+
+    /// Asks the reader of `job`'s frames where the job stands ([`Progress`]) before running it.
+    /// `Ok(None)`: the job names no progress subject (run it from the start, as attempt
+    /// `delivery.attempt`). `Err(BusError::NoSubscriber)`: nobody reads its frames any more.
+    async fn progress(&self, job: &Job, worker_id: &str) -> Result<Option<Progress>, BusError>;
 
     /// Cancellation requests for any job.
     async fn cancellations(&self) -> Result<BoxStream<'static, CancelRequest>, BusError>;

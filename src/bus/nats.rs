@@ -17,7 +17,7 @@
 //! Stream, consumers and bucket are created idempotently at start-up (settings in [`NatsSettings`]).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,11 +27,12 @@ use futures::stream::{BoxStream, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{oneshot, OnceCell};
 
+use super::progress::Tracker;
 use super::{Acker, Bus, BusError, Delivery, FrameStream, JobSource, Offer, OfferResponder};
 use crate::error::ErrorClass;
 use crate::protocol::{
-    subjects, CancelRequest, ContentPart, Frame, FrameBody, Job, MediaSource, OfferReply,
-    WireError, WorkerHeartbeat,
+    subjects, CancelRequest, ContentPart, Frame, FrameBody, Job, MediaSource, OfferReply, Progress,
+    ProgressRequest, WireError, WorkerHeartbeat,
 };
 
 /// How to authenticate to NATS. Secrets are never logged (`Debug` redacts them).
@@ -480,6 +481,7 @@ impl NatsBus {
         sub: async_nats::Subscriber,
         job: &Job,
         payload: Vec<u8>,
+        tracker: Arc<Tracker>,
     ) -> Result<FrameStream, BusError> {
         let ack = self
             .publish_durably(subjects::jobs(&job.model), &job.job_id, payload.into())
@@ -495,17 +497,13 @@ impl NatsBus {
         };
         // The error frame for a given-up job takes the next sequence number, so the reader accepts
         // it after whatever frames the last attempt sent.
-        let next_seq = Arc::new(AtomicU64::new(0));
         let frames = {
-            let next_seq = next_seq.clone();
+            let tracker = tracker.clone();
             sub.filter_map(move |m| {
-                let next_seq = next_seq.clone();
+                let tracker = tracker.clone();
                 async move {
                     match serde_json::from_slice::<Frame>(&m.payload) {
-                        Ok(f) => {
-                            next_seq.fetch_max(f.seq + 1, Ordering::Relaxed);
-                            Some(f)
-                        }
+                        Ok(f) => tracker.admit(&f).then_some(f),
                         Err(e) => {
                             tracing::warn!(error = %e, "ignoring a malformed frame");
                             None
@@ -518,8 +516,9 @@ impl NatsBus {
         let gave_up = futures::stream::once(given_up_rx).filter_map(move |r| {
             let frame = r.ok().map(|deliveries| Frame {
                 job_id: job_id.clone(),
-                seq: next_seq.load(Ordering::Relaxed),
-                attempt: u32::try_from(deliveries).unwrap_or(u32::MAX),
+                seq: tracker.next_seq(),
+                // Attempts are the tracker's to hand out; this frame only has to pass the reader.
+                attempt: u32::MAX,
                 body: FrameBody::Error {
                     error: WireError {
                         class: ErrorClass::Internal,
@@ -565,6 +564,7 @@ impl NatsBus {
         job: &Job,
         worker: &str,
         payload: Vec<u8>,
+        tracker: Arc<Tracker>,
     ) -> FrameStream {
         self.follow_workers().await;
         let finished = Arc::new(AtomicBool::new(false));
@@ -597,14 +597,16 @@ impl NatsBus {
         let guard = stop.drop_guard();
         sub.filter_map(move |m| {
             let finished = finished.clone();
+            let tracker = tracker.clone();
             async move {
                 match serde_json::from_slice::<Frame>(&m.payload) {
-                    Ok(f) => {
+                    Ok(f) if tracker.admit(&f) => {
                         if f.body.is_terminal() {
                             finished.store(true, Ordering::Relaxed);
                         }
                         Some(f)
                     }
+                    Ok(_) => None,
                     Err(e) => {
                         tracing::warn!(error = %e, "ignoring a malformed frame");
                         None
@@ -617,6 +619,38 @@ impl NatsBus {
             f
         })
         .boxed()
+    }
+
+    /// Asks `job.progress_to` where the job stands; a few tries, since a worker that cannot learn it
+    /// must not guess.
+    async fn ask_progress(&self, job: &Job, worker_id: &str) -> Result<Option<Progress>, BusError> {
+        let Some(subject) = job.progress_to.clone() else {
+            return Ok(None);
+        };
+        let req = serde_json::to_vec(&ProgressRequest {
+            job_id: job.job_id.clone(),
+            worker_id: Some(worker_id.to_string()),
+        })
+        .map_err(|e| BusError::Protocol(e.to_string()))?;
+        let mut last = String::new();
+        for _ in 0..PROGRESS_TRIES {
+            let asked = self.client.request(subject.clone(), req.clone().into());
+            match tokio::time::timeout(PROGRESS_TIMEOUT, asked).await {
+                Ok(Ok(m)) => {
+                    return serde_json::from_slice(&m.payload)
+                        .map(Some)
+                        .map_err(|e| BusError::Protocol(format!("progress reply: {e}")))
+                }
+                Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                    return Err(BusError::NoSubscriber(subject));
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = "no answer".into(),
+            }
+        }
+        Err(BusError::Unavailable(format!(
+            "the job's reader did not say where it stands ({subject}): {last}"
+        )))
     }
 
     /// Puts a routed job on the shared queue (its worker died or handed it back). The message id is
@@ -813,6 +847,8 @@ impl Bus for NatsBus {
     ) -> Result<(FrameStream, bool), BusError> {
         let mut job = job.clone();
         self.offload_media(&mut job).await?;
+        let progress_to = subjects::progress(&job.job_id);
+        job.progress_to = Some(progress_to.clone());
         let payload = serde_json::to_vec(&job).map_err(|e| BusError::Protocol(e.to_string()))?;
         if payload.len() > self.client.server_info().max_payload {
             return Err(BusError::TooLarge(format!(
@@ -821,26 +857,48 @@ impl Bus for NatsBus {
                 self.client.server_info().max_payload
             )));
         }
-        // Subscribe first, so no frame can be missed.
+        // Subscribe first, so no frame (and no progress request) can be missed.
         let sub = self
             .client
             .subscribe(job.reply_to.clone())
             .await
             .map_err(unavailable)?;
+        let requests = self
+            .client
+            .subscribe(progress_to)
+            .await
+            .map_err(unavailable)?;
         self.client.flush().await.map_err(unavailable)?;
-        if let Some(worker) = worker {
-            match self.offer(worker, &payload).await {
+        let tracker = Arc::new(Tracker::default());
+        let answering = AbortOnDrop(tokio::spawn(answer_progress(
+            self.client.clone(),
+            requests,
+            tracker.clone(),
+        )));
+        let (frames, routed) = match worker {
+            Some(worker) => match self.offer(worker, &payload).await {
                 Ok(true) => {
                     tracing::debug!(job_id = %job.job_id, worker, "job routed to the worker holding its prefix");
-                    return Ok((self.routed(sub, &job, worker, payload).await, true));
+                    let frames = self.routed(sub, &job, worker, payload, tracker).await;
+                    (frames, true)
                 }
-                Ok(false) => {}
-                Err(e) => {
-                    tracing::debug!(worker, error = %e, "offer failed; using the shared queue")
+                other => {
+                    if let Err(e) = other {
+                        tracing::debug!(worker, error = %e, "offer failed; using the shared queue")
+                    }
+                    (self.publish_job(sub, &job, payload, tracker).await?, false)
                 }
-            }
-        }
-        Ok((self.publish_job(sub, &job, payload).await?, false))
+            },
+            None => (self.publish_job(sub, &job, payload, tracker).await?, false),
+        };
+        // Progress requests are answered for as long as the frames are read.
+        let frames = frames
+            .map(move |f| {
+                let _ = &answering;
+                f
+            })
+            .boxed();
+        Ok((frames, routed))
     }
 
     async fn offers(&self, worker_id: &str) -> Result<BoxStream<'static, Offer>, BusError> {
@@ -911,6 +969,10 @@ impl Bus for NatsBus {
             .map_err(unavailable)
     }
 
+    async fn progress(&self, job: &Job, worker_id: &str) -> Result<Option<Progress>, BusError> {
+        self.ask_progress(job, worker_id).await
+    }
+
     async fn cancellations(&self) -> Result<BoxStream<'static, CancelRequest>, BusError> {
         let sub = self
             .client
@@ -939,6 +1001,45 @@ impl Bus for NatsBus {
             .publish(subjects::heartbeat(), payload.into())
             .await
             .map_err(unavailable)
+    }
+}
+
+/// How long a worker waits for a progress answer, and how often it asks.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(2);
+const PROGRESS_TRIES: usize = 3;
+
+/// Answers the progress requests of one job from its tracker until aborted.
+async fn answer_progress(
+    client: async_nats::Client,
+    mut requests: async_nats::Subscriber,
+    tracker: Arc<Tracker>,
+) {
+    while let Some(m) = requests.next().await {
+        let Some(reply) = m.reply else { continue };
+        let p = tracker.grant();
+        tracing::debug!(
+            attempt = p.attempt,
+            next_seq = p.next_seq,
+            done = p.done,
+            "progress asked"
+        );
+        match serde_json::to_vec(&p) {
+            Ok(body) => {
+                if let Err(e) = client.publish(reply, body.into()).await {
+                    tracing::warn!(error = %e, "could not answer a progress request");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not encode progress"),
+        }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -71,6 +71,10 @@ pub struct GenParams {
     pub reasoning: Option<ReasoningMarkers>,
     /// Special ids written out as their text, not skipped (a template's tool-call syntax).
     pub kept_specials: Vec<u32>,
+    /// A continued job: per choice, the ids its answer already has (delivered by an earlier
+    /// attempt). They are fed after the prompt and replayed through the sampler, grammar and text
+    /// path without being sent again; sampling goes on from there.
+    pub resume: Vec<Vec<u32>>,
 }
 
 /// What a generation reports, in order: deltas (of any choice), then one `Done` or `Error`.
@@ -85,6 +89,12 @@ pub enum GenEvent {
         token_ids: Vec<u32>,
         /// One per id, when asked for.
         logprobs: Vec<TokenLogprob>,
+    },
+    /// Answer text of ids replayed for a continued job: already delivered, not to be sent again
+    /// (the worker's tool-call parser still needs to see it).
+    Replayed {
+        index: usize,
+        text: String,
     },
     Done {
         /// Per choice: why it ended and how many ids it generated.
@@ -377,7 +387,14 @@ struct Choice {
 
 enum Phase {
     Start,
-    Prefill { cache: KvCache, media: MediaRows },
+    Prefill {
+        cache: KvCache,
+        media: MediaRows,
+    },
+    /// A continued job's choices feeding the ids they already have: (choice, ids fed so far).
+    CatchUp {
+        pending: std::collections::VecDeque<(usize, usize)>,
+    },
     Decode,
 }
 
@@ -395,6 +412,8 @@ pub struct Generation<M: ChatModel> {
     choices: Vec<Choice>,
     started: Option<Instant>,
     first_token_at: Option<Instant>,
+    /// Replaying a continued job's delivered ids: text goes out as [`GenEvent::Replayed`].
+    replaying: bool,
     _model: std::marker::PhantomData<fn() -> M>,
 }
 
@@ -418,6 +437,7 @@ impl<M: ChatModel> Generation<M> {
             choices: Vec::new(),
             started: None,
             first_token_at: None,
+            replaying: false,
             _model: std::marker::PhantomData,
         }
     }
@@ -509,12 +529,91 @@ impl<M: ChatModel> Generation<M> {
                 finish: None,
             });
         }
+        let mut pending = std::collections::VecDeque::new();
         for i in 0..self.choices.len() {
-            let mut l = logits.clone();
-            self.accept(i, &mut l)?;
+            let given = self.params.resume.get(i).map_or(0, Vec::len);
+            if given == 0 {
+                let mut l = logits.clone();
+                self.accept(i, &mut l)?;
+            } else {
+                self.replay(i)?;
+                if self.choices[i].finish.is_none() {
+                    pending.push_back((i, 0));
+                }
+            }
         }
         self.first_token_at = Some(Instant::now());
-        self.join_batch(e);
+        if pending.is_empty() {
+            self.join_batch(e);
+        } else {
+            self.phase = Phase::CatchUp { pending };
+        }
+        Ok(())
+    }
+
+    /// Replays choice `i`'s delivered ids (see [`GenParams::resume`]) through its sampler, grammar
+    /// and text path; ids past the end of its answer (a shorter limit this time) are ignored.
+    fn replay(&mut self, i: usize) -> Result<(), ModelError> {
+        let ids = self.params.resume.get(i).cloned().unwrap_or_default();
+        self.replaying = true;
+        let mut result = Ok(());
+        for token in ids {
+            if self.choices[i].finish.is_some() {
+                break;
+            }
+            let c = &mut self.choices[i];
+            let mut grammar_done = false;
+            if let Some(g) = &mut c.constraint {
+                if let Err(e) = g.commit(token) {
+                    result = Err(internal(format!(
+                        "the continued answer's ids do not match its grammar: {e}"
+                    )));
+                    break;
+                }
+                grammar_done = g.is_stopped() && !self.params.eos_ids.contains(&token);
+            }
+            c.sampler.record(token);
+            if let Err(e) = self.take(i, token, grammar_done) {
+                result = Err(e);
+                break;
+            }
+        }
+        self.replaying = false;
+        result
+    }
+
+    /// One chunk of a continued choice's delivered ids into its KV; after its last id, its next
+    /// token is sampled as after a prompt. When no choice is left, decoding starts.
+    fn catch_up_step(&mut self, e: &mut ModelEngine<M>) -> Result<(), ModelError> {
+        let Phase::CatchUp { pending } = &mut self.phase else {
+            unreachable!("catch_up_step outside the catch-up phase");
+        };
+        let Some(&(i, fed)) = pending.front() else {
+            self.phase = Phase::Decode;
+            self.join_batch(e);
+            return Ok(());
+        };
+        let ids = &self.params.resume[i];
+        let n = e.policy.next_chunk(ids.len() - fed, e.model.split_exact());
+        let ChoiceKv::Own(cache) = &mut self.choices[i].kv else {
+            return Err(internal(
+                "a continued choice has no cache of its own".into(),
+            ));
+        };
+        let mut logits = e.model.forward(&ids[fed..fed + n], None, cache)?;
+        if fed + n < ids.len() {
+            if let Some(front) = pending.front_mut() {
+                front.1 = fed + n;
+            }
+            return Ok(());
+        }
+        pending.pop_front();
+        let last = pending.is_empty();
+        self.accept(i, &mut logits)?;
+        if last {
+            self.phase = Phase::Decode;
+            self.join_batch(e);
+        }
         Ok(())
     }
 
@@ -615,7 +714,6 @@ impl<M: ChatModel> Generation<M> {
 
     /// Samples choice `i`'s next token from `logits` and emits what it adds.
     fn accept(&mut self, i: usize, logits: &mut [f32]) -> Result<(), ModelError> {
-        let max = self.params.max_new_tokens;
         // The model's own distribution, before biases, masks and the sampler's changes.
         let raw = self.params.logprobs.map(|_| logits.to_vec());
         for &(id, bias) in &self.params.logit_bias {
@@ -641,31 +739,40 @@ impl<M: ChatModel> Generation<M> {
             let entry = self.logprob_entry(&raw, token, k);
             self.choices[i].unsent_logprobs.push(entry);
         }
+        self.take(i, token, grammar_done)
+    }
+
+    /// Adds the chosen `token` to choice `i`: end-of-sequence, text, stop strings, the grammar's end
+    /// and the token limit. A token that ends the choice goes out in one delta with everything the
+    /// end releases, so whoever has a token has all the text it leads to (a continued job relies on
+    /// it).
+    fn take(&mut self, i: usize, token: u32, grammar_done: bool) -> Result<(), ModelError> {
+        let max = self.params.max_new_tokens;
         let c = &mut self.choices[i];
         c.generated.push(token);
         c.unsent_ids.push(token);
         if self.params.eos_ids.contains(&token) {
-            return self.finish_choice(i, FinishReason::Stop, true);
+            return self.finish_choice(i, Routed::default(), FinishReason::Stop, true);
         }
         let step = c
             .out
             .push(&self.tokenizer, token)
             .map_err(|e| internal(e.to_string()))?;
+        let full = c.generated.len() >= max;
         match step {
-            OutputStep::Stopped(text) => {
-                self.emit(i, text);
-                return self.finish_choice(i, FinishReason::Stop, false);
-            }
-            OutputStep::Continue(text) => self.emit(i, text),
-        }
-        if grammar_done {
+            OutputStep::Stopped(text) => self.finish_choice(i, text, FinishReason::Stop, false),
             // The grammar allows nothing more: the answer is complete.
-            return self.finish_choice(i, FinishReason::Stop, true);
+            OutputStep::Continue(text) if grammar_done => {
+                self.finish_choice(i, text, FinishReason::Stop, true)
+            }
+            OutputStep::Continue(text) if full => {
+                self.finish_choice(i, text, FinishReason::Length, true)
+            }
+            OutputStep::Continue(text) => {
+                self.emit(i, text);
+                Ok(())
+            }
         }
-        if self.choices[i].generated.len() >= max {
-            return self.finish_choice(i, FinishReason::Length, true);
-        }
-        Ok(())
     }
 
     /// Token `id`'s log-probability and the `k` most likely ids, from the raw logits.
@@ -701,10 +808,22 @@ impl<M: ChatModel> Generation<M> {
         }
     }
 
-    /// Sends released answer and reasoning text with the ids not sent yet.
+    /// Sends released answer and reasoning text with the ids not sent yet (replayed ids: only the
+    /// answer text, as [`GenEvent::Replayed`]).
     fn emit(&mut self, i: usize, text: Routed) {
         let c = &mut self.choices[i];
         let ids = std::mem::take(&mut c.unsent_ids);
+        if self.replaying {
+            c.unsent_logprobs.clear();
+            c.text.push_str(&text.content);
+            if !text.content.is_empty() {
+                let _ = self.events.send(GenEvent::Replayed {
+                    index: i,
+                    text: text.content,
+                });
+            }
+            return;
+        }
         if !text.content.is_empty() || !text.reasoning.is_empty() || !ids.is_empty() {
             c.text.push_str(&text.content);
             let logprobs = std::mem::take(&mut c.unsent_logprobs);
@@ -718,29 +837,31 @@ impl<M: ChatModel> Generation<M> {
         }
     }
 
-    /// Ends choice `i`. `flush` = emit the text still held back (not after a stop string matched).
+    /// Ends choice `i`, emitting `text` and (`flush`) the text still held back (not after a stop
+    /// string matched) in one delta.
     fn finish_choice(
         &mut self,
         i: usize,
+        mut text: Routed,
         reason: FinishReason,
         flush: bool,
     ) -> Result<(), ModelError> {
         let mut reason = reason;
-        let text = if flush {
+        if flush {
             let step = self.choices[i]
                 .out
                 .finish(&self.tokenizer)
                 .map_err(|e| internal(e.to_string()))?;
-            match step {
-                OutputStep::Continue(text) => text,
-                OutputStep::Stopped(text) => {
+            let tail = match step {
+                OutputStep::Continue(tail) => tail,
+                OutputStep::Stopped(tail) => {
                     reason = FinishReason::Stop;
-                    text
+                    tail
                 }
-            }
-        } else {
-            Routed::default()
-        };
+            };
+            text.content.push_str(&tail.content);
+            text.reasoning.push_str(&tail.reasoning);
+        }
         self.emit(i, text);
         self.choices[i].finish = Some(reason);
         Ok(())
@@ -824,7 +945,7 @@ fn internal(message: String) -> ModelError {
 impl<M: ChatModel> StepTask<ModelEngine<M>> for Generation<M> {
     fn kind(&self) -> StepKind {
         match self.phase {
-            Phase::Start | Phase::Prefill { .. } => StepKind::Prefill,
+            Phase::Start | Phase::Prefill { .. } | Phase::CatchUp { .. } => StepKind::Prefill,
             Phase::Decode => {
                 let batched = self
                     .choices
@@ -851,6 +972,7 @@ impl<M: ChatModel> StepTask<ModelEngine<M>> for Generation<M> {
                 self.start(e)
             }
             Phase::Prefill { .. } => self.prefill_step(e),
+            Phase::CatchUp { .. } => self.catch_up_step(e),
             Phase::Decode if self.kind() == StepKind::Shared => self.batched_step(e),
             Phase::Decode => self.decode_step(e),
         };

@@ -426,6 +426,8 @@ impl LoadedModel {
                 Some(_) if chat => self.tool_call_tokens.clone(),
                 _ => Vec::new(),
             },
+            // Set by the worker for a continued job.
+            resume: Vec::new(),
         })
     }
 

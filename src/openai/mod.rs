@@ -32,6 +32,8 @@ impl ValidChatRequest {
             job_id: job_id.to_string(),
             model: served_model.to_string(),
             reply_to: subjects::frames(job_id),
+            // The bus sets it: it answers the progress requests.
+            progress_to: None,
             created_ms,
             messages: self.messages,
             sampling,

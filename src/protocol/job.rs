@@ -14,6 +14,11 @@ pub struct Job {
     pub model: String,
     /// Subject the worker publishes [`super::Frame`]s to (the front end subscribes before publishing).
     pub reply_to: String,
+    /// Where the reader of the frames answers progress requests ([`super::ProgressRequest`]): a
+    /// worker asks there before running the job and continues from what was delivered. Absent =
+    /// every attempt runs from the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_to: Option<String>,
     /// When the front end accepted the request (ms since epoch); used for queue timings and expiry.
     #[serde(default)]
     pub created_ms: u64,

@@ -6,6 +6,7 @@
 mod frame;
 mod job;
 pub mod prefix;
+mod progress;
 pub mod subjects;
 
 pub use frame::{
@@ -17,6 +18,7 @@ pub use job::{
     SamplingOverrides, ToolCall, ToolChoice, ToolSpec, WorkerHeartbeat, WorkerModel, MAX_CHOICES,
     MAX_TOP_LOGPROBS,
 };
+pub use progress::{ChoiceProgress, Progress, ProgressRequest};
 
 /// Version of the wire protocol; part of every subject.
 pub const PROTOCOL_VERSION: &str = "v1";

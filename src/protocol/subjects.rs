@@ -19,6 +19,12 @@ pub fn frames(job_id: &str) -> String {
     format!("{PREFIX}.{PROTOCOL_VERSION}.frames.{}", token(job_id))
 }
 
+/// `onnxchat.v1.progress.<job_id>`: where the reader of a job's frames answers progress requests
+/// ([`super::ProgressRequest`]; the front end sets it as the job's `progress_to`).
+pub fn progress(job_id: &str) -> String {
+    format!("{PREFIX}.{PROTOCOL_VERSION}.progress.{}", token(job_id))
+}
+
 /// `onnxchat.v1.cancel`: cancellation requests for any job.
 pub fn cancel() -> String {
     format!("{PREFIX}.{PROTOCOL_VERSION}.cancel")

@@ -18,6 +18,15 @@ pub struct WorkerMetrics {
     pub jobs_failed: AtomicU64,
     /// Jobs this worker received on a second or later delivery (taken over from another worker).
     pub jobs_redelivered: AtomicU64,
+    /// Jobs that continued from ids an earlier attempt had delivered (rather than starting over).
+    pub jobs_continued: AtomicU64,
+    /// Positions continued jobs prefilled: prompt tokens not found in the prefix cache plus the
+    /// delivered ids.
+    pub continued_prefill_tokens: AtomicU64,
+    /// Decode steps continued jobs did not run again (the longest delivered choice, per job).
+    pub decode_steps_saved: AtomicU64,
+    /// Jobs not run because their reader already had the final frame or was gone.
+    pub jobs_skipped: AtomicU64,
     pub active: AtomicI64,
     pub slots: AtomicI64,
     pub prompt_tokens: AtomicU64,
@@ -46,6 +55,10 @@ impl Default for WorkerMetrics {
             jobs_succeeded: AtomicU64::new(0),
             jobs_failed: AtomicU64::new(0),
             jobs_redelivered: AtomicU64::new(0),
+            jobs_continued: AtomicU64::new(0),
+            continued_prefill_tokens: AtomicU64::new(0),
+            decode_steps_saved: AtomicU64::new(0),
+            jobs_skipped: AtomicU64::new(0),
             active: AtomicI64::new(0),
             slots: AtomicI64::new(0),
             prompt_tokens: AtomicU64::new(0),
@@ -112,6 +125,30 @@ impl WorkerMetrics {
             "onnxchat_worker_jobs_redelivered_total",
             "Jobs received on a later delivery attempt (taken over from a failed worker).",
             load(&self.jobs_redelivered),
+        );
+        counter(
+            &mut out,
+            "onnxchat_worker_jobs_continued_total",
+            "Jobs continued from the ids an earlier attempt delivered.",
+            load(&self.jobs_continued),
+        );
+        counter(
+            &mut out,
+            "onnxchat_worker_continued_prefill_tokens_total",
+            "Positions continued jobs prefilled again (uncached prompt tokens plus delivered ids).",
+            load(&self.continued_prefill_tokens),
+        );
+        counter(
+            &mut out,
+            "onnxchat_worker_decode_steps_saved_total",
+            "Decode steps continued jobs did not redo (their longest delivered choice).",
+            load(&self.decode_steps_saved),
+        );
+        counter(
+            &mut out,
+            "onnxchat_worker_jobs_skipped_total",
+            "Jobs not run: their reader already had the final frame, or nobody reads them any more.",
+            load(&self.jobs_skipped),
         );
         gauge(
             &mut out,

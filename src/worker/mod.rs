@@ -14,13 +14,13 @@ use tokio_util::sync::CancellationToken;
 
 pub mod metrics;
 
-use crate::bus::{Bus, Delivery};
+use crate::bus::{Bus, BusError, Delivery};
 use crate::error::{ClassifiedError, ErrorClass};
 use crate::models::generate::GenEvent;
 use crate::models::loaded::LoadedModel;
 use crate::models::tools::{self, ToolEnd, ToolStream};
 use crate::protocol::{
-    now_ms, ChoiceEnd, DoneBody, Frame, FrameBody, Job, Timings, Usage, WorkerHeartbeat,
+    now_ms, ChoiceEnd, DoneBody, Frame, FrameBody, Job, Progress, Timings, Usage, WorkerHeartbeat,
 };
 pub use metrics::WorkerMetrics;
 
@@ -324,12 +324,43 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
     let Delivery { job, attempt, ack } = delivery;
     tracing::info!("job started");
     let t0 = std::time::Instant::now();
+    // Where the job stands, from whoever reads its frames: this run's attempt number, and what an
+    // earlier attempt already delivered (the run continues from there).
+    let progress = match state.bus.progress(&job, &state.cfg.worker_id).await {
+        Ok(p) => p,
+        Err(BusError::NoSubscriber(_)) => {
+            tracing::info!("nobody reads the job's frames any more; not running it");
+            state
+                .cfg
+                .metrics
+                .jobs_skipped
+                .fetch_add(1, Ordering::Relaxed);
+            ack.ack().await;
+            return;
+        }
+        Err(e) => {
+            // Running it blind could splice two answers: leave it for a later delivery.
+            tracing::warn!(error = %e, "cannot learn where the job stands; handing it back");
+            ack.nak(Some(Duration::from_secs(1))).await;
+            return;
+        }
+    };
+    if progress.as_ref().is_some_and(|p| p.done) {
+        tracing::info!("the job's reader already has its final frame; not running it again");
+        state
+            .cfg
+            .metrics
+            .jobs_skipped
+            .fetch_add(1, Ordering::Relaxed);
+        ack.ack().await;
+        return;
+    }
     let mut out = Publisher {
         bus: state.bus.clone(),
         job_id: job.job_id.clone(),
         reply_to: job.reply_to.clone(),
-        attempt,
-        seq: 0,
+        attempt: progress.as_ref().map_or(attempt, |p| p.attempt),
+        seq: progress.as_ref().map_or(0, |p| p.next_seq),
         metrics: state.cfg.metrics.clone(),
     };
     let Some(model) = state.models.get(&job.model).cloned() else {
@@ -365,7 +396,16 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
         .insert(job.job_id.clone(), cancel.clone());
     // Announce the taken slot at once, so front ends (and operators) see it before the next tick.
     let _ = state.bus.announce(&state.heartbeat()).await;
-    let finished = run_job(&state, &model, &job, &mut out, cancel.clone(), ack.as_ref()).await;
+    let finished = run_job(
+        &state,
+        &model,
+        &job,
+        progress.unwrap_or_default(),
+        &mut out,
+        cancel.clone(),
+        ack.as_ref(),
+    )
+    .await;
     state
         .running
         .lock()
@@ -386,10 +426,12 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
 }
 
 /// Returns false when the job was interrupted by a drain and should be handed back.
+#[allow(clippy::too_many_arguments)]
 async fn run_job(
     state: &State,
     model: &Arc<LoadedModel>,
     job: &Job,
+    progress: Progress,
     out: &mut Publisher,
     cancel: Arc<AtomicBool>,
     ack: &dyn crate::bus::Acker,
@@ -400,7 +442,7 @@ async fn run_job(
         let job = job.clone();
         tokio::task::spawn_blocking(move || model.prepare(&job)).await
     };
-    let prepared = match prepared {
+    let mut prepared = match prepared {
         Ok(Ok(p)) => p,
         Ok(Err(e)) => {
             out.error(e).await;
@@ -435,6 +477,23 @@ async fn run_job(
         }
         return true;
     }
+    // A continued job: each choice goes on from the ids its frames already delivered.
+    let delivered = progress.delivered();
+    if delivered > 0 {
+        let n = prepared.params.n as u32;
+        prepared.params.resume = (0..n).map(|i| progress.tokens(i).to_vec()).collect();
+        let longest = (0..n).map(|i| progress.tokens(i).len()).max().unwrap_or(0);
+        let m = &state.cfg.metrics;
+        m.jobs_continued.fetch_add(1, Ordering::Relaxed);
+        m.decode_steps_saved
+            .fetch_add(longest as u64, Ordering::Relaxed);
+        tracing::info!(
+            delivered,
+            next_seq = progress.next_seq,
+            attempt = out.attempt,
+            "continuing the job from what was delivered"
+        );
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     if let Err(e) = model.start(prepared, tx, cancel.clone()) {
         out.error(e).await;
@@ -448,12 +507,12 @@ async fn run_job(
     } else {
         Vec::new()
     };
-    let mut progress = tokio::time::interval(state.cfg.progress_interval);
-    progress.tick().await;
+    let mut lease = tokio::time::interval(state.cfg.progress_interval);
+    lease.tick().await;
     loop {
         let ev = tokio::select! {
             ev = rx.recv() => ev,
-            _ = progress.tick() => { ack.in_progress().await; continue; }
+            _ = lease.tick() => { ack.in_progress().await; continue; }
         };
         let Some(ev) = ev else {
             // The generation ended without a final event: it was cancelled.
@@ -468,6 +527,13 @@ async fn run_job(
             return true;
         };
         let body = match ev {
+            GenEvent::Replayed { index, text } => {
+                // Delivered before: only the tool-call parser's state needs it.
+                if let Some(s) = streams.get_mut(index) {
+                    s.push(&text);
+                }
+                continue;
+            }
             GenEvent::Delta {
                 index,
                 text,
@@ -514,6 +580,9 @@ async fn run_job(
                             // The calls that were complete; `finish_reason` stays "length".
                             ToolEnd::Cut(calls) => (String::new(), calls),
                         };
+                    if progress.closed(i as u32) {
+                        continue; // an earlier attempt delivered this closing frame
+                    }
                     let body = FrameBody::Delta {
                         text,
                         reasoning: String::new(),
@@ -527,6 +596,14 @@ async fn run_job(
                         cancel.store(true, Ordering::Relaxed);
                         return true;
                     }
+                }
+                if delivered > 0 {
+                    let prefilled = prompt_tokens.saturating_sub(cached_tokens) + delivered;
+                    state
+                        .cfg
+                        .metrics
+                        .continued_prefill_tokens
+                        .fetch_add(prefilled as u64, Ordering::Relaxed);
                 }
                 let completion_tokens = GenEvent::completion_tokens(&choices);
                 state.cfg.metrics.generation(
