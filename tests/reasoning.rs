@@ -2,7 +2,8 @@
 //! pick a fixed id sequence, decoded by the tiny Gemma-3n tokenizer with two of its special ids
 //! (`<start_of_turn>` 105, `<end_of_turn>` 106) standing in for a thinking model's markers. Checks what
 //! the worker receives: reasoning and answer in separate delta fields, reasoning token counts, `n`
-//! choices, `max_tokens` inside the reasoning, stop strings, and nothing new without markers.
+//! choices, `max_tokens` inside the reasoning, stop strings, and nothing new without markers; and a
+//! generation continued from the ids an earlier attempt delivered sends exactly the rest.
 
 mod common;
 
@@ -79,6 +80,10 @@ struct Outcome {
     texts: Vec<(String, String)>,
     choices: Vec<(FinishReason, usize)>,
     reasoning_tokens: usize,
+    /// Every delta in order: (choice, reasoning, answer, ids).
+    deltas: Vec<(usize, String, String, Vec<u32>)>,
+    /// Answer text replayed (not sent) per choice.
+    replayed: Vec<String>,
 }
 
 fn generate(
@@ -87,6 +92,18 @@ fn generate(
     max_new_tokens: usize,
     stop: &[&str],
     reasoning: Option<ReasoningMarkers>,
+) -> Outcome {
+    generate_from(script, n, max_new_tokens, stop, reasoning, Vec::new())
+}
+
+/// As [`generate`], continuing each choice from the ids in `resume`.
+fn generate_from(
+    script: &[u32],
+    n: usize,
+    max_new_tokens: usize,
+    stop: &[&str],
+    reasoning: Option<ReasoningMarkers>,
+    resume: Vec<Vec<u32>>,
 ) -> Outcome {
     let tok = tokenizer();
     let model = Scripted {
@@ -124,7 +141,7 @@ fn generate(
         vocab: None,
         reasoning,
         kept_specials: Vec::new(),
-        resume: Vec::new(),
+        resume,
     };
     let input = PreparedInput {
         ids: PROMPT.to_vec(),
@@ -134,17 +151,22 @@ fn generate(
     let mut task = Generation::new(input, params, tok, tx, Arc::new(AtomicBool::new(false)));
     while let TaskState::Continue = task.step(&mut engine) {}
     let mut texts = vec![(String::new(), String::new()); n];
+    let mut deltas = Vec::new();
+    let mut replayed = vec![String::new(); n];
     while let Ok(ev) = rx.try_recv() {
         match ev {
             GenEvent::Delta {
                 index,
                 text,
                 reasoning,
+                token_ids,
                 ..
             } => {
                 texts[index].0 += &reasoning;
                 texts[index].1 += &text;
+                deltas.push((index, reasoning, text, token_ids));
             }
+            GenEvent::Replayed { index, text } => replayed[index] += &text,
             GenEvent::Done {
                 choices,
                 reasoning_tokens,
@@ -154,6 +176,8 @@ fn generate(
                     texts,
                     choices,
                     reasoning_tokens,
+                    deltas,
+                    replayed,
                 }
             }
             GenEvent::Error(e) => panic!("generation failed: {}", e.message),
@@ -228,4 +252,68 @@ fn stop_strings_match_reasoning_and_answer() {
     assert_eq!(out.choices[0].0, FinishReason::Stop);
     let out = generate(&script, 1, 100, &["it"], markers());
     assert_eq!(out.texts[0], ("plan ".to_string(), String::new()));
+}
+
+/// Cut after every delta of an uninterrupted run (choices cut at different points): the continued
+/// run, given the ids those deltas carried, sends exactly the deltas that came after, and ends the
+/// same way with the same counts — through reasoning markers, held-back stop-string prefixes and the
+/// token limit.
+#[test]
+fn a_continued_generation_sends_exactly_the_rest() {
+    let tok = tokenizer();
+    let (script, _) = thinking_script(&tok, "plan it out", " ok then, fine");
+    for (stop, max) in [
+        (vec![], 100),
+        (vec![" fine"], 100),
+        (vec![], script.len() - 2),
+    ] {
+        let full = generate(&script, 2, max, &stop, markers());
+        for cut in 0..=full.deltas.len() {
+            // Choice 0 has the deltas before `cut`; choice 1 one fewer of its own.
+            let mut resume = vec![Vec::new(); 2];
+            let mut rest = Vec::new();
+            let mut seen1 = 0;
+            let ones = full.deltas.iter().filter(|d| d.0 == 1).count();
+            let cut1 = (cut * ones / full.deltas.len().max(1)).saturating_sub(1);
+            for (j, d) in full.deltas.iter().enumerate() {
+                let delivered = match d.0 {
+                    0 => j < cut,
+                    _ => {
+                        seen1 += 1;
+                        seen1 <= cut1
+                    }
+                };
+                if delivered {
+                    resume[d.0].extend_from_slice(&d.3);
+                } else {
+                    rest.push(d.clone());
+                }
+            }
+            let cont = generate_from(&script, 2, max, &stop, markers(), resume.clone());
+            let sort = |mut v: Vec<(usize, String, String, Vec<u32>)>| {
+                v.sort_by_key(|d| d.0);
+                v
+            };
+            assert_eq!(
+                sort(cont.deltas.clone()),
+                sort(rest),
+                "stop {stop:?}, max {max}, cut {cut}: resumed from {resume:?}"
+            );
+            assert_eq!(cont.choices, full.choices, "cut {cut}");
+            assert_eq!(cont.reasoning_tokens, full.reasoning_tokens, "cut {cut}");
+            for i in 0..2 {
+                let before: String = full
+                    .deltas
+                    .iter()
+                    .filter(|d| d.0 == i)
+                    .map(|d| d.2.clone())
+                    .collect::<String>();
+                let again = format!("{}{}", cont.replayed[i], cont.texts[i].1);
+                assert_eq!(
+                    again, before,
+                    "choice {i}, cut {cut}: replayed + sent = the answer"
+                );
+            }
+        }
+    }
 }
