@@ -511,6 +511,7 @@ async fn thinking_worker(bus: std::sync::Arc<dyn onnx_chat::bus::Bus>) {
         draining: false,
         version: None,
         completed: 0,
+        started_ms: 0,
     };
     bus.announce(&hb).await.unwrap();
     let mut source = bus

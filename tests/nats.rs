@@ -484,6 +484,7 @@ async fn a_job_no_worker_finishes_fails_once_its_deliveries_are_used_up() {
         draining: false,
         version: None,
         completed: 0,
+        started_ms: 0,
     };
     let announcer = tokio::spawn({
         let bus = bus.clone();

@@ -167,6 +167,70 @@ async fn cache_on_and_off_agree_q4() {
     assert!(c > 0);
 }
 
+/// Reuse is exact where the first token is chosen, within the sliding window's margin: ONNX
+/// Runtime's kernels (MatMulNBits at accuracy levels 0 and 4, the fp32 GEMMs) give a row the same
+/// bits whatever the number of rows beside it, except a row computed alone (M = 1 takes the GEMV
+/// paths). A cache hit therefore recomputes the prompt's last two positions, never the last one
+/// alone, and the first answer token's log-probabilities (the last prompt position's logits) are
+/// bit for bit those of the cold run, every quantization at the default settings, for prompts whose
+/// sliding-window buffers the cache stores whole (up to window − 1 + 64 = 79 positions on the
+/// fixture). Longer prompts can still differ in the last bits: the stored entry keeps only the
+/// last 79 positions of the sliding-window layers, so the reused buffer holds fewer masked
+/// positions than the cold one and the attention's softmax sums group differently (see the
+/// README); their greedy ids are equal (`cache_on_and_off_agree_*`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_warm_prompt_chooses_its_first_token_from_the_cold_logits_bit_for_bit() {
+    const UNTRIMMED: u64 = 15 + 64;
+    let mut bodies: Vec<(String, Value)> = goldens()
+        .into_iter()
+        .map(|g| (g.name.clone(), request(&g)))
+        .collect();
+    for (i, q) in [
+        "What is the capital of France?",
+        "Write two lines about the sea, please, in plain words.",
+        "List three prime numbers and say why each one is prime.",
+    ]
+    .iter()
+    .enumerate()
+    {
+        bodies.push((format!("short_{i}"), text_body(q)));
+    }
+    let mut exact = 0;
+    for quant in ["Q4_MIXED", "Q4", "FP16", "FP32"] {
+        let server = Server::start(vec![model(quant, EngineOpts::cached(CHUNK))]).await;
+        for (name, b) in &bodies {
+            let mut body = b.clone();
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(5);
+            body["max_tokens"] = json!(2);
+            // A salt of its own per prompt and quantization: the first request is cold.
+            body["cache_salt"] = json!(format!("{quant}-{name}"));
+            let (s1, cold) = post(&server, &body, None).await;
+            let (s2, warm) = post(&server, &body, None).await;
+            assert_eq!((s1, s2), (200, 200), "{quant} {name}: {cold} {warm}");
+            assert_eq!(cached(&cold), 0, "{quant} {name}");
+            assert!(cached(&warm) > 0, "{quant} {name}: no reuse");
+            let (c, w) = (
+                &cold["choices"][0]["logprobs"]["content"][0],
+                &warm["choices"][0]["logprobs"]["content"][0],
+            );
+            assert!(c.is_object(), "{cold}");
+            let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+            eprintln!(
+                "{quant} {name}: prompt {prompt}, cached {}: first-token logits {}",
+                cached(&warm),
+                if c == w { "bit-exact" } else { "differ" }
+            );
+            if prompt <= UNTRIMMED {
+                assert_eq!(c, w, "{quant} {name}: warm vs cold (prompt {prompt})");
+                exact += 1;
+            }
+        }
+        server.shutdown().await;
+    }
+    assert!(exact >= 4 * 4, "{exact} prompts checked");
+}
+
 /// The `_quantized` decoder quantizes activations per tensor and run: reuse would change its numbers,
 /// so by default it runs every prompt in one piece without the cache (and stays exact).
 #[tokio::test(flavor = "multi_thread")]

@@ -275,6 +275,7 @@ fn code_output_validates() {
         draining: false,
         version: Some("0.1.0".into()),
         completed: 3,
+        started_ms: 1_700_000_000_000,
     };
     assert_valid("heartbeat", &serde_json::to_value(&hb).unwrap());
     // A final frame carries the worker's heartbeat.

@@ -35,6 +35,9 @@ use crate::protocol::{
     ProgressRequest, WireError, WorkerHeartbeat,
 };
 
+/// Per worker id: when its last heartbeat came, its TTL, and its process' `started_ms`.
+type WorkerSeen = (std::time::Instant, Duration, u64);
+
 /// How to authenticate to NATS. Secrets are never logged (`Debug` redacts them).
 #[derive(Clone, Default)]
 pub struct NatsAuth {
@@ -141,7 +144,7 @@ pub struct NatsBus {
     /// The `MAX_DELIVERIES` advisory subscription, started by the first submit or job source.
     watching_given_up: Arc<OnceCell<()>>,
     /// When each worker last announced itself, and its TTL (for routed jobs' watchdogs).
-    workers_seen: Arc<Mutex<HashMap<String, (std::time::Instant, Duration)>>>,
+    workers_seen: Arc<Mutex<HashMap<String, WorkerSeen>>>,
     following_workers: Arc<OnceCell<()>>,
     /// Stored responses (the Responses API).
     store: jetstream::kv::Store,
@@ -573,6 +576,7 @@ impl NatsBus {
             let (bus, finished, stop) = (self.clone(), finished.clone(), stop.clone());
             let (worker, job_id) = (worker.to_string(), job.job_id.clone());
             let started = std::time::Instant::now();
+            let mut took = self.worker_started(&worker);
             tokio::spawn(async move {
                 let mut tick = tokio::time::interval(Duration::from_millis(200));
                 loop {
@@ -583,7 +587,7 @@ impl NatsBus {
                     if finished.load(Ordering::Relaxed) {
                         return;
                     }
-                    if bus.worker_alive(&worker, started) {
+                    if bus.worker_alive(&worker, started, &mut took) {
                         continue;
                     }
                     tracing::warn!(job_id = %job_id, worker = %worker, "the worker running a routed job stopped announcing itself; queueing the job");
@@ -685,6 +689,7 @@ impl NatsBus {
                                             (
                                                 std::time::Instant::now(),
                                                 Duration::from_millis(hb.ttl_ms),
+                                                hb.started_ms,
                                             ),
                                         );
                                     }
@@ -698,18 +703,35 @@ impl NatsBus {
             .await;
     }
 
-    /// Whether `worker` announced itself within its TTL. A worker not heard of since `since` counts
-    /// as alive for one default TTL (its first heartbeat may still be on the way).
-    fn worker_alive(&self, worker: &str, since: std::time::Instant) -> bool {
+    /// Whether `worker` announced itself within its TTL, as the process that took the job: a
+    /// heartbeat with another `started_ms` than `took` (the first one seen, when unknown) is a
+    /// restarted worker under the same id, and the job died with the old process. A worker not
+    /// heard of since `since` counts as alive for one default TTL (its first heartbeat may still be
+    /// on the way).
+    fn worker_alive(&self, worker: &str, since: std::time::Instant, took: &mut u64) -> bool {
         let seen = self
             .workers_seen
             .lock()
             .ok()
             .and_then(|s| s.get(worker).copied());
         match seen {
-            Some((at, ttl)) => at.elapsed() <= ttl,
+            Some((at, ttl, started)) => {
+                if *took == 0 {
+                    *took = started;
+                }
+                at.elapsed() <= ttl && (started == 0 || started == *took)
+            }
             None => since.elapsed() <= Duration::from_secs(6),
         }
+    }
+
+    /// The `started_ms` of the process now announcing `worker` (0: unknown).
+    fn worker_started(&self, worker: &str) -> u64 {
+        self.workers_seen
+            .lock()
+            .ok()
+            .and_then(|s| s.get(worker).map(|w| w.2))
+            .unwrap_or(0)
     }
 
     /// An offer as the worker sees it: the job (media fetched) and how to answer.

@@ -162,6 +162,7 @@ mod tests {
             draining,
             version: None,
             completed: 0,
+            started_ms: 0,
         }
     }
 

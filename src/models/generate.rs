@@ -465,11 +465,16 @@ impl<M: ChatModel> Generation<M> {
         let mut cache = layout.empty()?;
         if e.prefix.enabled() && e.splits() {
             self.keys = e.model.cache_keys(&self.input)?;
-            // At least the last prompt token is computed: its logits choose the first token.
-            if let Some(hit) =
-                e.prefix
-                    .lookup(&layout, &self.params.cache_scope, &self.keys, prompt - 1)?
-            {
+            // At least the last two prompt positions are computed: the last one's logits choose
+            // the first token, and ONNX Runtime's kernels give a row computed alone (M = 1, the
+            // GEMV paths) other bits than the same row among others, which is how a cold prompt
+            // computes it (chunks are never a single row). With two, reuse is bit-exact.
+            if let Some(hit) = e.prefix.lookup(
+                &layout,
+                &self.params.cache_scope,
+                &self.keys,
+                prompt.saturating_sub(2),
+            )? {
                 self.cached = hit.len;
                 cache = hit.kv;
             }

@@ -302,6 +302,10 @@ pub struct WorkerHeartbeat {
     /// Jobs the worker has finished since it started.
     #[serde(default)]
     pub completed: u64,
+    /// When this worker process started (ms since epoch; 0 = not said). A worker restarted under
+    /// the same id announces a new value: jobs routed to the old process died with it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub started_ms: u64,
 }
 
 /// A model a worker serves.
@@ -335,4 +339,8 @@ pub struct WorkerModel {
     /// without sending it. Absent = the tokenizer gives no such bound.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_token_bytes: Option<u32>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }

@@ -59,6 +59,8 @@ struct State {
     running: Mutex<HashMap<String, Arc<AtomicBool>>>,
     active: AtomicU32,
     completed: std::sync::atomic::AtomicU64,
+    /// When this process started serving (heartbeats' `started_ms`).
+    started_ms: u64,
     draining: AtomicBool,
 }
 
@@ -92,6 +94,7 @@ impl State {
             draining: self.draining.load(Ordering::Relaxed),
             version: Some(env!("CARGO_PKG_VERSION").to_string()),
             completed: self.completed.load(Ordering::Relaxed),
+            started_ms: self.started_ms,
         }
     }
 }
@@ -118,6 +121,7 @@ pub async fn run(
         running: Mutex::default(),
         active: AtomicU32::new(0),
         completed: Default::default(),
+        started_ms: now_ms(),
         draining: AtomicBool::new(false),
     });
     cfg.metrics
