@@ -62,7 +62,7 @@ async fn official_python_sdk_works_unchanged() {
     assert_eq!(details(&v["usage"]), 0);
     assert_eq!(
         details(&v["stream_usage"]),
-        golden.prompt_ids().len() as u64 - 1
+        golden.prompt_ids().len() as u64 - 2
     );
     for k in ["prompt_tokens", "completion_tokens", "total_tokens"] {
         assert_eq!(v["stream_usage"][k], v["usage"][k], "{k}");
