@@ -69,26 +69,11 @@ async fn a_30_mb_prompt_is_refused_at_once_by_every_api() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let port_s = port.to_string();
-    let fixture = fixture_dir();
-    let server = Proc::spawn(
+    let server = spawn_fixture(
         "serve",
-        &bin(),
-        &[
-            "serve",
-            "--model",
-            fixture.to_str().unwrap(),
-            "--quant",
-            "FP32",
-            "--served-model-name",
-            MODEL,
-            "--threads",
-            "1",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port_s,
-        ],
+        "serve",
         dir.path(),
+        &["--quant", "FP32", "--host", "127.0.0.1", "--port", &port_s],
     );
     let base = format!("http://127.0.0.1:{port}");
     wait_workers(&base, 1, &[&server]).await;
@@ -178,24 +163,11 @@ async fn an_oversized_job_from_nats_is_refused_by_the_worker_at_once() {
     use futures::StreamExt;
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path());
-    let fixture = fixture_dir();
-    let worker = Proc::spawn(
+    let worker = spawn_fixture(
         "worker",
-        &bin(),
-        &[
-            "worker",
-            "--nats-url",
-            &nats.url,
-            "--model",
-            fixture.to_str().unwrap(),
-            "--quant",
-            "FP32",
-            "--served-model-name",
-            MODEL,
-            "--threads",
-            "1",
-        ],
+        "worker",
         dir.path(),
+        &["--quant", "FP32", "--nats-url", &nats.url],
     );
     let client = async_nats::connect(&nats.url).await.unwrap();
     let mut hb = client

@@ -25,26 +25,18 @@ const MODEL: &str = "tiny-gemma3n";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn spawn_worker(nats: &str, id: &str, dir: &std::path::Path, extra: &[&str]) -> Proc {
-    let fixture = fixture_dir();
     let mut args = vec![
-        "worker",
         "--nats-url",
         nats,
-        "--model",
-        fixture.to_str().unwrap(),
         "--quant",
         "FP32",
-        "--served-model-name",
-        MODEL,
-        "--threads",
-        "1",
         "--worker-id",
         id,
         "--ack-wait",
         "2",
     ];
     args.extend_from_slice(extra);
-    Proc::spawn(id, &bin(), &args, dir)
+    spawn_fixture(id, "worker", dir, &args)
 }
 
 fn spawn_frontend(nats: &str, port: u16, dir: &std::path::Path) -> Proc {
@@ -428,35 +420,23 @@ async fn read_ids(
 
 /// A worker at the defaults (`Q4_MIXED`, batching, the prefix cache); `log` names its log file.
 fn defaults_worker(nats: &str, id: &str, log: &str, dir: &std::path::Path, metrics: u16) -> Proc {
-    let fixture = fixture_dir();
     let metrics = metrics.to_string();
-    Proc::spawn(
-        log,
-        &bin(),
-        &[
-            "worker",
-            "--nats-url",
-            nats,
-            "--model",
-            fixture.to_str().unwrap(),
-            "--served-model-name",
-            MODEL,
-            "--threads",
-            "1",
-            "--worker-id",
-            id,
-            "--ack-wait",
-            "2",
-            "--max-concurrent",
-            "4",
-            "--metrics-port",
-            &metrics,
-            // A SIGTERM hands running jobs back at once (the drain rounds).
-            "--drain-timeout",
-            "0",
-        ],
-        dir,
-    )
+    let args = [
+        "--nats-url",
+        nats,
+        "--worker-id",
+        id,
+        "--ack-wait",
+        "2",
+        "--max-concurrent",
+        "4",
+        "--metrics-port",
+        &metrics,
+        // A SIGTERM hands running jobs back at once (the drain rounds).
+        "--drain-timeout",
+        "0",
+    ];
+    spawn_fixture(log, "worker", dir, &args)
 }
 
 /// The continuation counters summed over the workers' `/metrics` on `ports`.

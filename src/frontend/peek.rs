@@ -103,6 +103,27 @@ pub(super) fn refuse_oversized(
     .with_param(api.param()))
 }
 
+/// Numbers, booleans and null hold no prompt text.
+macro_rules! scalars_count_nothing {
+    () => {
+        fn visit_bool<E>(self, _: bool) -> Result<usize, E> {
+            Ok(0)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<usize, E> {
+            Ok(0)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<usize, E> {
+            Ok(0)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<usize, E> {
+            Ok(0)
+        }
+        fn visit_unit<E>(self) -> Result<usize, E> {
+            Ok(0)
+        }
+    };
+}
+
 struct TopSeed(Api);
 
 impl<'de> DeserializeSeed<'de> for TopSeed {
@@ -182,24 +203,7 @@ impl<'de> Visitor<'de> for Text {
         }
         Ok(n)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_unit<E>(self) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_none<E>(self) -> Result<usize, E> {
-        Ok(0)
-    }
+    scalars_count_nothing!();
 }
 
 /// A completion's `prompt`: a string's length, or the longest string of an array (each is a job
@@ -232,21 +236,7 @@ impl<'de> Visitor<'de> for Longest {
         while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
         Ok(0)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<usize, E> {
-        Ok(0)
-    }
-    fn visit_unit<E>(self) -> Result<usize, E> {
-        Ok(0)
-    }
+    scalars_count_nothing!();
 }
 
 #[cfg(test)]

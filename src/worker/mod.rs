@@ -333,14 +333,7 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
     let progress = match state.bus.progress(&job, &state.cfg.worker_id).await {
         Ok(p) => p,
         Err(BusError::NoSubscriber(_)) => {
-            tracing::info!("nobody reads the job's frames any more; not running it");
-            state
-                .cfg
-                .metrics
-                .jobs_skipped
-                .fetch_add(1, Ordering::Relaxed);
-            ack.ack().await;
-            return;
+            return skip(&state, ack, "nobody reads the job's frames any more").await;
         }
         Err(e) => {
             // Running it blind could splice two answers: leave it for a later delivery.
@@ -350,14 +343,7 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
         }
     };
     if progress.as_ref().is_some_and(|p| p.done) {
-        tracing::info!("the job's reader already has its final frame; not running it again");
-        state
-            .cfg
-            .metrics
-            .jobs_skipped
-            .fetch_add(1, Ordering::Relaxed);
-        ack.ack().await;
-        return;
+        return skip(&state, ack, "the job's reader already has its final frame").await;
     }
     let mut out = Publisher {
         bus: state.bus.clone(),
@@ -427,6 +413,17 @@ async fn handle(state: Arc<State>, delivery: Delivery) {
     }
     // Announce the freed slot now rather than at the next tick.
     let _ = state.bus.announce(&state.heartbeat()).await;
+}
+
+/// Acknowledges a job without running it (counted as skipped).
+async fn skip(state: &State, ack: Box<dyn crate::bus::Acker>, why: &str) {
+    tracing::info!(why, "not running the job");
+    state
+        .cfg
+        .metrics
+        .jobs_skipped
+        .fetch_add(1, Ordering::Relaxed);
+    ack.ack().await;
 }
 
 /// Returns false when the job was interrupted by a drain and should be handed back.

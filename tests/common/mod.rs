@@ -551,6 +551,23 @@ pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_onnx-chat"))
 }
 
+/// `onnx-chat <command>` serving the tiny fixture as `tiny-gemma3n` on one thread, with `args`
+/// after (e.g. `--quant FP32`, `--nats-url …`); its log is `<name>.log` in `dir`.
+pub fn spawn_fixture(name: &str, command: &str, dir: &Path, args: &[&str]) -> Proc {
+    let fixture = fixture_dir();
+    let mut all = vec![
+        command,
+        "--model",
+        fixture.to_str().unwrap(),
+        "--served-model-name",
+        "tiny-gemma3n",
+        "--threads",
+        "1",
+    ];
+    all.extend_from_slice(args);
+    Proc::spawn(name, &bin(), &all, dir)
+}
+
 /// Polls `/ready` until it reports `workers` live workers.
 pub async fn wait_workers(base: &str, workers: u64, procs: &[&Proc]) {
     let c = reqwest::Client::new();
