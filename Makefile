@@ -99,6 +99,12 @@ bench-peer: setup $(BENCH_MODEL)/.complete
 	tools/bench/peer_setup.sh $(BENCH_MODEL)
 	$(VENV)/bin/python tools/bench/peer.py --model $(BENCH_MODEL) $(PEER_ARGS)
 
+# One attention node timed alone: ONNX Runtime's GroupQueryAttention against onnx-chat's own kernel
+# (src/engine/attention.rs), decode steps and prefill chunks at 32-8 000 positions (BENCHMARKS.md, run N).
+.PHONY: bench-attention
+bench-attention: setup
+	$(VENV)/bin/python tools/bench/attention_kernel.py
+
 # The browser test of the chat page (tests/ui_browser.rs) needs Debian's chromium and playwright-core
 # (pinned in tests/ui/package-lock.json, installed into tests/ui/node_modules); `make test` installs them.
 .PHONY: ui-deps test-ui

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand};
 
+use crate::engine::rewrite::AttentionKernel;
 use crate::engine::session::{AttentionMode, SessionOptions};
 use crate::frontend::FrontendConfig;
 use crate::models::catalog::DEFAULT_MODEL;
@@ -184,6 +185,14 @@ fn parse_attention(s: &str) -> Result<AttentionMode, String> {
     }
 }
 
+fn parse_attention_kernel(s: &str) -> Result<AttentionKernel, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "onnx-chat" => Ok(AttentionKernel::Native),
+        "ort" => Ok(AttentionKernel::Ort),
+        _ => Err(format!("{s:?}: expected onnx-chat or ort")),
+    }
+}
+
 fn parse_accuracy_level(s: &str) -> Result<AccuracyLevel, String> {
     if s.eq_ignore_ascii_case("auto") {
         return Ok(AccuracyLevel::Auto);
@@ -217,13 +226,19 @@ pub struct RuntimeArgs {
     /// spinning threads starve the server's own work between decode steps; see BENCHMARKS.md).
     #[arg(long, env = "ONNX_CHAT_ORT_SPINNING", value_parser = BoolishValueParser::new())]
     pub ort_spinning: bool,
-    /// How the decoder's attention runs. `auto` (default): fused at load into ONNX Runtime's
-    /// `GroupQueryAttention` with the KV cache written in place (decode cost no longer grows with
+    /// How the decoder's attention runs. `auto` (default): fused at load into one node per layer
+    /// (see `--attention-kernel`) with the KV cache written in place (decode cost no longer grows with
     /// the copy of the whole cache), checked at load against the graph as exported on a probe
     /// prompt and kept as exported where they differ or the attention is not recognised. `fused`:
     /// the same without the check (shorter loads). `unfused`: as exported.
     #[arg(long, env = "ONNX_CHAT_ATTENTION", default_value = "auto", value_parser = parse_attention)]
     pub attention: AttentionMode,
+    /// Which operator the fused layers run. `onnx-chat` (default): this server's own
+    /// `onnx_chat.CachedAttention`, which reads each cached key and value once per step for all the
+    /// query heads that share it (ONNX Runtime's reads them once per query head), where the KV cache
+    /// is 32-bit float; `GroupQueryAttention` elsewhere. `ort`: `GroupQueryAttention` everywhere.
+    #[arg(long, env = "ONNX_CHAT_ATTENTION_KERNEL", default_value = "onnx-chat", value_parser = parse_attention_kernel)]
+    pub attention_kernel: AttentionKernel,
     /// Graph files of this many MiB or more have their inline weights read by ONNX Runtime straight
     /// from the file (a memory-mapped walk of the protobuf points it at each weight's bytes), so a
     /// load holds each weight once instead of three copies; `off` reads them as exported.
@@ -253,6 +268,7 @@ impl RuntimeArgs {
         opts.last_logits = !self.full_logits;
         opts.spin = self.ort_spinning;
         opts.attention_mode = self.attention;
+        opts.attention_kernel = self.attention_kernel;
         opts.weights_in_place_min_bytes = self.weights_in_place_min_bytes;
         opts
     }

@@ -1,9 +1,11 @@
 //! ONNX Runtime mechanics, independent of any model family: loading the library and environment
-//! ([`runtime`]), sessions described by their I/O names ([`session`]), load-time graph rewrites ([`rewrite`]), host tensors and casts between
+//! ([`runtime`]), sessions described by their I/O names ([`session`]), load-time graph rewrites ([`rewrite`]), the fused
+//! layers' attention kernel, a custom operator ([`attention`]), host tensors and casts between
 //! sessions ([`tensor`]), the decoder KV cache kept in ORT values ([`kv`]), the prefix cache of finished
 //! sequences' KV ([`prefix_cache`]), the left-padded KV of the rows that decode together ([`batch`]), how prompts are split into prefill steps ([`schedule`]), and the owner thread that is the only place `Session::run` is called
 //! from ([`thread`]).
 
+pub mod attention;
 pub mod batch;
 pub mod kv;
 pub mod prefix_cache;

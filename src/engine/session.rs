@@ -12,8 +12,8 @@ use ort::session::Session;
 use ort::value::{TensorElementType, ValueType};
 
 use super::rewrite::{
-    external_data_folder, external_data_locations, rewrite_model, AttentionSpec, GraphEdits,
-    RewriteReport,
+    external_data_folder, external_data_locations, rewrite_model, AttentionKernel, AttentionSpec,
+    GraphEdits, RewriteReport,
 };
 use super::EngineError;
 
@@ -155,6 +155,8 @@ pub struct SessionOptions {
     /// The decoder's attention as its family declares it (set per decoder load): what the fusion
     /// needs to know that the graph does not say.
     pub attention: Option<AttentionSpec>,
+    /// Which operator fused layers run (`--attention-kernel`).
+    pub attention_kernel: AttentionKernel,
     /// Graph files of this many bytes or more are read through a memory map, and their inline
     /// weights of [`super::rewrite::EXTERNALIZE_MIN_BYTES`] or more handed to ONNX Runtime as external
     /// data of the same file ([`super::rewrite::GraphEdits::externalize`]): the load then holds each
@@ -165,7 +167,7 @@ pub struct SessionOptions {
 /// `--attention`: how the decoder's attention runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum AttentionMode {
-    /// Fused (`GroupQueryAttention`, KV cache written in place), checked at load against the graph
+    /// Fused (one attention node per layer, KV cache written in place), checked at load against the graph
     /// as exported on a probe prompt; the exported graph is kept when they differ.
     #[default]
     Auto,
@@ -185,6 +187,7 @@ impl Default for SessionOptions {
             spin: false,
             attention_mode: AttentionMode::Auto,
             attention: None,
+            attention_kernel: AttentionKernel::Native,
             weights_in_place_min_bytes: WEIGHTS_IN_PLACE_MIN_BYTES,
         }
     }
@@ -288,6 +291,7 @@ impl GraphSession {
                 .attention
                 .clone()
                 .filter(|_| is_decoder && opts.attention_mode != AttentionMode::Unfused),
+            attention_kernel: opts.attention_kernel,
             externalize: None,
         };
         let (session, rewrite) =
@@ -482,6 +486,10 @@ fn build_session(
         return Ok((builder.commit_from_file(path).map_err(s)?, report));
     };
     drop(map);
+    if report.attention.as_ref().is_some_and(|f| f.native) {
+        let domain = super::attention::domain().map_err(s)?;
+        builder = builder.with_operators(domain).map_err(b)?;
+    }
     let folder = match folder {
         Some(f) => f,
         None => {

@@ -2,7 +2,7 @@
 
 usage: .venv/bin/python tools/bench/peer.py [--model DIR] [--quant Q4_MIXED] [--threads N] [--repeats 2]
            [--long-repeats 1] [--contexts 32,300,2000,8000] [--streams 1,4,8] [--new-tokens 64]
-           [--llama auto | Q4_K_M,Q4_0:no-repack,...] [--ours auto[,unfused]] [--probe-only]
+           [--llama auto | Q4_K_M,Q4_0:no-repack,...] [--ours auto[,unfused,auto:ort]] [--probe-only]
            [--out target/bench/peer.json]
        .venv/bin/python tools/bench/peer.py --table target/bench/peer.json      (re-print a saved run)
 
@@ -23,7 +23,9 @@ and are timed in turn over HTTP, streaming, on the same requests:
   are decoding (engine_bench.stream_stats).
 
 --ours: onnx-chat's --attention values to run side by side (auto: fused attention, the default; unfused: the
-decoder's attention as exported, which copies the whole KV cache every step: the before of issue 26).
+decoder's attention as exported, which copies the whole KV cache every step: the before of issue 26), each
+optionally with :KERNEL for --attention-kernel (auto:ort = fused into ONNX Runtime's GroupQueryAttention instead
+of onnx-chat's own kernel).
 
 Token arrival times: our server streams token ids (return_token_ids); llama-server streams text, so it gets
 "timings_per_token": true and each chunk's timings.predicted_n counts the tokens generated so far (a chunk can
@@ -144,12 +146,17 @@ class Server:
 
 
 def ours(model_dir, quant, threads, attention="auto"):
-    """onnx-chat with --attention ATTENTION (auto: the default, fused; unfused: the graph as exported)."""
+    """onnx-chat with --attention ATTENTION (auto: the default, fused; unfused: the graph as exported);
+    ATTENTION:KERNEL also passes --attention-kernel KERNEL (onnx-chat: the default; ort: GroupQueryAttention)."""
+    attention, _, kernel = attention.partition(":")
     key, label = "ours", f"onnx-chat {quant}"
+    argv = [B.BIN, "serve", "--model", model_dir, "--quant", quant, "--threads", str(threads), "--attention", attention]
     if attention != "auto":
         key, label = f"ours:{attention}", f"{label} --attention {attention}"
-    return Server(key, label, [B.BIN, "serve", "--model", model_dir, "--quant", quant, "--threads", str(threads),
-                               "--attention", attention], "ours")
+    if kernel:
+        key, label = f"{key}:{kernel}", f"{label} --attention-kernel {kernel}"
+        argv += ["--attention-kernel", kernel]
+    return Server(key, label, argv, "ours")
 
 
 def llama(config, threads):

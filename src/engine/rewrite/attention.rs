@@ -1,7 +1,9 @@
 //! Fused attention: each layer's exported attention (`Concat` of the past with the new keys and
-//! values, repeat_kv copies, `MatMul`/`Add(mask)`/`Softmax`/`MatMul`) becomes one
-//! `com.microsoft.GroupQueryAttention` whose past and present are the same buffer
-//! (see `docs/attention-fusion.md`).
+//! values, repeat_kv copies, `MatMul`/`Add(mask)`/`Softmax`/`MatMul`) becomes one node with
+//! `com.microsoft.GroupQueryAttention`'s interface whose past and present are the same buffer
+//! (see `docs/attention-fusion.md`): [`crate::engine::attention`]'s `onnx_chat.CachedAttention` where
+//! the cache is 32-bit float and [`AttentionKernel::Native`] is asked for, `GroupQueryAttention`
+//! otherwise.
 //!
 //! **What is matched**, per `Softmax` (one per layer, in graph order):
 //! `Softmax(Add(MatMul(Transpose₀₂₁₃(q), Transpose₀₁₃₂(repeat(present_k))), mask))` and
@@ -59,6 +61,20 @@ pub struct Fusion {
     pub local_pasts: Vec<String>,
     /// The largest sliding window.
     pub window: Option<usize>,
+    /// The layers run [`crate::engine::attention`]'s `onnx_chat.CachedAttention` (the session must
+    /// register its domain); `false`: ONNX Runtime's `GroupQueryAttention`.
+    pub native: bool,
+}
+
+/// `--attention-kernel`: which operator the fused layers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttentionKernel {
+    /// `onnx_chat.CachedAttention` ([`crate::engine::attention`]) where the KV cache is 32-bit
+    /// float, `GroupQueryAttention` otherwise.
+    #[default]
+    Native,
+    /// ONNX Runtime's `com.microsoft.GroupQueryAttention` everywhere.
+    Ort,
 }
 
 /// The edits: nodes replaced by others, nodes dropped, graph inputs and outputs added or dropped.
@@ -71,15 +87,17 @@ pub(super) struct Plan {
     pub fusion: Fusion,
 }
 
-/// A graph input: its name, declared dims (None = symbolic) and its record.
+/// A graph input: its name, element type, declared dims (None = symbolic) and its record.
 pub(super) struct GraphInput {
     pub name: String,
+    pub elem: Option<u64>,
     pub dims: Vec<Option<i64>>,
     pub raw: Vec<u8>,
 }
 
 pub(super) fn graph_input(body: &[u8]) -> Result<GraphInput, RewriteError> {
     let mut name = String::new();
+    let mut elem = None;
     let mut dims = Vec::new();
     for v in fields(body) {
         let v = v?;
@@ -93,6 +111,9 @@ pub(super) fn graph_input(body: &[u8]) -> Result<GraphInput, RewriteError> {
                     }
                     for s in fields(t.body) {
                         let s = s?;
+                        if s.num == TYPE_TENSOR_ELEM && s.wire == WIRE_VARINT {
+                            elem = Some(varint_value(&s)?);
+                        }
                         if s.num != TYPE_TENSOR_SHAPE || s.wire != WIRE_LEN {
                             continue;
                         }
@@ -118,6 +139,7 @@ pub(super) fn graph_input(body: &[u8]) -> Result<GraphInput, RewriteError> {
     }
     Ok(GraphInput {
         name,
+        elem,
         dims,
         raw: body.to_vec(),
     })
@@ -336,6 +358,7 @@ pub(super) fn plan(
     outputs: &[String],
     scalars: &HashMap<String, f32>,
     spec: &AttentionSpec,
+    kernel: AttentionKernel,
 ) -> Result<Plan, String> {
     if nodes.iter().any(|n| n.has_subgraph) {
         return Err("the graph has control-flow subgraphs".into());
@@ -480,8 +503,27 @@ pub(super) fn plan(
             put_bytes(&mut node, NODE_OUTPUT, o.as_bytes());
         }
         put_bytes(&mut node, NODE_NAME, p.as_bytes());
-        put_bytes(&mut node, NODE_OP_TYPE, b"GroupQueryAttention");
-        put_bytes(&mut node, NODE_DOMAIN, b"com.microsoft");
+        let native = kernel == AttentionKernel::Native
+            && past.get(layer.past_k.as_str()).and_then(|i| i.elem) == Some(TENSOR_FLOAT);
+        if native {
+            put_bytes(
+                &mut node,
+                NODE_OP_TYPE,
+                crate::engine::attention::OP.as_bytes(),
+            );
+            put_bytes(
+                &mut node,
+                NODE_DOMAIN,
+                crate::engine::attention::DOMAIN.as_bytes(),
+            );
+        } else {
+            put_bytes(&mut node, NODE_OP_TYPE, b"GroupQueryAttention");
+            put_bytes(&mut node, NODE_DOMAIN, b"com.microsoft");
+        }
+        if plan.fusion.layers > 0 && plan.fusion.native != native {
+            return Err("the layers' caches differ in element type".into());
+        }
+        plan.fusion.native = native;
         for a in attrs {
             put_bytes(&mut node, NODE_ATTRIBUTE, &a);
         }

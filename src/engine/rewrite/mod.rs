@@ -27,7 +27,9 @@ mod attention;
 mod external_data;
 mod wire;
 
-pub use attention::{AttentionSpec, Fusion, SEQLENS, SEQLENS_LOCAL, TOTAL, TOTAL_LOCAL};
+pub use attention::{
+    AttentionKernel, AttentionSpec, Fusion, SEQLENS, SEQLENS_LOCAL, TOTAL, TOTAL_LOCAL,
+};
 
 pub use external_data::{external_data_folder, external_data_locations, ExternalDataFolder};
 use external_data::{externalize_tensor, relocate_sparse, relocate_tensor};
@@ -48,6 +50,8 @@ pub struct GraphEdits {
     /// Fuse each layer's attention into `GroupQueryAttention` ([`attention`]); when it applies, the
     /// attention-mask edit is not needed and not made.
     pub attention: Option<AttentionSpec>,
+    /// Which operator the fused layers run.
+    pub attention_kernel: AttentionKernel,
     /// The graph's own file, as a `location` relative to the external-data folder: inline
     /// initializers of [`EXTERNALIZE_MIN_BYTES`] or more become external data read from that file at
     /// their offsets, so that ONNX Runtime copies each weight once instead of three times (the
@@ -147,8 +151,15 @@ impl RewriteReport {
         }
         if let Some(f) = &self.attention {
             parts.push(format!(
-                "attention fused into GroupQueryAttention in {} layers ({} sliding-window, {} reading another layer's cache)",
-                f.layers, f.windowed, f.shared
+                "attention fused into {} in {} layers ({} sliding-window, {} reading another layer's cache)",
+                if f.native {
+                    "onnx_chat.CachedAttention"
+                } else {
+                    "GroupQueryAttention"
+                },
+                f.layers,
+                f.windowed,
+                f.shared
             ));
         }
         if let Some(why) = &self.attention_skipped {
@@ -235,11 +246,18 @@ pub fn rewrite_model(
     if !report.changed() {
         return Ok((None, report));
     }
-    if report.attention.is_some() && !imports_domain(&rest, "com.microsoft")? {
-        let mut opset = Vec::new();
-        put_bytes(&mut opset, OPSET_DOMAIN, b"com.microsoft");
-        put_uint(&mut opset, OPSET_VERSION, 1);
-        put_bytes(&mut rest, MODEL_OPSET_IMPORT, &opset);
+    if let Some(f) = &report.attention {
+        let domain = if f.native {
+            crate::engine::attention::DOMAIN
+        } else {
+            "com.microsoft"
+        };
+        if !imports_domain(&rest, domain)? {
+            let mut opset = Vec::new();
+            put_bytes(&mut opset, OPSET_DOMAIN, domain.as_bytes());
+            put_uint(&mut opset, OPSET_VERSION, 1);
+            put_bytes(&mut rest, MODEL_OPSET_IMPORT, &opset);
+        }
     }
     let len = out.len() - GAP;
     let mut head = Vec::with_capacity(GAP);
@@ -484,7 +502,14 @@ fn rewrite_graph(
         }
         if let Some(spec) = &edits.attention {
             let scalars = attention::scalar_floats(body)?;
-            match attention::plan(&nodes, &inputs, &outputs, &scalars, spec) {
+            match attention::plan(
+                &nodes,
+                &inputs,
+                &outputs,
+                &scalars,
+                spec,
+                edits.attention_kernel,
+            ) {
                 Ok(p) => fused = Some(p),
                 Err(why) => report.attention_skipped = Some(why),
             }
@@ -1320,8 +1345,24 @@ mod tests {
 
     #[test]
     fn gemma3n_attention_is_fused_layer_by_layer() {
-        let edits = attention_edits(vec![Some(16), None, Some(16), None]);
-        let (out, report) = rewrite_model(&tiny_gemma3n_decoder(), &edits).unwrap();
+        for (kernel, op, domain) in [
+            (AttentionKernel::Ort, "GroupQueryAttention", "com.microsoft"),
+            (
+                AttentionKernel::Native,
+                crate::engine::attention::OP,
+                crate::engine::attention::DOMAIN,
+            ),
+        ] {
+            let edits = GraphEdits {
+                attention_kernel: kernel,
+                ..attention_edits(vec![Some(16), None, Some(16), None])
+            };
+            fused_layer_by_layer(&edits, op, domain);
+        }
+    }
+
+    fn fused_layer_by_layer(edits: &GraphEdits, op: &str, domain: &str) {
+        let (out, report) = rewrite_model(&tiny_gemma3n_decoder(), edits).unwrap();
         let f = report.attention.clone().expect("fused");
         assert_eq!((f.layers, f.shared, f.windowed), (4, 2, 2));
         assert_eq!(f.window, Some(16));
@@ -1338,17 +1379,15 @@ mod tests {
         let out = out.unwrap();
         let nodes = graph_nodes(out.model());
         let count = |op: &str| nodes.iter().filter(|n| n.op == op).count();
-        assert_eq!(count("GroupQueryAttention"), 4);
+        assert_eq!(count(op), 4);
+        assert_eq!(f.native, op != "GroupQueryAttention");
         assert_eq!(
             (count("Softmax"), count("Where")),
             (0, 0),
             "masks and softmax dropped"
         );
-        let gqa: Vec<_> = nodes
-            .iter()
-            .filter(|n| n.op == "GroupQueryAttention")
-            .collect();
-        assert_eq!(gqa[0].domain, "com.microsoft");
+        let gqa: Vec<_> = nodes.iter().filter(|n| n.op == op).collect();
+        assert_eq!(gqa[0].domain, domain);
         assert_eq!(gqa[0].ints("local_window_size"), Some(&[16][..]));
         assert_eq!(gqa[1].ints("local_window_size"), None);
         assert_eq!(gqa[0].inputs[5], SEQLENS_LOCAL);
@@ -1358,7 +1397,7 @@ mod tests {
         for i in [SEQLENS, TOTAL, SEQLENS_LOCAL, TOTAL_LOCAL] {
             assert!(inputs.iter().any(|n| n == i), "{i} declared");
         }
-        assert!(imports_domain(out.model(), "com.microsoft").unwrap());
+        assert!(imports_domain(out.model(), domain).unwrap());
     }
 
     #[test]
