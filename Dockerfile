@@ -12,6 +12,7 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=false
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY benches ./benches
+COPY crates ./crates
 RUN mkdir src && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --profile ${CARGO_PROFILE} --locked \
     && rm -rf src

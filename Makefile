@@ -33,6 +33,7 @@ run: setup
 # (tests/compose.rs) need a Docker engine: scripts/docker-engine.sh installs/starts Debian's dockerd as
 # root, or warns loudly that they will be skipped.
 test: setup docker-engine
+	cargo test -p onnx-chat-attention
 	cargo test $(CARGO_TEST_FLAGS)
 
 .PHONY: docker-engine images-offline stack-up stack-down
@@ -46,7 +47,7 @@ images-offline:
 
 lint:
 	cargo fmt --all -- --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	cargo fmt --all
