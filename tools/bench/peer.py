@@ -2,7 +2,7 @@
 
 usage: .venv/bin/python tools/bench/peer.py [--model DIR] [--quant Q4_MIXED] [--threads N] [--repeats 2]
            [--long-repeats 1] [--contexts 32,300,2000,8000] [--streams 1,4,8] [--new-tokens 64]
-           [--llama auto | Q4_K_M,Q4_0:no-repack,...] [--ours auto[,unfused,auto:ort]] [--probe-only]
+           [--llama auto | none | Q4_K_M,Q4_0:no-repack,...] [--ours auto[,unfused,auto:ort]] [--probe-only]
            [--out target/bench/peer.json]
        .venv/bin/python tools/bench/peer.py --table target/bench/peer.json      (re-print a saved run)
 
@@ -412,7 +412,7 @@ def main():
     res = run(model, B.arg("--quant", "Q4_MIXED"), threads, int(B.arg("--repeats", "2")),
               [int(x) for x in B.arg("--contexts", "32,300,2000,8000").split(",") if x],
               [int(x) for x in B.arg("--streams", "1,4,8").split(",") if x], int(B.arg("--new-tokens", "64")),
-              B.arg("--llama", "auto").split(","), probe_only="--probe-only" in sys.argv,
+              [c for c in B.arg("--llama", "auto").split(",") if c and c != "none"], probe_only="--probe-only" in sys.argv,
               long_repeats=int(B.arg("--long-repeats", "1")),
               attentions=B.arg("--ours", "auto").split(","))
     path = B.arg("--out", os.path.join(B.BENCH_DIR, "peer.json"))
