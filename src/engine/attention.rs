@@ -17,12 +17,7 @@
 //! full-attention layer per step on two AVX2 cores. This kernel computes all the query heads of a KV
 //! head together: each key and value is read once per step.
 //!
-//! **Exactness**: every output row (one query head at one position) goes through the same arithmetic
-//! whatever else is computed beside it — how many positions the run holds (a prefill chunk or a
-//! decode step), which rows decode with it in a batch, which thread takes it: a score is one dot
-//! product with a fixed accumulation order, the softmax runs over that row's own keys in order, and
-//! each output lane sums its row's weighted values in position order. So a position's attention is
-//! bit-identical cold, after a prefix-cache hit, alone and batched.
+//! **Exactness** and the kernel itself: the `onnx-chat-attention` crate (`crates/attention`).
 
 use ort::operator::{
     BoxedKernel, ComputeContext, Kernel, KernelContext, Operator, OperatorDomain, OperatorInput,
